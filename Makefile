@@ -1,0 +1,34 @@
+# Two commands for users: `make test` and `make demo`. Both create/update .venv first.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lint data bench clean
+
+install: $(STAMP)
+
+# torch is installed first, pinned, so nothing can resolve a newer CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/python -m pip install -q -e '.[dev]'
+	@! $(BIN)/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('torchvision') is None)" \
+		|| (echo "torchvision got installed: it drags a CUDA torch; fix the dependencies" && false)
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check recon pipelines tests benchmarks
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python -m recon.demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/sampler_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

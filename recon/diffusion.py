@@ -196,7 +196,8 @@ class VPCosine(VPDiffusion):
         return (t + self.c) * self._du
 
     def log_alpha_bar(self, t: Tensor) -> Tensor:
-        return 2.0 * (torch.log(torch.cos(self._u(t))) - self._log_cos0)
+        # clamp: round-off must not make alpha_bar(0) exceed 1 (sigma(0) would be NaN)
+        return (2.0 * (torch.log(torch.cos(self._u(t))) - self._log_cos0)).clamp(max=0.0)
 
     def d_log_alpha_bar(self, t: Tensor) -> Tensor:
         return -2.0 * self._du * torch.tan(self._u(t))

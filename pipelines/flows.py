@@ -1,0 +1,393 @@
+"""Prefect flows: ``load_data``, ``train_prior``, ``reconstruct``, ``evaluate``, ``pipeline``
+(the four chained as subflows) and ``compare_integrators``.
+
+Flows only orchestrate: every computation is a library call made inside a task
+(``pipelines.tasks``). Each flow run is one MLflow run (``pipelines.tracking``): params = the
+resolved config, metrics and artefacts as they become final; a flow called inside another
+becomes a nested run (``mlflow.parentRunId``). Any error marks the MLflow run FAILED with the
+reason (tags ``error``/``error_type`` and ``error.txt``) before the flow fails.
+
+Every flow takes ``config`` (a YAML path or an already resolved config dict) and ``overrides``
+(``["reconstruct.steps=32", ...]``), so deployments can pass a path and parameters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+import pipelines  # noqa: F401  (Prefect settings before anything else)
+from pipelines import tasks
+from pipelines.tracking import Run, fallback_config, run_context, run_failed, tracking_uri
+from recon.config import Config, ConfigError, IntegratorConfig, load_config, validate_config
+
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def resolve(config: str | Mapping[str, Any] | Config, overrides: list[str] | None = None) -> Config:
+    """A validated ``Config`` from a path, a dict (paths already absolute) or a ``Config``."""
+    if isinstance(config, Config):
+        cfg = config
+        return _override(cfg, overrides) if overrides else cfg
+    if isinstance(config, Mapping):
+        cfg = validate_config(config)
+        return _override(cfg, overrides) if overrides else cfg
+    return load_config(config, overrides or [])
+
+
+def _override(cfg: Config, overrides: list[str]) -> Config:
+    from recon.config import apply_override, parse_override
+
+    data = cfg.to_dict()
+    for o in overrides:
+        apply_override(data, *parse_override(o))
+    return validate_config(data)
+
+
+def start(config: Any, overrides: list[str] | None, name: str, parent_run_id: str | None) -> Config:
+    """Resolve the config; an invalid one is recorded as a FAILED MLflow run, then raised."""
+    try:
+        return resolve(config, overrides)
+    except ConfigError as err:
+        run_failed(fallback_config(config, overrides), name, err, parent_run_id, tags=_tags(name))
+        raise
+
+
+def _tags(flow_name: str) -> dict[str, str]:
+    tags = {"recon.flow": flow_name}
+    try:
+        if flow_run.id:
+            tags.update({"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name})
+    except Exception:  # noqa: BLE001 - outside a flow run
+        pass
+    return tags
+
+
+def _missing(result: Any) -> bool:
+    """True when a (cached) result names an absolute path that no longer exists."""
+    if isinstance(result, str):
+        return result.startswith("/") and not Path(result).exists()
+    if isinstance(result, Mapping):
+        return any(_missing(v) for v in result.values())
+    if isinstance(result, list | tuple):
+        return any(_missing(v) for v in result)
+    return False
+
+
+def cached_call(task, **kwargs):
+    """Call a cached task; recompute when the cached result points at deleted files."""
+    result = task(**kwargs)
+    if _missing(result):
+        result = task.with_options(refresh_cache=True)(**kwargs)
+    return result
+
+
+def _results(cfg: Config):
+    """Persisted task results and cache records live under the work dir."""
+    return Path(cfg.work_dir) / "prefect" / "results"
+
+
+def _with_storage(task, cfg: Config):
+    return task.with_options(result_storage=_results(cfg))
+
+
+def _key(name: str) -> str:
+    """An MLflow-safe metric key fragment."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def run_dir(cfg: Config, run: Run) -> Path:
+    return Path(cfg.work_dir) / "runs" / run.run_id
+
+
+# -- load_data ----------------------------------------------------------------------------------
+@flow(name="load_data", log_prints=True)
+def load_data(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[str] | None = None,
+              parent_run_id: str | None = None) -> dict[str, Any]:
+    """Materialise the data (when configured), verify the manifest's test volumes and prepare
+    their slices (cached). Returns ``{"run_id", "data_root", "manifest", "volumes", "prepared"}``."""
+    cfg = start(config, overrides, "load_data", parent_run_id)
+    with run_context(cfg, "load_data", parent_run_id, tags=_tags("load_data")) as run:
+        t0 = time.perf_counter()
+        d = cfg.data
+        if d.materialise:
+            tasks.materialise_data(str(d.manifest), str(d.data_root))
+        volumes = tasks.list_volumes(str(d.manifest), str(d.data_root), d.test_split, verify=True,
+                                     ids=d.volumes)
+        if not volumes:
+            raise ValueError(f"the manifest {d.manifest} has no volume in split {d.test_split!r}")
+        if d.max_volumes is not None:
+            volumes = volumes[: d.max_volumes]
+        prepare = _with_storage(tasks.prepare_volume, cfg)
+        data_dict = d.model_dump(mode="json")
+        prepared = [cached_call(prepare, volume=v, data=data_dict, out_dir=str(d.cache_dir))
+                    for v in volumes]
+        from recon.reconstruction import PreparedVolume
+
+        n_slices = sum(len(PreparedVolume.open(p).indices) for p in prepared)
+        run.log_metrics({"volumes": len(volumes), "slices": n_slices,
+                         "seconds": time.perf_counter() - t0})
+        run.set_tags({"data.volumes": ", ".join(v["id"] for v in volumes)})
+        return {"run_id": run.run_id, "data_root": str(d.data_root), "manifest": str(d.manifest),
+                "volumes": volumes, "prepared": prepared}
+
+
+# -- train_prior --------------------------------------------------------------------------------
+@flow(name="train_prior", log_prints=True)
+def train_prior(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[str] | None = None,
+                data: dict[str, Any] | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train the prior, or use the shipped checkpoint when ``train.enabled`` is false or the
+    checkpoint already holds weights trained with this config. Returns ``{"run_id",
+    "checkpoint", "trained"}``; the checkpoint (a state dict + config) is logged as an artefact."""
+    from recon.reconstruction import checkpoint_matches, load_network, training_config
+
+    cfg = start(config, overrides, "train_prior", parent_run_id)
+    with run_context(cfg, "train_prior", parent_run_id, tags=_tags("train_prior")) as run:
+        t0 = time.perf_counter()
+        prior = cfg.prior.model_dump(mode="json")
+        checkpoint, trained, reason = prior["checkpoint"], False, ""
+        if not cfg.train.enabled:
+            reason = "train.enabled is false: using the configured checkpoint"
+        else:
+            prior_cfg = training_config(cfg)
+            if cfg.train.skip_if_matching and checkpoint_matches(checkpoint, prior_cfg):
+                reason = "the checkpoint already holds weights trained with this config"
+            else:
+                if data is None:
+                    data = load_data(cfg.to_dict(), parent_run_id=run.run_id)
+                out_dir = Path(cfg.work_dir) / "prior" / tasks.digest_of(prior_cfg)[:12]
+                result = cached_call(_with_storage(tasks.train_prior, cfg), prior=prior_cfg,
+                                     data_root=data["data_root"], manifest=data["manifest"],
+                                     out_dir=str(out_dir), axis=cfg.data.axis,
+                                     resume=cfg.train.resume,
+                                     progress=cfg.reconstruct.progress, run_id=run.run_id,
+                                     tracking_uri=tracking_uri(cfg))
+                checkpoint, trained = result["checkpoint"], True
+                reason = f"trained {result['step']} steps"
+                run.log_metrics({k: result[k] for k in ("train_loss", "val_loss", "seconds")
+                                 if result.get(k) is not None})
+        # the checkpoint must fit the configured network before anyone computes with it
+        load_network({**prior, "checkpoint": checkpoint}, "cpu")
+        print(f"prior: {checkpoint} ({reason})")
+        run.set_tags({"train.trained": trained, "train.reason": reason, "prior.checkpoint": checkpoint,
+                      "prior.sha256": tasks.file_digest(checkpoint)})
+        tasks.log_artifacts(tracking_uri(cfg), run.run_id, [checkpoint], "checkpoints")
+        run.log_metrics({"wall_seconds": time.perf_counter() - t0})
+        return {"run_id": run.run_id, "checkpoint": checkpoint, "trained": trained}
+
+
+# -- reconstruct --------------------------------------------------------------------------------
+def _reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str,
+                     operators: list[dict] | None = None, subdir: str = "") -> list[dict]:
+    """Every prepared volume x operator through the cached ``reconstruct-volume`` task."""
+    settings = cfg.reconstruct.model_dump(mode="json")
+    prior = {**cfg.prior.model_dump(mode="json"), "checkpoint": checkpoint}
+    ops = operators or [o.model_dump(mode="json") for o in cfg.reconstruct.operators]
+    task = _with_storage(tasks.reconstruct_volume, cfg)
+    outputs = []
+    for p in prepared:
+        for op in ops:
+            out_dir = run_dir(cfg, run) / subdir / _volume(p) / op["name"]
+            out = cached_call(task, prepared=p, operator=op, settings=settings, prior=prior,
+                              out_dir=str(out_dir), progress=cfg.reconstruct.progress)
+            outputs.append(out)
+    return outputs
+
+
+def _volume(prepared: str) -> str:
+    from recon.reconstruction import PreparedVolume
+
+    return PreparedVolume.open(prepared).name
+
+
+def _preflight(cfg: Config, checkpoint: str) -> None:
+    """Clear errors before any compute: the checkpoint must fit the network config."""
+    from recon.reconstruction import load_network
+
+    load_network({**cfg.prior.model_dump(mode="json"), "checkpoint": checkpoint}, "cpu")
+
+
+@flow(name="reconstruct", log_prints=True)
+def reconstruct(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[str] | None = None,
+                data: dict[str, Any] | None = None, checkpoint: str | None = None,
+                parent_run_id: str | None = None) -> dict[str, Any]:
+    """Reconstruct every test volume with every operator (slice-batched, streaming); NIfTI
+    outputs (reconstruction, naive pseudo-inverse, std over samples, ground truth on the same
+    grid) are logged as artefacts. Returns ``{"run_id", "outputs": [...]}``."""
+    cfg = start(config, overrides, "reconstruct", parent_run_id)
+    with run_context(cfg, "reconstruct", parent_run_id, tags=_tags("reconstruct")) as run:
+        checkpoint = checkpoint or str(cfg.prior.checkpoint)
+        _preflight(cfg, checkpoint)
+        if data is None:
+            data = load_data(cfg.to_dict(), parent_run_id=run.run_id)
+        t0 = time.perf_counter()
+        outputs = _reconstruct_all(cfg, run, data["prepared"], checkpoint)
+        for out in outputs:
+            key = f"{_key(out['operator'])}/{_key(out['volume'])}"
+            run.log_metrics({f"nfe/{key}": out["nfe"], f"seconds/{key}": out["seconds"],
+                             f"slices_per_s/{key}": out["slices_per_s"]})
+            tasks.log_artifacts(tracking_uri(cfg), run.run_id,
+                                {k: out[k] for k in ("recon", "naive", "std", "stacks", "summary")},
+                                f"nifti/{_key(out['volume'])}/{_key(out['operator'])}")
+        total = sum(o["slices"] for o in outputs)
+        compute = sum(o["seconds"] for o in outputs)
+        run.log_metrics({"nfe": outputs[0]["nfe"] if outputs else 0, "slices": total,
+                         "seconds": compute, "wall_seconds": time.perf_counter() - t0,
+                         "slices_per_s": total / compute if compute > 0 else 0.0})
+        return {"run_id": run.run_id, "outputs": outputs, "checkpoint": checkpoint}
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+def _evaluate_outputs(cfg: Config, run: Run, outputs: list[dict], figures: bool = True) -> list[dict]:
+    rows = []
+    evaluate_task = _with_storage(tasks.evaluate_volume, cfg)
+    for out in outputs:
+        m = cached_call(evaluate_task, stacks=out["stacks"])
+        key = f"{_key(out['operator'])}/{_key(out['volume'])}"
+        run.log_metrics({f"psnr/{key}": m["psnr"], f"ssim/{key}": m["ssim"],
+                         f"psnr_naive/{key}": m["psnr_naive"], f"ssim_naive/{key}": m["ssim_naive"],
+                         f"gain_db/{key}": m["gain_db"]})
+        for series in ("psnr", "ssim", "psnr_naive", "ssim_naive"):
+            run.log_series(f"{series}_slice/{key}", m[f"{series}_slices"], steps=m["indices"])
+        if figures:
+            title = (f"{out['volume']} | {out['operator']} ({out['guidance']}, {out['integrator']}, "
+                     f"{out['steps']} steps) | PSNR {m['psnr']:.2f} dB vs naive {m['psnr_naive']:.2f}")
+            tasks.log_volume_figure(tracking_uri(cfg), run.run_id, out["stacks"], m, title,
+                                    f"figures/{_key(out['volume'])}_{_key(out['operator'])}.png")
+        rows.append({"volume": out["volume"], "operator": out["operator"],
+                     "guidance": out["guidance"], "integrator": out["integrator"],
+                     "steps": out["steps"], "nfe": out["nfe"], "slices": out["slices"],
+                     "psnr": m["psnr"], "psnr_naive": m["psnr_naive"], "gain_db": m["gain_db"],
+                     "ssim": m["ssim"], "ssim_naive": m["ssim_naive"], "seconds": out["seconds"],
+                     "slices_per_s": out["slices_per_s"]})
+    return rows
+
+
+def _operator_means(rows: list[dict]) -> dict[str, float]:
+    """Mean PSNR/SSIM/gain per operator over volumes (headline metrics)."""
+    out: dict[str, float] = {}
+    for op in dict.fromkeys(r["operator"] for r in rows):
+        sel = [r for r in rows if r["operator"] == op]
+        for k in ("psnr", "psnr_naive", "ssim", "ssim_naive", "gain_db"):
+            out[f"{k}/{_key(op)}"] = sum(r[k] for r in sel) / len(sel)
+    return out
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[str] | None = None,
+             outputs: list[dict[str, Any]] | None = None,
+             parent_run_id: str | None = None) -> dict[str, Any]:
+    """PSNR/SSIM per slice (step series) and per volume for the reconstruction and the naive
+    baseline, the gain in dB, a figure per volume and a summary table. Without ``outputs`` it
+    runs ``reconstruct`` first (nested). Returns ``{"run_id", "rows"}``."""
+    cfg = start(config, overrides, "evaluate", parent_run_id)
+    with run_context(cfg, "evaluate", parent_run_id, tags=_tags("evaluate")) as run:
+        if outputs is None:
+            outputs = reconstruct(cfg.to_dict(), parent_run_id=run.run_id)["outputs"]
+        rows = _evaluate_outputs(cfg, run, outputs)
+        run.log_metrics(_operator_means(rows))
+        run.log_table(rows, "summary.json")
+        return {"run_id": run.run_id, "rows": rows}
+
+
+# -- pipeline -----------------------------------------------------------------------------------
+@flow(name="pipeline", log_prints=True)
+def pipeline(config: str | dict[str, Any] = DEFAULT_CONFIG,
+             overrides: list[str] | None = None) -> dict[str, Any]:
+    """``load_data`` -> ``train_prior`` -> ``reconstruct`` -> ``evaluate`` as subflows, each a
+    nested MLflow run under this one, which holds the summary table and headline metrics."""
+    cfg = start(config, overrides, "pipeline", None)
+    with run_context(cfg, "pipeline", None, tags=_tags("pipeline")) as run:
+        t0 = time.perf_counter()
+        resolved = cfg.to_dict()
+        data = load_data(resolved, parent_run_id=run.run_id)
+        prior = train_prior(resolved, data=data, parent_run_id=run.run_id)
+        rec = reconstruct(resolved, data=data, checkpoint=prior["checkpoint"],
+                          parent_run_id=run.run_id)
+        ev = evaluate(resolved, outputs=rec["outputs"], parent_run_id=run.run_id)
+        run.log_metrics({**_operator_means(ev["rows"]), "wall_seconds": time.perf_counter() - t0})
+        run.log_table(ev["rows"], "summary.json")
+        return {"run_id": run.run_id, "rows": ev["rows"], "checkpoint": prior["checkpoint"],
+                "data": data, "children": {"load_data": data["run_id"], "train_prior": prior["run_id"],
+                                           "reconstruct": rec["run_id"], "evaluate": ev["run_id"]}}
+
+
+# -- compare_integrators ------------------------------------------------------------------------
+@flow(name="compare_integrators", log_prints=True)
+def compare_integrators(config: str | dict[str, Any] = DEFAULT_CONFIG,
+                        overrides: list[str] | None = None, data: dict[str, Any] | None = None,
+                        checkpoint: str | None = None,
+                        parent_run_id: str | None = None) -> dict[str, Any]:
+    """One parent MLflow run, one child per (integrator, steps) on the same data, seed and
+    measurement (``compare.operator``); the parent holds the comparison table and a PSNR-vs-NFE
+    plot. Returns ``{"run_id", "rows", "children"}``."""
+    from pipelines.figures import psnr_vs_nfe
+    from pipelines.tracking import create_run
+
+    cfg = start(config, overrides, "compare_integrators", parent_run_id)
+    with run_context(cfg, "compare_integrators", parent_run_id,
+                     tags=_tags("compare_integrators")) as parent:
+        checkpoint = checkpoint or str(cfg.prior.checkpoint)
+        _preflight(cfg, checkpoint)
+        if data is None:
+            data = load_data(cfg.to_dict(), parent_run_id=parent.run_id)
+        prepared = data["prepared"][: cfg.compare.max_volumes]
+        op = cfg.compare_operator.model_dump(mode="json")
+        rows, children = [], []
+        for integrator in cfg.compare.integrators:
+            for steps in cfg.compare.steps:
+                label = f"{integrator.label}-{steps}"
+                setting = _setting(cfg, integrator, steps)
+                child = create_run(setting, label, parent.run_id,
+                                   tags={**_tags("compare_integrators"), "compare.integrator":
+                                         integrator.label, "compare.steps": steps})
+                children.append(child.run_id)
+                try:
+                    child.log_params(setting.resolved())
+                    outs = _reconstruct_all(setting, child, prepared, checkpoint, [op])
+                    ev = _evaluate_outputs(setting, child, outs, figures=False)
+                    row = {"integrator": integrator.label, "steps": steps, "nfe": outs[0]["nfe"],
+                           "psnr": _mean(ev, "psnr"), "ssim": _mean(ev, "ssim"),
+                           "seconds": sum(o["seconds"] for o in outs),
+                           "psnr_naive": _mean(ev, "psnr_naive"), "gain_db": _mean(ev, "gain_db"),
+                           "run_id": child.run_id}
+                    child.log_metrics({k: row[k] for k in ("nfe", "psnr", "ssim", "seconds",
+                                                           "psnr_naive", "gain_db")})
+                    child.finish()
+                except BaseException as err:
+                    child.fail(err)
+                    raise
+                rows.append(row)
+                print(f"{label}: NFE {row['nfe']}, PSNR {row['psnr']:.2f} dB, "
+                      f"SSIM {row['ssim']:.3f}, {row['seconds']:.1f} s")
+        table = [{k: r[k] for k in ("integrator", "steps", "nfe", "psnr", "ssim", "seconds",
+                                    "psnr_naive", "gain_db")} for r in rows]
+        parent.log_table(table, "comparison.json")
+        naive = [{**r, "naive_psnr": r["psnr_naive"]} for r in rows]
+        parent.log_figure(psnr_vs_nfe(naive, f"{op['name']}: PSNR vs NFE"), "psnr_vs_nfe.png")
+        best = max(rows, key=lambda r: r["psnr"])
+        parent.log_metrics({"best_psnr": best["psnr"], "settings": len(rows)})
+        parent.set_tags({"compare.best": f"{best['integrator']}-{best['steps']}",
+                         "compare.operator": op["name"]})
+        return {"run_id": parent.run_id, "rows": table, "children": children}
+
+
+def _setting(cfg: Config, integrator: IntegratorConfig, steps: int) -> Config:
+    data = cfg.to_dict()
+    data["reconstruct"]["integrator"] = integrator.model_dump(mode="json")
+    data["reconstruct"]["steps"] = steps
+    return validate_config(data)
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+FLOWS = {"load_data": load_data, "train_prior": train_prior, "reconstruct": reconstruct,
+         "evaluate": evaluate, "pipeline": pipeline, "compare_integrators": compare_integrators}

@@ -1,0 +1,66 @@
+"""Where the pipelines keep their state, set up *before* Prefect is imported.
+
+Prefect reads its settings from the environment when it is first imported, so ``configure``
+runs from ``pipelines/__init__.py``: everything in ``pipelines`` sees the same settings.
+
+- ``PREFECT_HOME`` -> ``<work_dir>/prefect`` (profiles, the embedded API's sqlite database,
+  persisted task results and cache records), unless the user set ``PREFECT_HOME``;
+- ``PREFECT_SERVER_ANALYTICS_ENABLED=false`` and ``DO_NOT_TRACK=1`` (no telemetry);
+- without ``PREFECT_API_URL``: Prefect's embedded (ephemeral) API, started on demand
+  (``PREFECT_SERVER_ALLOW_EPHEMERAL_MODE=true``). With ``PREFECT_API_URL`` set, the same flows run
+  against that server.
+
+``work_dir`` is ``$RECON_WORK_DIR`` when set, else ``<project root>/work`` (the project root is
+the directory holding ``pyproject.toml`` above this package; for a non-editable install, the
+current directory).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+WORK_DIR_ENV = "RECON_WORK_DIR"
+
+
+def project_root() -> Path:
+    """The checkout this package lives in (``pyproject.toml`` next to ``pipelines/``), else cwd."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").is_file() else Path.cwd()
+
+
+def default_work_dir() -> Path:
+    """``$RECON_WORK_DIR`` or ``<project root>/work``."""
+    env = os.environ.get(WORK_DIR_ENV)
+    return Path(env).expanduser().resolve() if env else project_root() / "work"
+
+
+def api_url() -> str | None:
+    """The Prefect server the flows talk to, or None for the embedded API."""
+    if "prefect" in sys.modules:
+        from prefect.settings import get_current_settings
+
+        url = get_current_settings().api.url
+        return str(url) if url else None
+    return os.environ.get("PREFECT_API_URL") or None
+
+
+def configure(work_dir: str | Path | None = None) -> Path:
+    """Point Prefect at ``<work_dir>/prefect`` and switch analytics off; returns the work dir.
+
+    Only fills variables the user did not set and creates ``PREFECT_HOME``. Must run before
+    ``import prefect`` to take effect.
+    """
+    work = Path(work_dir).expanduser().resolve() if work_dir else default_work_dir()
+    os.environ.setdefault(WORK_DIR_ENV, str(work))
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(work / "prefect")))
+    home.mkdir(parents=True, exist_ok=True)  # Prefect only creates the last level itself
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.5")
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+        # the embedded API's database lives under PREFECT_HOME; give it room to start on busy hosts
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    return work

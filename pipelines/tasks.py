@@ -1,0 +1,223 @@
+"""Prefect tasks: thin wrappers around library calls. They take and return small things
+(paths, dicts of paths and numbers), never big arrays.
+
+Caching: expensive tasks (volume preparation, training, reconstruction, evaluation) persist
+their results and use ``EXPENSIVE_CACHE`` = the task's inputs (minus ``out_dir`` and
+bookkeeping arguments such as the MLflow run id) + the task's source + the *contents* of every
+existing file passed in (so a changed checkpoint or volume under the same path is a cache
+miss). A cache hit returns the paths written by the run that computed them; ``pipelines.flows``
+re-runs a task with ``refresh_cache=True`` when a cached path has since been deleted.
+
+Retries: I/O tasks retry on ``OSError`` (transient file-system / network trouble) but not on
+validation errors, which would fail the same way again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+
+from pipelines.tracking import Run, atomic_write_text
+
+# -- cache policy -------------------------------------------------------------------------------
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file (memoised on path, size and mtime) or of a directory's files."""
+    path = Path(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+            h.update(str(p.relative_to(path)).encode())
+            h.update(file_digest(p).encode())
+        return h.hexdigest()
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def digest_of(value: Any) -> str:
+    """sha256 of a JSON-serialisable value (stable key order)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _paths_in(value: Any) -> list[str]:
+    if isinstance(value, str | Path):
+        s = str(value)
+        if len(s) < 4096 and s.startswith("/") and Path(s).exists():
+            return [s]
+        return []
+    if isinstance(value, Mapping):
+        return [p for v in value.values() for p in _paths_in(v)]
+    if isinstance(value, list | tuple):
+        return [p for v in value for p in _paths_in(v)]
+    return []
+
+
+class FileContents(CachePolicy):
+    """Cache key from the contents of the existing files named (by absolute path) in the inputs,
+    skipping ``exclude`` arguments (e.g. output directories)."""
+
+    def __init__(self, exclude: Sequence[str] = ()):
+        self.exclude = list(exclude)
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any],
+                    flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        paths = sorted({p for k, v in (inputs or {}).items() if k not in self.exclude
+                        for p in _paths_in(v)})
+        if not paths:
+            return None
+        h = hashlib.sha256()
+        for p in paths:
+            h.update(p.encode())
+            h.update(file_digest(p).encode())
+        return h.hexdigest()
+
+
+_IGNORED = ("out_dir", "run_id", "tracking_uri", "progress")
+"""Arguments that say where to write or whom to tell, not what to compute."""
+_INPUTS = INPUTS
+for _name in _IGNORED:
+    _INPUTS = _INPUTS - _name
+EXPENSIVE_CACHE = _INPUTS + TASK_SOURCE + FileContents(exclude=_IGNORED)
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry only on ``OSError`` that is not a missing file (validation errors would recur)."""
+    try:
+        state.result()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    except BaseException:  # noqa: BLE001 - anything else is not transient
+        return False
+    return False
+
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": [1, 4], "retry_condition_fn": transient}
+IO = {**IO_RETRIES, "cache_policy": NO_CACHE}
+EXPENSIVE = {"cache_policy": EXPENSIVE_CACHE, "persist_result": True}
+
+
+# -- data ---------------------------------------------------------------------------------------
+@task(name="materialise-data", **IO)
+def materialise_data(manifest: str, data_root: str) -> str:
+    """Build the offline public data set under ``data_root`` when missing (idempotent)."""
+    from recon.reconstruction import materialise
+
+    return str(materialise(manifest, data_root))
+
+
+@task(name="list-volumes", **IO)
+def list_volumes(manifest: str, data_root: str, split: str, verify: bool = True,
+                 ids: list[str] | None = None) -> list[dict]:
+    """``[{"id", "path"}]`` of the ``split`` volumes of the manifest (only ``ids`` if given);
+    ``verify`` checks every file (existence, sha256, readable NIfTI) and raises naming the bad
+    volume."""
+    from recon.reconstruction import manifest_volumes
+
+    return manifest_volumes(manifest, data_root, split, verify=verify, ids=ids)
+
+
+@task(name="prepare-volume", **EXPENSIVE, **IO_RETRIES)
+def prepare_volume(volume: dict, data: dict, out_dir: str) -> str:
+    """Preprocess one volume (``{"id", "path"}``) into slices on disk
+    (``recon.reconstruction.prepare_volume``); returns the prepared directory."""
+    from recon.config import DataConfig
+    from recon.reconstruction import prepare_volume as prepare
+
+    return str(prepare(volume["path"], DataConfig.model_validate(data), out_dir, name=volume["id"]))
+
+
+# -- training -----------------------------------------------------------------------------------
+@task(name="train-prior", **EXPENSIVE)
+def train_prior(prior: dict, data_root: str, manifest: str, out_dir: str, axis: int = 2,
+                resume: bool = True, progress: bool = True, run_id: str | None = None,
+                tracking_uri: str | None = None) -> dict:
+    """Train the prior (``recon.training.train_prior``) and export the EMA weights to
+    ``out_dir/prior.pt``; training metrics go to the MLflow run ``run_id`` as they come."""
+    from recon.reconstruction import train_and_export
+
+    run = Run(tracking_uri, run_id) if run_id and tracking_uri else None
+
+    def callback(step: int, metrics: dict[str, float]) -> None:
+        if run is not None:
+            run.log_metrics({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
+
+    return train_and_export(prior, data_root, manifest, out_dir, resume=resume,
+                            progress=progress, callback=callback, axis=axis)
+
+
+# -- reconstruction -----------------------------------------------------------------------------
+@task(name="reconstruct-volume", **EXPENSIVE)
+def reconstruct_volume(prepared: str, operator: dict, settings: dict, prior: dict, out_dir: str,
+                       progress: bool = True) -> dict:
+    """Slice-batched streaming reconstruction of one prepared volume with one operator:
+    NIfTI ``truth``, ``naive``, ``recon``, ``std`` in ``out_dir`` plus ``summary.json``."""
+    from recon.reconstruction import reconstruct_prepared
+
+    return reconstruct_prepared(prepared, operator, settings, prior, out_dir, progress=progress)
+
+
+@task(name="evaluate-volume", **EXPENSIVE)
+def evaluate_volume(stacks: str) -> dict:
+    """PSNR/SSIM per slice and per volume for the reconstruction and the naive baseline (from
+    the ``slices.npz`` of ``reconstruct-volume``); also written next to it as ``metrics.json``."""
+    from recon.reconstruction import evaluate_stacks, read_stacks
+
+    s = read_stacks(stacks)
+    metrics = evaluate_stacks(s["truth"], s["naive"], s["recon"])
+    metrics["indices"] = [int(i) for i in s["indices"]]
+    path = Path(stacks).parent / "metrics.json"
+    atomic_write_text(path, json.dumps(metrics, indent=1))
+    return {**metrics, "metrics": str(path)}
+
+
+# -- tracking -----------------------------------------------------------------------------------
+@task(name="log-artifacts", **IO)
+def log_artifacts(tracking_uri: str, run_id: str, files: Mapping[str, str] | Sequence[str],
+                  artifact_path: str) -> int:
+    """Log finished files to the run (explicit run id, synchronous); returns how many."""
+    run = Run(tracking_uri, run_id)
+    items = files.values() if isinstance(files, Mapping) else files
+    n = 0
+    for f in items:
+        if f and Path(f).exists():
+            run.log_artifact(f, artifact_path)
+            n += 1
+    return n
+
+
+@task(name="log-figure", **IO)
+def log_volume_figure(tracking_uri: str, run_id: str, stacks: str, metrics: dict, title: str,
+                      artifact_file: str) -> str:
+    """The per-volume figure: ground truth | naive | reconstruction | |error| | std."""
+    from pipelines.figures import volume_figure
+    from recon.reconstruction import read_stacks
+
+    s = read_stacks(stacks)
+    fig = volume_figure(s["truth"], s["naive"], s["recon"], s["std"], title,
+                        psnr={"naive": metrics["psnr_naive_slices"], "recon": metrics["psnr_slices"]},
+                        labels=[int(i) for i in s["indices"]])
+    Run(tracking_uri, run_id).log_figure(fig, artifact_file)
+    return artifact_file
+
+
+def now() -> float:
+    return time.perf_counter()

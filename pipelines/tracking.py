@@ -1,0 +1,284 @@
+"""MLflow helpers: explicit run ids, synchronous logging, FAILED runs that say why.
+
+MLflow's "active run" is thread-local and Prefect runs tasks in worker threads, so nothing here
+uses ``mlflow.start_run``: a ``Run`` wraps an ``MlflowClient`` and a ``run_id`` that flows pass
+explicitly into tasks, and every call logs synchronously.
+
+Store: ``$MLFLOW_TRACKING_URI`` if set, else ``tracking.uri`` from the config, else
+``sqlite:///<work_dir>/mlflow.db`` (MLflow 3 refuses ``file:`` stores). Each experiment gets an
+explicit artifact location (``<work_dir>/mlartifacts/<experiment>``) so artefacts never land
+relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from recon.config import Config
+
+# mlflow logs "Creating initial MLflow database tables..." on first use of a store; keep quiet
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+MAX_PARAM_LEN = 6000
+
+
+def tracking_uri(cfg: Config) -> str:
+    """``$MLFLOW_TRACKING_URI`` > ``cfg.tracking.uri`` > ``sqlite:///<work_dir>/mlflow.db``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if uri:
+        if uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks"):
+            raise ValueError(f"MLflow tracking URI {uri!r}: file stores are refused by MLflow 3; "
+                             "use sqlite:///path/to/mlflow.db or http(s)://host:port")
+        return uri
+    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(cfg.work_dir).resolve() / 'mlflow.db'}"
+
+
+def ui_command(cfg: Config) -> str:
+    """What a user types to browse the runs."""
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def client(cfg: Config):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(cfg))
+
+
+def experiment_id(cfg: Config, name: str | None = None) -> str:
+    """The id of experiment ``name`` (default ``cfg.tracking.experiment``), created with an
+    explicit artifact location under ``cfg.tracking.artifact_root`` when missing."""
+    name = name or cfg.tracking.experiment
+    c = client(cfg)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    root = Path(cfg.tracking.artifact_root or Path(cfg.work_dir) / "mlartifacts")
+    location = root.resolve() / name
+    location.mkdir(parents=True, exist_ok=True)
+    try:
+        return c.create_experiment(name, artifact_location=location.as_uri())
+    except Exception:  # created concurrently by another process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _param_value(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s if len(s) <= MAX_PARAM_LEN else s[: MAX_PARAM_LEN - 3] + "..."
+
+
+class Run:
+    """One MLflow run addressed by id: safe to pass to (and use from) any thread or task."""
+
+    def __init__(self, tracking: str, run_id: str):
+        from mlflow import MlflowClient
+
+        self.tracking_uri, self.run_id = tracking, run_id
+        self.client = MlflowClient(tracking_uri=tracking)
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id})"
+
+    def __reduce__(self):  # tasks may receive it; rebuild the client on the other side
+        return (Run, (self.tracking_uri, self.run_id))
+
+    # -- logging --------------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k)[:250], _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i: i + 100], synchronous=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i: i + 1000], synchronous=True)
+
+    def log_series(self, key: str, values: Sequence[float], steps: Sequence[int] | None = None) -> None:
+        """A per-step metric series (e.g. PSNR per slice, step = slice index)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        steps = list(range(len(values))) if steps is None else list(steps)
+        items = [Metric(key, float(v), now, int(s)) for v, s in zip(values, steps, strict=True)
+                 if math.isfinite(float(v))]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i: i + 1000], synchronous=True)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v), synchronous=True)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a finished file or directory (never a file still being written)."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, dict(data), artifact_file)
+
+    def log_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
+        """Rows of dicts as an MLflow table (JSON, shown in the UI) plus a CSV copy."""
+        if not rows:
+            return
+        columns = list(rows[0])
+        with warnings.catch_warnings():  # pandas 3 deprecation inside mlflow's log_table
+            warnings.simplefilter("ignore")
+            self.client.log_table(self.run_id, {c: [r.get(c) for r in rows] for c in columns},
+                                  artifact_file)
+        csv = ",".join(columns) + "\n" + "\n".join(
+            ",".join(_csv_cell(r.get(c)) for c in columns) for r in rows) + "\n"
+        self.client.log_text(self.run_id, csv, str(Path(artifact_file).with_suffix(".csv")))
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def finish(self) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def fail(self, error: BaseException | str) -> None:
+        """Mark FAILED with the reason as tags (``error``, ``error_type``) and a traceback file."""
+        reason = str(error) if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        tags = {"error": reason[:5000],
+                "error_type": "str" if isinstance(error, str) else type(error).__name__}
+        try:
+            self.set_tags(tags)
+            if isinstance(error, BaseException):
+                self.log_text("".join(traceback.format_exception(error)), "error.txt")
+        finally:
+            self.client.set_terminated(self.run_id, "FAILED")
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+
+def _csv_cell(v: Any) -> str:
+    s = "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+    return f'"{s}"' if "," in s else s
+
+
+def create_run(cfg: Config, run_name: str, parent_run_id: str | None = None,
+               tags: Mapping[str, Any] | None = None, experiment: str | None = None) -> Run:
+    """A new RUNNING run; nested under ``parent_run_id`` (``mlflow.parentRunId`` tag) when given."""
+    c = client(cfg)
+    all_tags = {RUN_NAME_TAG: run_name, "recon.config_name": cfg.name, **(tags or {})}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = c.create_run(experiment_id(cfg, experiment), run_name=run_name,
+                       tags={k: str(v) for k, v in all_tags.items()})
+    return Run(tracking_uri(cfg), run.info.run_id)
+
+
+@contextmanager
+def run_context(cfg: Config, run_name: str, parent_run_id: str | None = None,
+                tags: Mapping[str, Any] | None = None, log_config: bool = True,
+                experiment: str | None = None) -> Iterator[Run]:
+    """Create a run, log the resolved config (params + ``config.yaml``), yield it; FINISHED on
+    success, FAILED with the reason on any exception (re-raised)."""
+    run = create_run(cfg, run_name, parent_run_id, tags, experiment)
+    try:
+        if log_config:
+            run.log_params(cfg.resolved())
+            run.log_text(cfg.to_yaml(), "config/resolved.yaml")
+        yield run
+    except BaseException as err:
+        run.fail(err)
+        raise
+    else:
+        run.finish()
+
+
+def run_failed(cfg: Config, run_name: str, error: BaseException | str,
+               parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None) -> Run:
+    """Record a run that failed before it could start (e.g. invalid inputs)."""
+    run = create_run(cfg, run_name, parent_run_id, tags)
+    run.fail(error)
+    return run
+
+
+def fallback_config(config: Any, overrides: list[str] | None = None) -> Config:
+    """Defaults, keeping ``work_dir``/``tracking`` of a config (and of its overrides) that
+    failed to validate, so its FAILED run lands in the user's store."""
+    from recon.config import ConfigError, apply_override, parse_override, validate_config
+
+    raw: dict[str, Any] = {}
+    if isinstance(config, Mapping):
+        raw = dict(config)
+    elif isinstance(config, str | Path) and Path(config).is_file():
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(config).read_text())
+            raw = loaded if isinstance(loaded, dict) else {}
+        except yaml.YAMLError:
+            raw = {}
+    for o in overrides or []:
+        try:
+            path, value = parse_override(o)
+            if path[0] in ("work_dir", "tracking"):
+                apply_override(raw, path, value)
+        except (ConfigError, TypeError, KeyError):
+            continue
+    for keep in ({"work_dir": raw.get("work_dir"), "tracking": raw.get("tracking")},
+                 {"work_dir": raw.get("work_dir")}, {}):
+        try:
+            return validate_config({k: v for k, v in keep.items() if v is not None})
+        except ConfigError:
+            continue
+    return validate_config({})
+
+
+def child_runs(cfg: Config, parent_run_id: str) -> list:
+    """MLflow runs whose ``mlflow.parentRunId`` is ``parent_run_id`` (oldest first)."""
+    c = client(cfg)
+    exp = c.get_run(parent_run_id).info.experiment_id
+    runs = c.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                         order_by=["attributes.start_time ASC"], max_results=1000)
+    return list(runs)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write to a temp file in the same directory, then rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,489 @@
+"""The project's configuration: one validated pydantic (v2) schema for data, prior, training,
+reconstruction, integrator comparison and tracking.
+
+    cfg = load_config("configs/demo.yaml", ["reconstruct.steps=32", "reconstruct.operators=[fourier]"])
+    cfg.reconstruct.integrator.name      # "heun"
+    cfg.resolved()                       # flat {"reconstruct.steps": 32, ...} for MLflow params
+
+Every section forbids unknown keys (a typo is an error, never silently ignored). Names of
+operators, guidances, integrators, timers and diffusions are checked against the registries of
+the library, and the error lists the valid ones. Relative paths are resolved against ``base_dir``
+(the current directory by default), so the resolved config is self-contained.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from recon.guidance import GUIDANCES
+from recon.integrator import INTEGRATORS
+from recon.timer import TIMERS
+
+OPERATORS = ("mask", "blur", "fourier")
+"""Measurement operators a config may name (``recon.reconstruction.build_operator`` maps them)."""
+
+
+class ConfigError(ValueError):
+    """An invalid configuration file, value or override; the message names the field."""
+
+
+def _check_name(kind: str, name: str, valid: Iterable[str]) -> str:
+    valid = sorted(valid)
+    if name not in valid:
+        raise ValueError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
+    return name
+
+
+def _named(value: Any) -> Any:
+    """Allow the short form ``heun`` for ``{name: heun}``."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+def _check_params(kind: str, name: str, cls: type, params: Mapping[str, Any],
+                  reserved: tuple[str, ...] = ()) -> None:
+    """Unknown keyword arguments of ``cls`` -> error listing the accepted ones."""
+    try:
+        sig = inspect.signature(cls.__init__ if inspect.isclass(cls) else cls)
+    except (TypeError, ValueError):  # builtins without a signature: nothing to check
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    accepted = [n for n, p in sig.parameters.items()
+                if n != "self" and n not in reserved and p.kind is not p.VAR_POSITIONAL]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for {kind} {name!r}; accepted: "
+                         f"{accepted or 'none'}")
+
+
+def _try_build(kind: str, name: str, build) -> None:
+    """Construct the object once (cheap) so that bad values fail at load time."""
+    try:
+        build()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"bad parameters for {kind} {name!r}: {err}") from None
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# -- data -------------------------------------------------------------------------------------
+class DataConfig(_Section):
+    """Where the volumes are and how slices are cut from them."""
+
+    manifest: Path = Path("data_manifests/public_brain.yaml")
+    data_root: Path = Path("data/public")
+    materialise: bool = Field(True, description="materialise the offline public data when missing")
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    image_size: int = Field(64, ge=8, le=1024, description="slices are resized to image_size^2")
+    axis: Literal[0, 1, 2] = Field(2, description="slicing axis of the (RAS-oriented) volume")
+    max_slices: int | None = Field(16, ge=1, description="central slices kept per test volume")
+    volumes: list[str] | None = Field(None, description="ids of the test volumes to reconstruct "
+                                      "(None: every volume of test_split)")
+    max_volumes: int | None = Field(None, ge=1, description="test volumes reconstructed (None: all)")
+    cache_dir: Path | None = Field(None, description="preprocessed-slice cache (default work/cache)")
+
+
+# -- prior and training -----------------------------------------------------------------------
+class PriorSection(_Section):
+    """The trained prior used for reconstruction."""
+
+    checkpoint: Path = Path("checkpoints/prior_64.pt")
+    config: Path | None = Field(Path("configs/prior_64.yaml"),
+                                description="network/diffusion config the checkpoint must match")
+    weights: Literal["ema", "model"] = "ema"
+
+
+class TrainSection(_Section):
+    """Training the prior (``recon.training.train_prior``); disabled: the shipped checkpoint."""
+
+    enabled: bool = False
+    steps: int | None = Field(None, ge=1, description="override the prior config's steps")
+    batch_size: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    resume: bool = True
+    skip_if_matching: bool = Field(True, description="skip training when the checkpoint already "
+                                                     "holds weights trained with this config")
+
+
+# -- reconstruction ---------------------------------------------------------------------------
+class OperatorConfig(_Section):
+    """A measurement operator: ``mask``, ``blur`` or ``fourier`` plus its keyword arguments
+    (e.g. ``{ratio: 0.5}``, ``{sigma: 1.5}``, ``{acceleration: 4, center_fraction: 0.08}``);
+    ``guidance`` overrides the reconstruction's guidance for this operator."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    guidance: GuidanceConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name("operator", v, OPERATORS)
+
+    @field_validator("guidance", mode="before")
+    @classmethod
+    def _short_guidance(cls, v: Any) -> Any:
+        return _named(v)
+
+    @model_validator(mode="after")
+    def _params(self) -> OperatorConfig:
+        from recon.reconstruction import operator_class  # lazy: recon.operators may be absent
+
+        op_cls = operator_class(self.name, missing_ok=True)
+        if op_cls is not None:
+            _check_params("operator", self.name, op_cls, self.params, reserved=("shape", "sigma_y", "seed"))
+        return self
+
+
+class GuidanceConfig(_Section):
+    """Posterior guidance from ``recon.guidance.GUIDANCES`` and its keyword arguments."""
+
+    name: str = "data_consistency"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name("guidance", v, GUIDANCES)
+
+    @model_validator(mode="after")
+    def _params(self) -> GuidanceConfig:
+        _check_params("guidance", self.name, GUIDANCES[self.name], self.params)
+        _try_build("guidance", self.name, lambda: GUIDANCES[self.name](**self.params))
+        return self
+
+
+class IntegratorConfig(_Section):
+    """An integrator from ``recon.integrator.INTEGRATORS`` and its keyword arguments."""
+
+    name: str = "heun"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name("integrator", v, INTEGRATORS)
+
+    @model_validator(mode="after")
+    def _params(self) -> IntegratorConfig:
+        _check_params("integrator", self.name, INTEGRATORS[self.name], self.params)
+        _try_build("integrator", self.name, lambda: INTEGRATORS[self.name](**self.params))
+        return self
+
+    @property
+    def label(self) -> str:
+        """``ddim`` or ``ddim(eta=1.0)``: short and unique per setting."""
+        if not self.params:
+            return self.name
+        return self.name + "(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
+
+
+class TimerConfig(_Section):
+    """A time grid from ``recon.timer.TIMERS``; ``steps`` comes from ``reconstruct.steps``."""
+
+    name: str = "cosine"
+    params: dict[str, Any] = Field(default_factory=lambda: {"t_min": 1e-3})
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name("timer", v, TIMERS)
+
+    @model_validator(mode="after")
+    def _params(self) -> TimerConfig:
+        _check_params("timer", self.name, TIMERS[self.name], self.params, reserved=("steps",))
+        _try_build("timer", self.name, lambda: TIMERS[self.name](1, **self.params))
+        return self
+
+
+class ReconstructSection(_Section):
+    """Posterior sampling of every test volume, slice-batched, for each operator."""
+
+    operators: list[OperatorConfig] = Field(
+        default_factory=lambda: [OperatorConfig(name="fourier")], min_length=1)
+    sigma_y: float = Field(0.01, ge=0, description="measurement noise std (image units [0, 1])")
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    integrator: IntegratorConfig = Field(default_factory=IntegratorConfig)
+    timer: TimerConfig = Field(default_factory=TimerConfig)
+    steps: int = Field(32, ge=1, le=10_000)
+    n_samples: int = Field(2, ge=1, le=64, description="posterior samples per slice (mean, std)")
+    batch_size: int = Field(8, ge=1, description="slices per batch (memory bound)")
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's "
+                                    "default); 1 avoids oversubscription on shared CPUs")
+    progress: bool = True
+
+    @field_validator("operators", mode="before")
+    @classmethod
+    def _short_operators(cls, v: Any) -> Any:
+        if isinstance(v, str | dict):
+            v = [v]
+        return [_named(o) for o in v] if isinstance(v, list) else v
+
+    @field_validator("guidance", "integrator", "timer", mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return _named(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v == "auto" or v == "cpu" or v == "mps" or v == "cuda" or v.startswith("cuda:"):
+            return v
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {v!r}")
+
+    @model_validator(mode="after")
+    def _unique(self) -> ReconstructSection:
+        names = [o.name for o in self.operators]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"operators listed more than once: {dup} (outputs are named by operator)")
+        return self
+
+    def guidance_for(self, op: OperatorConfig) -> GuidanceConfig:
+        return op.guidance or self.guidance
+
+
+class CompareSection(_Section):
+    """Integrator comparison: same data, seed and measurement; one child run per setting."""
+
+    integrators: list[IntegratorConfig] = Field(
+        default_factory=lambda: [IntegratorConfig(name=n) for n in ("euler", "heun", "dpmpp2s", "ddim")],
+        min_length=1)
+    steps: list[int] = Field(default_factory=lambda: [16], min_length=1)
+    operator: str | None = Field(None, description="operator name (default: the first one)")
+    max_volumes: int = Field(1, ge=1)
+
+    @field_validator("integrators", mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        return [_named(o) for o in v] if isinstance(v, list) else v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if any(s < 1 for s in v):
+            raise ValueError(f"steps must be positive integers, got {v}")
+        return v
+
+    @field_validator("operator")
+    @classmethod
+    def _operator(cls, v: str | None) -> str | None:
+        return None if v is None else _check_name("operator", v, OPERATORS)
+
+
+class TrackingSection(_Section):
+    """MLflow: ``uri`` None -> ``sqlite:///<work_dir>/mlflow.db`` unless MLFLOW_TRACKING_URI is set."""
+
+    uri: str | None = None
+    experiment: str = "recon"
+    artifact_root: Path | None = Field(None, description="default <work_dir>/mlartifacts")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and v.startswith("file:"):
+            raise ValueError("file: tracking stores are refused by MLflow 3; use "
+                             "sqlite:///path/to/mlflow.db or an http(s):// server")
+        return v
+
+
+class Config(_Section):
+    """The whole project configuration."""
+
+    name: str = "recon"
+    work_dir: Path = Field(Path("work"), description="outputs, caches, PREFECT_HOME, mlflow.db")
+    data: DataConfig = Field(default_factory=DataConfig)
+    prior: PriorSection = Field(default_factory=PriorSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    reconstruct: ReconstructSection = Field(default_factory=ReconstructSection)
+    compare: CompareSection = Field(default_factory=CompareSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="after")
+    def _cross(self) -> Config:
+        names = [o.name for o in self.reconstruct.operators]
+        if self.compare.operator is not None and self.compare.operator not in names:
+            raise ValueError(f"compare.operator {self.compare.operator!r} is not among "
+                             f"reconstruct.operators {names}")
+        from recon.reconstruction import build_operator
+
+        size = (self.data.image_size, self.data.image_size)
+        for i, op in enumerate(self.reconstruct.operators):
+            _try_build(f"reconstruct.operators.{i}: operator", op.name, lambda op=op: build_operator(
+                op.name, op.params, size, self.reconstruct.sigma_y, self.reconstruct.seed))
+        return self
+
+    # -- helpers --------------------------------------------------------------------------------
+    def absolute(self, base_dir: str | Path | None = None) -> Config:
+        """A copy with every relative path made absolute against ``base_dir`` (default: cwd)."""
+        base = Path(base_dir or Path.cwd()).resolve()
+
+        def fix(p: Path | None) -> Path | None:
+            if p is None:
+                return None
+            p = Path(p).expanduser()
+            return p if p.is_absolute() else (base / p).resolve()
+
+        work = fix(self.work_dir)
+        data = self.data.model_copy(update={
+            "manifest": fix(self.data.manifest), "data_root": fix(self.data.data_root),
+            "cache_dir": fix(self.data.cache_dir) or work / "cache"})
+        prior = self.prior.model_copy(update={"checkpoint": fix(self.prior.checkpoint),
+                                              "config": fix(self.prior.config)})
+        tracking = self.tracking.model_copy(update={
+            "artifact_root": fix(self.tracking.artifact_root) or work / "mlartifacts"})
+        return self.model_copy(update={"work_dir": work, "data": data, "prior": prior,
+                                       "tracking": tracking})
+
+    @property
+    def compare_operator(self) -> OperatorConfig:
+        name = self.compare.operator or self.reconstruct.operators[0].name
+        return next(o for o in self.reconstruct.operators if o.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible nested dict (paths as strings)."""
+        return json.loads(self.model_dump_json())
+
+    def resolved(self) -> dict[str, Any]:
+        """Flat ``{"section.key": value}`` of the whole config, for MLflow params."""
+        return flatten(self.to_dict())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+OperatorConfig.model_rebuild()
+
+
+# -- loading ----------------------------------------------------------------------------------
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "l": [{"x": 2}]}`` -> ``{"a.b": 1, "l.0.x": 2}``; empty containers kept."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and any(isinstance(i, Mapping | list) for i in v):
+            out.update(flatten({str(i): item for i, item in enumerate(v)}, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"reconstruct.steps=32"`` -> ``(["reconstruct", "steps"], 32)``; values are YAML."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like section.key=value "
+                          f"(e.g. reconstruct.steps=32)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from None
+    return key.split("."), parsed
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any,
+                   defaults: Mapping[str, Any] | None = None) -> None:
+    """Set ``data[path[0]][path[1]]... = value``; integer parts index lists. Sections missing
+    from ``data`` are copied from ``defaults`` (the default config) on the way, and the short
+    form ``heun`` becomes ``{name: heun}`` when a key below it is set."""
+    import copy
+
+    node: Any = data
+    dflt: Any = Config().to_dict() if defaults is None else defaults
+    full = ".".join(path)
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {full}: {'.'.join(path[: i + 1])!r} needs a list "
+                                  f"index < {len(node)}")
+            key: Any = int(part)
+            dflt = dflt[key] if isinstance(dflt, list) and key < len(dflt) else None
+        elif isinstance(node, dict):
+            key = part
+            dflt = dflt.get(key) if isinstance(dflt, Mapping) else None
+        else:
+            raise ConfigError(f"override {full}: {'.'.join(path[:i])!r} is not a section")
+        if last:
+            node[key] = value
+            return
+        child = node[key] if isinstance(node, list) else node.get(key)
+        if child is None:
+            child = copy.deepcopy(dflt) if isinstance(dflt, dict | list) else {}
+        elif isinstance(child, str) and not path[i + 1].isdigit():
+            child = {"name": child}  # short form "heun" -> {name: heun}
+        node[key] = child
+        node = child
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not allowed: check the spelling)"
+        given = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "missing", "value_error") \
+            or isinstance(given, dict) \
+            else f" (got {given!r})"
+        lines.append(f"  {loc}: {msg}{shown}" if loc else f"  {msg}{shown}")
+    return "\n".join(lines)
+
+
+def validate_config(data: Mapping[str, Any], base_dir: str | Path | None = None,
+                    source: str = "config") -> Config:
+    """Validate a nested dict; raise ``ConfigError`` listing every bad field."""
+    try:
+        cfg = Config.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(f"invalid {source}:\n{_format_errors(err)}") from None
+    return cfg.absolute(base_dir)
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = (),
+                base_dir: str | Path | None = None) -> Config:
+    """Read a YAML config (``None``: all defaults), apply dotted overrides, validate.
+
+    ``overrides`` are ``"a.b=value"`` strings (values parsed as YAML) or a ``{"a.b": value}``
+    mapping. Raises ``ConfigError`` (a ``ValueError``) with every problem, field by field.
+    """
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    items = overrides.items() if isinstance(overrides, Mapping) else \
+        [parse_override(o) for o in overrides]
+    for key, value in items:
+        apply_override(data, key.split(".") if isinstance(key, str) else list(key), value)
+    return validate_config(data, base_dir, source)

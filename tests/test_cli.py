@@ -1,0 +1,126 @@
+"""The ``recon`` command line: wiring (flows faked), errors, and one real run end to end on
+Prefect's embedded API in a subprocess (the default a user gets)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_pipelines import write_dataset, write_prior  # shared tiny data + prior helpers
+from typer.testing import CliRunner
+
+from recon import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    manifest = write_dataset(root)
+    ckpt, prior_cfg = write_prior(root)
+    return [f"work_dir={root / 'work'}", f"data.manifest={manifest}",
+            f"data.data_root={root / 'data'}", "data.materialise=false", "data.image_size=32",
+            "data.volumes=null", "data.max_slices=2", f"prior.checkpoint={ckpt}", f"prior.config={prior_cfg}",
+            "reconstruct.operators=[{name: fourier, guidance: data_consistency}]",
+            "reconstruct.steps=2", "reconstruct.n_samples=2", "reconstruct.num_threads=1",
+            "reconstruct.device=cpu", "tracking.experiment=cli"]
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def test_help_lists_every_command():
+    out = runner.invoke(cli.app, ["--help"])
+    assert out.exit_code == 0
+    for name in ("data", "train", "reconstruct", "compare", "pipeline", "schedule", "config"):
+        assert name in out.output
+
+
+def test_config_resolves_names_and_overrides():
+    out = runner.invoke(cli.app, ["config", "demo", "--set", "reconstruct.steps=5"])
+    assert out.exit_code == 0, out.output
+    assert "steps: 5" in out.output and "name: demo" in out.output
+    assert cli.config_path("demo") == ROOT / "configs" / "demo.yaml"
+
+
+def test_invalid_config_exits_2_and_records_a_failed_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = runner.invoke(cli.app, ["reconstruct", "demo", "--set", f"work_dir={tmp_path}",
+                                  "--set", "reconstruct.integrator=rk4"])
+    assert out.exit_code == 2
+    assert "unknown integrator 'rk4'" in out.output and "euler" in out.output
+    from pipelines import tracking
+    from recon.config import load_config
+
+    cfg = load_config(None, [f"work_dir={tmp_path}", "tracking.experiment=recon-demo"])
+    c = tracking.client(cfg)
+    runs = c.search_runs([tracking.experiment_id(cfg)])
+    assert runs and runs[0].info.status == "FAILED" and "rk4" in runs[0].data.tags["error"]
+
+
+def test_pipeline_command_prints_tables_margins_and_where(tmp_path, monkeypatch):
+    import pipelines.flows as flows
+
+    seen = {}
+
+    def fake_pipeline(config, overrides=None):
+        seen["config"] = config
+        return {"run_id": "x", "rows": [
+            {"volume": "v", "operator": "fourier", "guidance": "data_consistency",
+             "integrator": "heun", "steps": 2, "nfe": 5, "slices": 2, "psnr": 30.0,
+             "psnr_naive": 25.0, "gain_db": 5.0, "ssim": 0.9, "ssim_naive": 0.8, "seconds": 1.0,
+             "slices_per_s": 2.0}]}
+
+    monkeypatch.setattr(flows, "pipeline", fake_pipeline)
+    out = runner.invoke(cli.app, ["pipeline", "demo", "--set", f"work_dir={tmp_path}",
+                                  "--set", "reconstruct.steps=2"])
+    assert out.exit_code == 0, out.output
+    assert seen["config"]["reconstruct"]["steps"] == 2
+    assert "PSNR recon" in out.output and "+5.00 dB" in out.output
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out.output.replace("\n", "")
+
+
+def test_failed_flow_exits_1_with_the_reason(tmp_path, monkeypatch):
+    import pipelines.flows as flows
+
+    def broken(config, overrides=None):
+        raise ValueError("checkpoint does not match")
+
+    monkeypatch.setattr(flows, "compare_integrators", broken)
+    out = runner.invoke(cli.app, ["compare", "demo", "--set", f"work_dir={tmp_path}"])
+    assert out.exit_code == 1 and "checkpoint does not match" in out.output
+
+
+def _clean_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "MLFLOW_", "RECON_"))}
+    env.update(PYTHONUNBUFFERED="1", COLUMNS="160")
+    return env
+
+
+def test_schedule_without_server_says_how(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "recon.cli", "schedule", "demo", "--set",
+                          f"work_dir={tmp_path}"], cwd=ROOT, env=_clean_env(tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "prefect server start" in out.stdout and "PREFECT_API_URL" in out.stdout
+
+
+@pytest.mark.slow
+def test_reconstruct_end_to_end_on_the_embedded_api(tmp_path):
+    """The default a user gets: no PREFECT_API_URL -> embedded API with PREFECT_HOME inside the
+    work dir, MLflow in <work_dir>/mlflow.db, a readable table and where to look."""
+    overrides = tiny_overrides(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "recon.cli", "reconstruct", "demo", *sets(overrides)],
+                         cwd=ROOT, env=_clean_env(tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    work = tmp_path / "work"
+    assert (work / "prefect").is_dir() and (work / "mlflow.db").is_file()
+    assert "PSNR recon" in out.stdout and "fourier" in out.stdout
+    assert "mlflow ui --backend-store-uri" in out.stdout
+    assert list((work / "runs").rglob("recon.nii.gz"))

@@ -1,0 +1,333 @@
+"""Orchestration and tracking: tasks through ``.fn`` (fast), then real flows under
+``prefect_test_harness`` with a temporary MLflow sqlite store.
+
+Everything runs on a synthetic NIfTI 'head' (tiny manifest in tmp), a tiny untrained prior
+(32 x 32 slices, channels (16, 16)) and 2-4 integration steps, so the whole module stays well
+under a minute of compute on 2 shared cores (plus the harness' start-up).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+# Prefect reads its settings when first imported: keep its home out of the repository.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="recon-test-prefect-")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RECON_WORK_DIR", str(Path(_PREFECT_HOME) / "work"))
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from pipelines import tasks, tracking  # noqa: E402
+from pipelines.figures import psnr_vs_nfe, volume_figure  # noqa: E402
+from recon.config import ConfigError, load_config  # noqa: E402
+from recon.network import (  # noqa: E402
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    build_diffusion,
+    build_network,
+)
+
+SIZE = 32
+TINY_NET = {"channels": [16, 16], "attention_levels": [False, False], "norm_num_groups": 8,
+            "num_head_channels": 16}
+
+
+# -- fixtures: data, prior, config ----------------------------------------------------------------
+def head(shape=(28, 32, 8), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1.25, 1.25, n) for n in shape], indexing="ij")
+    r = grids[0] ** 2 + grids[1] ** 2 + 0.3 * grids[2] ** 2
+    img = (r < 1.0) * (100 + 40 * np.sin(4 * grids[0]) * np.cos(3 * grids[1])
+                       + 5 * rng.standard_normal(shape))
+    return np.clip(img, 0, None).astype(np.float32)
+
+
+def write_dataset(root: Path, corrupt: bool = False) -> Path:
+    """A manifest with one train and one test volume under ``root/data``."""
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for vid, split, seed in (("train_head", "train", 1), ("test_head", "test", 2)):
+        path = data / f"{vid}.nii.gz"
+        affine = np.array([[2.0, 0, 0, -30], [0, 2.0, 0, -34], [0, 0, 3.0, -12], [0, 0, 0, 1]])
+        nib.save(nib.Nifti1Image(head(seed=seed), affine), path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if corrupt and split == "test":
+            digest = "0" * 64
+        entries.append({"id": vid, "path": path.name, "sha256": digest, "subject": vid,
+                        "split": split, "modality": "T1w"})
+    manifest = root / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump({"name": "synthetic", "volumes": entries}))
+    return manifest
+
+
+def write_prior(root: Path, seed: int = 0, channels=(16, 16)) -> tuple[Path, Path]:
+    """A tiny untrained prior checkpoint (state dict + config) and its config YAML."""
+    from recon.training import PriorConfig
+
+    net = {**TINY_NET, "channels": list(channels)}
+    cfg = PriorConfig.model_validate({"network": net, "data": {"image_size": SIZE}})
+    config = root / f"prior_{'_'.join(map(str, channels))}.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    torch.manual_seed(seed)
+    state = build_network(cfg.network, build_diffusion(cfg.diffusion)).state_dict()
+    ckpt = root / f"prior_{'_'.join(map(str, channels))}.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "kind": "prior", "config": cfg.model_dump(mode="json"),
+                "step": 0, "ema": state}, ckpt)
+    return ckpt, config
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    manifest = write_dataset(root)
+    ckpt, prior_cfg = write_prior(root)
+    overrides = [
+        f"work_dir={root / 'work'}", f"data.manifest={manifest}", f"data.data_root={root / 'data'}",
+        "data.materialise=false", f"data.image_size={SIZE}", "data.max_slices=2",
+        f"prior.checkpoint={ckpt}", f"prior.config={prior_cfg}",
+        "reconstruct.operators=[{name: mask, params: {keep: 0.5}, guidance: data_consistency}, "
+        "{name: fourier, params: {acceleration: 4, center_fraction: 0.08}, guidance: data_consistency}]",
+        "reconstruct.steps=3", "reconstruct.n_samples=2", "reconstruct.batch_size=1",
+        "reconstruct.num_threads=1", "reconstruct.progress=false", "reconstruct.device=cpu",
+        "compare.integrators=[euler, ddim]", "compare.steps=[2, 3]", "compare.operator=fourier",
+        "tracking.experiment=test",
+    ]
+    return {"root": root, "manifest": manifest, "checkpoint": ckpt, "prior_config": prior_cfg,
+            "overrides": overrides, "config": load_config(None, overrides)}
+
+
+@pytest.fixture(scope="session")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def mlflow_client(cfg):
+    return tracking.client(cfg)
+
+
+def runs_by_name(cfg, name: str):
+    c = mlflow_client(cfg)
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{name}'",
+                         order_by=["attributes.start_time DESC"])
+
+
+def artifact_paths(cfg, run_id: str, path: str | None = None) -> list[str]:
+    c = mlflow_client(cfg)
+    out = []
+    for f in c.list_artifacts(run_id, path):
+        out += artifact_paths(cfg, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+# -- unit: tracking, cache policy, figures (no Prefect server) ------------------------------------
+def test_tracking_sqlite_store_explicit_artifacts_and_failed_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, [f"work_dir={tmp_path / 'w'}", "tracking.experiment=unit"])
+    assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}"
+    with tracking.run_context(cfg, "ok") as run:
+        run.log_metrics({"a": 1.0})
+        run.log_series("s", [1.0, 2.0, 3.0])
+        run.log_table([{"x": 1, "y": 2.5}], "table.json")
+    c = tracking.client(cfg)
+    exp = c.get_experiment_by_name("unit")
+    assert exp.artifact_location == (tmp_path / "w" / "mlartifacts" / "unit").as_uri()
+    info = c.get_run(run.run_id)
+    assert info.info.status == "FINISHED" and info.data.params["reconstruct.steps"] == "32"
+    assert [m.step for m in c.get_metric_history(run.run_id, "s")] == [0, 1, 2]
+    assert set(artifact_paths(cfg, run.run_id)) == {"config/resolved.yaml", "table.json", "table.csv"}
+
+    with pytest.raises(RuntimeError, match="boom"), tracking.run_context(cfg, "bad", run.run_id):
+        raise RuntimeError("boom")
+    bad = tracking.child_runs(cfg, run.run_id)
+    assert len(bad) == 1 and bad[0].info.status == "FAILED"
+    assert bad[0].data.tags["error"] == "RuntimeError: boom"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")
+    with pytest.raises(ValueError, match="file stores are refused"):
+        tracking.tracking_uri(cfg)
+
+
+def test_file_contents_cache_key_follows_file_bytes(tmp_path):
+    f = tmp_path / "ckpt.pt"
+    f.write_bytes(b"one")
+    policy = tasks.FileContents(exclude=["out_dir"])
+    k1 = policy.compute_key(None, {"prior": {"checkpoint": str(f)}, "out_dir": str(tmp_path)}, {})
+    assert k1 == policy.compute_key(None, {"prior": {"checkpoint": str(f)}}, {})
+    f.write_bytes(b"two")
+    os.utime(f, ns=(1, 1))
+    assert policy.compute_key(None, {"prior": {"checkpoint": str(f)}}, {}) != k1
+    assert policy.compute_key(None, {"x": 3, "y": "relative/path"}, {}) is None
+
+
+def test_figures_are_built_without_a_display():
+    rng = np.random.default_rng(0)
+    a = rng.random((5, 16, 16))
+    fig = volume_figure(a, a * 0.5, a * 0.9, a * 0.1, "t", psnr={"naive": [1.0] * 5, "recon": [2.0] * 5})
+    assert len(fig.axes) == 3 * 5
+    fig = psnr_vs_nfe([{"integrator": "euler", "nfe": 5, "psnr": 20.0, "naive_psnr": 15.0},
+                       {"integrator": "euler", "nfe": 9, "psnr": 22.0, "naive_psnr": 15.0}])
+    assert fig.axes[0].get_xlabel().startswith("network evaluations")
+
+
+def test_tasks_fn_prepare_reconstruct_evaluate(workspace, tmp_path):
+    cfg = workspace["config"]
+    vols = tasks.list_volumes.fn(str(cfg.data.manifest), str(cfg.data.data_root), "test")
+    assert [v["id"] for v in vols] == ["test_head"]
+    prepared = tasks.prepare_volume.fn(vols[0], cfg.data.model_dump(mode="json"), str(tmp_path / "cache"))
+    op = cfg.reconstruct.operators[1].model_dump(mode="json")
+    out = tasks.reconstruct_volume.fn(prepared, op, cfg.reconstruct.model_dump(mode="json"),
+                                      cfg.prior.model_dump(mode="json"), str(tmp_path / "out"),
+                                      progress=False)
+    assert out["nfe"] == 3 * 2 + 1 and out["slices"] == 2
+    src, rec = nib.load(vols[0]["path"]), nib.load(out["recon"])
+    assert rec.shape == src.shape and np.allclose(rec.affine, src.affine)
+    assert not list((tmp_path / "out").glob(".*")), "no temporary files left behind"
+    m = tasks.evaluate_volume.fn(out["stacks"])
+    assert len(m["psnr_slices"]) == 2 and np.isfinite(m["psnr_naive"])
+    assert m["gain_db"] == pytest.approx(m["psnr"] - m["psnr_naive"])
+
+
+def test_bad_manifest_volume_is_named(workspace, tmp_path):
+    manifest = write_dataset(tmp_path, corrupt=True)
+    from recon.data.manifest import DataError
+
+    with pytest.raises(DataError, match="test_head.*checksum mismatch"):
+        tasks.list_volumes.fn(str(manifest), str(tmp_path / "data"), "test")
+    with pytest.raises(DataError, match=r"\['nope'\] are not in split 'test'.*valid ids: test_head"):
+        tasks.list_volumes.fn(str(manifest), str(tmp_path / "data"), "test", ids=["nope"])
+
+
+# -- integration: real flows on the test harness --------------------------------------------------
+def test_pipeline_runs_nested_mlflow_runs_with_metrics_and_artifacts(workspace, harness):
+    from pipelines.flows import pipeline
+
+    cfg = workspace["config"]
+    out = pipeline(cfg.to_dict())
+    c = mlflow_client(cfg)
+    parent = c.get_run(out["run_id"])
+    assert parent.info.status == "FINISHED"
+    children = {r.data.tags["mlflow.runName"]: r for r in tracking.child_runs(cfg, out["run_id"])}
+    assert set(children) == {"load_data", "train_prior", "reconstruct", "evaluate"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    assert parent.data.params["reconstruct.steps"] == "3"
+    for op in ("mask", "fourier"):
+        assert f"psnr/{op}" in parent.data.metrics and f"gain_db/{op}" in parent.data.metrics
+
+    ev = children["evaluate"]
+    for key in ("psnr", "ssim", "psnr_naive", "ssim_naive", "gain_db"):
+        assert f"{key}/fourier/test_head" in ev.data.metrics
+    assert len(c.get_metric_history(ev.info.run_id, "psnr_slice/fourier/test_head")) == 2
+    assert {"figures/test_head_mask.png", "figures/test_head_fourier.png", "summary.json",
+            "summary.csv"} <= set(artifact_paths(cfg, ev.info.run_id))
+
+    rec = children["reconstruct"]
+    assert rec.data.metrics["nfe"] == 7 and rec.data.metrics["slices_per_s"] > 0
+    arts = set(artifact_paths(cfg, rec.info.run_id))
+    assert {f"nifti/test_head/{op}/{f}" for op in ("mask", "fourier")
+            for f in ("recon.nii.gz", "naive.nii.gz", "std.nii.gz", "slices.npz")} <= arts
+    local = Path(c.download_artifacts(rec.info.run_id, "nifti/test_head/fourier/recon.nii.gz",
+                                      str(workspace["root"] / "dl")))
+    src = nib.load(workspace["root"] / "data" / "test_head.nii.gz")
+    assert np.allclose(nib.load(local).affine, src.affine) and nib.load(local).shape == src.shape
+
+    train = children["train_prior"]
+    assert "checkpoints/" + workspace["checkpoint"].name in artifact_paths(cfg, train.info.run_id)
+    assert train.data.tags["train.trained"] == "False"
+    assert "config/resolved.yaml" in artifact_paths(cfg, out["run_id"])
+    assert [r["operator"] for r in out["rows"]] == ["mask", "fourier"]
+
+
+def test_reconstruct_is_cached_across_runs(workspace, harness):
+    from pipelines.flows import reconstruct
+
+    cfg = workspace["config"]
+    first = reconstruct(cfg.to_dict())
+    second = reconstruct(cfg.to_dict())
+    assert [o["recon"] for o in second["outputs"]] == [o["recon"] for o in first["outputs"]]
+    # a deleted output is recomputed, not returned stale from the cache
+    Path(first["outputs"][0]["recon"]).unlink()
+    third = reconstruct(cfg.to_dict())
+    assert all(Path(o["recon"]).exists() for o in third["outputs"])
+    assert third["outputs"][0]["recon"] != first["outputs"][0]["recon"]
+
+
+def test_compare_integrators_parent_and_children(workspace, harness):
+    from pipelines.flows import compare_integrators
+
+    cfg = workspace["config"]
+    out = compare_integrators(cfg.to_dict())
+    nested = tracking.child_runs(cfg, out["run_id"])
+    assert [r.data.tags["mlflow.runName"] for r in nested].count("load_data") == 1
+    children = [r for r in nested if "compare.integrator" in r.data.tags]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert sorted(r.info.run_id for r in children) == sorted(out["children"])
+    labels = {(r.data.tags["compare.integrator"], r.data.tags["compare.steps"]) for r in children}
+    assert labels == {("euler", "2"), ("euler", "3"), ("ddim", "2"), ("ddim", "3")}
+    nfe = {r.data.tags["compare.integrator"] + r.data.tags["compare.steps"]: r.data.metrics["nfe"]
+           for r in children}
+    assert nfe == {"euler2": 3, "euler3": 4, "ddim2": 3, "ddim3": 4}
+    # same data, seed and measurement: the naive baseline is identical in every child
+    assert len({round(r.data.metrics["psnr_naive"], 9) for r in children}) == 1
+    assert {"comparison.json", "comparison.csv", "psnr_vs_nfe.png"} <= set(
+        artifact_paths(cfg, out["run_id"]))
+    table = json.loads(Path(mlflow_client(cfg).download_artifacts(
+        out["run_id"], "comparison.json", str(workspace["root"] / "dl2"))).read_text())
+    assert table["columns"][:6] == ["integrator", "steps", "nfe", "psnr", "ssim", "seconds"]
+
+
+def test_bad_inputs_fail_early_with_failed_runs(workspace, harness, tmp_path):
+    from pipelines.flows import load_data, reconstruct
+
+    cfg = workspace["config"]
+    # a checkpoint that does not match the configured network
+    other_ckpt, _ = write_prior(tmp_path, channels=(16, 32))
+    before = {p for p in (Path(cfg.work_dir) / "runs").rglob("*.nii.gz")}
+    with pytest.raises(CheckpointError, match="do not match the network config"):
+        reconstruct(cfg.to_dict(), overrides=[f"prior.checkpoint={other_ckpt}"])
+    run = runs_by_name(cfg, "reconstruct")[0]
+    assert run.info.status == "FAILED" and "do not match" in run.data.tags["error"]
+    assert {p for p in (Path(cfg.work_dir) / "runs").rglob("*.nii.gz")} == before
+
+    # a manifest whose test volume is corrupt
+    bad_manifest = write_dataset(tmp_path, corrupt=True)
+    with pytest.raises(Exception, match="checksum mismatch"):
+        load_data(cfg.to_dict(), overrides=[f"data.manifest={bad_manifest}",
+                                            f"data.data_root={tmp_path / 'data'}"])
+    run = runs_by_name(cfg, "load_data")[0]
+    assert run.info.status == "FAILED" and "test_head" in run.data.tags["error"]
+
+    # an invalid config value and an unknown integrator name
+    with pytest.raises(ConfigError, match="unknown integrator 'rk4'"):
+        reconstruct(cfg.to_dict(), overrides=["reconstruct.integrator=rk4"])
+    run = runs_by_name(cfg, "reconstruct")[0]
+    assert run.info.status == "FAILED" and "rk4" in run.data.tags["error"]
+
+
+def test_train_prior_trains_exports_and_caches(workspace, harness):
+    from pipelines.flows import train_prior
+    from recon.reconstruction import load_network
+
+    cfg = workspace["config"]
+    overrides = ["train.enabled=true", "train.steps=2", "train.batch_size=2"]
+    first = train_prior(cfg.to_dict(), overrides=overrides)
+    assert first["trained"] and Path(first["checkpoint"]).is_file()
+    load_network({**cfg.prior.model_dump(mode="json"), "checkpoint": first["checkpoint"]}, "cpu")
+    run = mlflow_client(cfg).get_run(first["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["train.trained"] == "True"
+    assert "checkpoints/prior.pt" in artifact_paths(cfg, first["run_id"])
+    again = train_prior(cfg.to_dict(), overrides=overrides)  # cached: same exported weights
+    assert again["checkpoint"] == first["checkpoint"]

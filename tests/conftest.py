@@ -4,17 +4,13 @@ import pytest
 import torch
 
 from recon.analytic import GaussianMixture
+from recon.demo import demo_mixture
 
 
 @pytest.fixture(scope="session")
 def mixture_2d() -> GaussianMixture:
     """Three well-separated 2-D components with unequal weights and correlated covariances."""
-    return GaussianMixture(
-        torch.tensor([0.2, 0.5, 0.3]),
-        torch.tensor([[-2.5, 0.0], [2.0, 1.5], [0.5, -2.5]]),
-        torch.stack([0.25 * torch.eye(2), torch.tensor([[0.4, 0.15], [0.15, 0.2]]),
-                     torch.tensor([[0.2, -0.1], [-0.1, 0.3]])]),
-    )
+    return demo_mixture()
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from torch import nn
 from recon.denoiser import Denoiser
 from recon.diffusion import VPLinear
 from recon.integrator import INTEGRATORS, DDIMIntegrator
+from recon.network import resolve_device
 from recon.timer import LinearTimer
 
 
@@ -58,8 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     net = SmallConvNet().to(device).eval()

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from recon.denoiser import Denoiser, Network
 from recon.diffusion import DiffusionModel
-from recon.guidance import Guidance, make_guidance
+from recon.guidance import Guidance, make_guidance, real_adjoint
 from recon.integrator import Integrator
 from recon.timer import Timer
 
@@ -107,8 +107,7 @@ class CondDenoiser(Denoiser):
             raise ValueError("y must be a non-empty batch (B, ...) of finite values")
         start = time.perf_counter()
         with torch.no_grad():
-            x_like = self.operator.adjoint(y)
-        x_like = x_like.real if x_like.is_complex() else x_like
+            x_like = real_adjoint(self.operator, y)
         batch, x_shape = y.shape[0], tuple(x_like.shape[1:])
         if x_like.shape[0] != batch:
             raise ValueError(f"operator.adjoint mapped a batch of {batch} measurements to shape "

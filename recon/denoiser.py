@@ -10,7 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from recon.diffusion import DiffusionModel
-from recon.integrator import EpsFn, Integrator
+from recon.integrator import EpsFn, Integrator, scales
 from recon.timer import Timer
 
 Network = Callable[[Tensor, Tensor], Tensor]
@@ -92,7 +92,7 @@ class Denoiser:
                 if path is not None:
                     path.append(x)
             t_min = times[-1]
-            sigma, s = float(self.diffusion.sigma(self.times[-1:])), float(self.diffusion.s(self.times[-1:]))
+            s, sigma = scales(self.diffusion, t_min)
             x0 = (x - sigma * eps_fn(x, t_min)) / s
         if path is not None:
             return x0, torch.stack(path)

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 
-def _batch_view(t: Tensor, x: Tensor) -> Tensor:
-    """Reshape a per-sample time-dependent coefficient (B,) or () to broadcast over x."""
+def batch_view(t: Tensor, x: Tensor) -> Tensor:
+    """A per-sample coefficient (B,) or scalar, in x's dtype and device, shaped to broadcast
+    over ``x`` (B, ...)."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t.ndim == 0:
         return t
@@ -68,23 +69,23 @@ class DiffusionModel(ABC):
         """``x_t = s(t) x0 + sigma(t) eps`` (eps drawn if not given)."""
         if eps is None:
             eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        return _batch_view(self.s(t), x0) * x0 + _batch_view(self.sigma(t), x0) * eps
+        return batch_view(self.s(t), x0) * x0 + batch_view(self.sigma(t), x0) * eps
 
     def eps_to_x0(self, x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Tweedie: ``x0_hat = (x_t - sigma eps) / s``."""
-        return (x_t - _batch_view(self.sigma(t), x_t) * eps) / _batch_view(self.s(t), x_t)
+        return (x_t - batch_view(self.sigma(t), x_t) * eps) / batch_view(self.s(t), x_t)
 
     def x0_to_eps(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
         """``eps = (x_t - s x0) / sigma``."""
-        return (x_t - _batch_view(self.s(t), x_t) * x0) / _batch_view(self.sigma(t), x_t)
+        return (x_t - batch_view(self.s(t), x_t) * x0) / batch_view(self.sigma(t), x_t)
 
     def eps_to_score(self, eps: Tensor, t: Tensor) -> Tensor:
         """``grad log p_t = -eps / sigma``."""
-        return -eps / _batch_view(self.sigma(t), eps)
+        return -eps / batch_view(self.sigma(t), eps)
 
     def score_to_eps(self, score: Tensor, t: Tensor) -> Tensor:
         """``eps = -sigma grad log p_t``."""
-        return -_batch_view(self.sigma(t), score) * score
+        return -batch_view(self.sigma(t), score) * score
 
     def check_time(self, t_min: float, t_max: float) -> None:
         """Raise if ``[t_min, t_max]`` is not a valid sampling interval for this model."""

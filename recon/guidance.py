@@ -31,18 +31,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from recon.diffusion import DiffusionModel
-
-EpsFn = Callable[[Tensor, float], Tensor]
+from recon.diffusion import DiffusionModel, batch_view
+from recon.integrator import EpsFn, scales
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def scales(diffusion: DiffusionModel, t: float) -> tuple[float, float]:
-    """``(s(t), sigma(t))`` as Python floats."""
-    tt = torch.tensor(t, dtype=torch.float64)
-    return float(diffusion.s(tt)), float(diffusion.sigma(tt))
-
-
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample real inner product ``Re sum(conj(a) b)`` over all but the first dimension."""
     prod = torch.conj(a) * b
@@ -55,11 +48,6 @@ def noise_variance(operator, y: Tensor) -> float:
     """Noise variance per real component of y: ``sigma_y^2``, or ``sigma_y^2 / 2`` if complex."""
     var = float(operator.sigma_y) ** 2
     return 0.5 * var if y.is_complex() else var
-
-
-def _bview(c: Tensor, x: Tensor) -> Tensor:
-    """Broadcast a per-sample coefficient (B,) over ``x`` (B, ...)."""
-    return c.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def real_adjoint(operator, v: Tensor) -> Tensor:
@@ -84,11 +72,11 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int
         mp = matvec(p)
         pmp = batch_dot(p, mp)
         alpha = torch.where(pmp > 0, rs / torch.where(pmp > 0, pmp, 1.0), 0.0)
-        w = w + _bview(alpha, p) * p
-        r = r - _bview(alpha, mp) * mp
+        w = w + batch_view(alpha, p) * p
+        r = r - batch_view(alpha, mp) * mp
         rs_new = batch_dot(r, r)
         beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
-        p = r + _bview(beta, p) * p
+        p = r + batch_view(beta, p) * p
         rs = rs_new
     return w
 

@@ -23,8 +23,14 @@ from recon.diffusion import DiffusionModel
 EpsFn = Callable[[Tensor, float], Tensor]
 
 
+def scales(diffusion: DiffusionModel, t: float) -> tuple[float, float]:
+    """``(s(t), sigma(t))`` as Python floats (evaluated in float64)."""
+    tt = torch.tensor(t, dtype=torch.float64)
+    return float(diffusion.s(tt)), float(diffusion.sigma(tt))
+
+
 def _coef(diffusion: DiffusionModel, t: float) -> tuple[float, float, float, float]:
-    """``(s, sigma, f, g)`` at time t as Python floats."""
+    """``(s, sigma, f, g)`` at time t as Python floats (evaluated in float64)."""
     tt = torch.tensor(t, dtype=torch.float64)
     return tuple(float(fn(tt)) for fn in (diffusion.s, diffusion.sigma, diffusion.f, diffusion.g))
 
@@ -98,8 +104,8 @@ class DDIMIntegrator(Integrator):
         return f"DDIMIntegrator(eta={self.eta})"
 
     def step(self, diffusion, eps_fn, x, t, t_next, generator=None):
-        s, sigma, _, _ = _coef(diffusion, t)
-        s_n, sigma_n, _, _ = _coef(diffusion, t_next)
+        s, sigma = scales(diffusion, t)
+        s_n, sigma_n = scales(diffusion, t_next)
         eps = eps_fn(x, t)
         x0 = (x - sigma * eps) / s
         c = self.eta * sigma_n * math.sqrt(max(0.0, 1.0 - (s * sigma_n / (s_n * sigma)) ** 2))
@@ -124,9 +130,9 @@ class DPMpp2sIntegrator(Integrator):
         lam, lam_n = diffusion.log_snr(tt).tolist()
         h = lam_n - lam
         t_mid = float(diffusion.t_of_lambda(torch.tensor(lam + 0.5 * h, dtype=torch.float64)))
-        s, sigma, _, _ = _coef(diffusion, t)
-        s_m, sigma_m, _, _ = _coef(diffusion, t_mid)
-        s_n, sigma_n, _, _ = _coef(diffusion, t_next)
+        s, sigma = scales(diffusion, t)
+        s_m, sigma_m = scales(diffusion, t_mid)
+        s_n, sigma_n = scales(diffusion, t_next)
         x0 = (x - sigma * eps_fn(x, t)) / s
         u = (sigma_m / sigma) * x - s_m * math.expm1(-0.5 * h) * x0
         x0_mid = (u - sigma_m * eps_fn(u, t_mid)) / s_m

@@ -33,7 +33,6 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from recon.data.nifti import atomic_path
 from recon.diffusion import DiffusionModel
 from recon.network import (
     CHECKPOINT_FORMAT,
@@ -153,23 +153,15 @@ def load_prior_config(path: str | Path) -> PriorConfig:
 
 # -- helpers -----------------------------------------------------------------------------------
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in ``path``'s folder, fsync, then ``os.replace``.
+    """``torch.save`` to a temporary file in ``path``'s folder, fsync, then ``os.replace``
+    (``recon.data.nifti.atomic_path``).
 
     A failure at any point leaves ``path`` as it was (absent or the previous version) and no
     temporary file behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
     return path
 
 
@@ -572,13 +564,8 @@ def save_heldout_slices(slices: Tensor, path: str | Path, n: int = 48,
     idx = torch.linspace(0, len(slices) - 1, min(n, len(slices))).round().long().unique()
     arr = stack_items(slices, idx).numpy().astype(np.float16)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:  # np.savez adds .npz to other names
         np.savez_compressed(tmp, slices=arr, indices=idx.numpy(), source=np.array(source))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

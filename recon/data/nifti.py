@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,20 @@ def nifti_suffix(path: str | Path) -> str:
     raise ValueError(f"{path}: expected a .nii or .nii.gz file name")
 
 
+def _new_temp_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create a new empty file ``folder/prefix<random>suffix``, like ``tempfile.mkstemp`` but with
+    the permissions ``open()`` gives (``0o666`` less the umask) rather than ``0o600``, so the file
+    renamed into place looks like one written directly."""
+    for _ in range(tempfile.TMP_MAX):
+        tmp = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary file name {prefix}*{suffix} in {folder}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder (ending in ``suffix``, e.g. ``.nii.gz`` for
@@ -40,10 +55,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     any exception remove it and leave ``path`` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                    suffix=f".tmp{suffix or ''}")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temp_file(path.parent, f".{path.name}.", f".tmp{suffix or ''}")
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

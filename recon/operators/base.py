@@ -55,6 +55,14 @@ def _shape(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
+def _check_fraction(value: float, name: str) -> float:
+    """``float(value)``, or ValueError unless it lies in [0, 1]."""
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value
+
+
 class Operator(nn.Module, ABC):
     r"""A linear measurement operator ``A`` with noise level ``sigma_y``: ``y = A x + sigma_y n``.
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from recon.operators.base import (
     Operator,
     Seed,
+    _check_fraction,
     _shape,
     as_generator,
     binary_mask,
@@ -53,9 +54,7 @@ def _check_acceleration(acceleration: float, center_fraction: float) -> tuple[fl
     acceleration, center_fraction = float(acceleration), float(center_fraction)
     if not (math.isfinite(acceleration) and acceleration >= 1.0):
         raise ValueError(f"acceleration must be a finite number >= 1, got {acceleration}")
-    if not 0.0 <= center_fraction <= 1.0:
-        raise ValueError(f"center_fraction must lie in [0, 1], got {center_fraction}")
-    return acceleration, center_fraction
+    return acceleration, _check_fraction(center_fraction, "center_fraction")
 
 
 def _check_2d(shape: Sequence[int]) -> tuple[int, int]:

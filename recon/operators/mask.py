@@ -16,18 +16,12 @@ from torch import Tensor
 from recon.operators.base import (
     Operator,
     Seed,
+    _check_fraction,
     _shape,
     as_generator,
     binary_mask,
     check_trailing_shape,
 )
-
-
-def _check_fraction(value: float, name: str) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return value
 
 
 def _check_mask_shape(shape: Sequence[int]) -> tuple[int, ...]:

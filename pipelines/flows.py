@@ -24,7 +24,15 @@ from prefect.runtime import flow_run
 import pipelines  # noqa: F401  (Prefect settings before anything else)
 from pipelines import tasks
 from pipelines.tracking import Run, fallback_config, run_context, run_failed, tracking_uri
-from recon.config import Config, ConfigError, IntegratorConfig, load_config, validate_config
+from recon.config import (
+    Config,
+    ConfigError,
+    IntegratorConfig,
+    apply_override,
+    load_config,
+    parse_override,
+    validate_config,
+)
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -32,18 +40,13 @@ DEFAULT_CONFIG = "configs/default.yaml"
 # -- helpers ------------------------------------------------------------------------------------
 def resolve(config: str | Mapping[str, Any] | Config, overrides: list[str] | None = None) -> Config:
     """A validated ``Config`` from a path, a dict (paths already absolute) or a ``Config``."""
-    if isinstance(config, Config):
-        cfg = config
-        return _override(cfg, overrides) if overrides else cfg
-    if isinstance(config, Mapping):
-        cfg = validate_config(config)
-        return _override(cfg, overrides) if overrides else cfg
-    return load_config(config, overrides or [])
+    if not isinstance(config, Config | Mapping):
+        return load_config(config, overrides or [])
+    cfg = config if isinstance(config, Config) else validate_config(config)
+    return _override(cfg, overrides) if overrides else cfg
 
 
 def _override(cfg: Config, overrides: list[str]) -> Config:
-    from recon.config import apply_override, parse_override
-
     data = cfg.to_dict()
     for o in overrides:
         apply_override(data, *parse_override(o))
@@ -145,7 +148,7 @@ def train_prior(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[s
     """Train the prior, or use the shipped checkpoint when ``train.enabled`` is false or the
     checkpoint already holds weights trained with this config. Returns ``{"run_id",
     "checkpoint", "trained"}``; the checkpoint (a state dict + config) is logged as an artefact."""
-    from recon.reconstruction import checkpoint_matches, load_network, training_config
+    from recon.reconstruction import checkpoint_matches, training_config
 
     cfg = start(config, overrides, "train_prior", parent_run_id)
     with run_context(cfg, "train_prior", parent_run_id, tags=_tags("train_prior")) as run:
@@ -172,8 +175,7 @@ def train_prior(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[s
                 reason = f"trained {result['step']} steps"
                 run.log_metrics({k: result[k] for k in ("train_loss", "val_loss", "seconds")
                                  if result.get(k) is not None})
-        # the checkpoint must fit the configured network before anyone computes with it
-        load_network({**prior, "checkpoint": checkpoint}, "cpu")
+        _preflight(cfg, checkpoint)  # the checkpoint must fit the configured network
         print(f"prior: {checkpoint} ({reason})")
         run.set_tags({"train.trained": trained, "train.reason": reason, "prior.checkpoint": checkpoint,
                       "prior.sha256": tasks.file_digest(checkpoint)})

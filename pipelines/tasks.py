@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 
-from pipelines.tracking import Run, atomic_write_text
+from pipelines.tracking import Run
 
 # -- cache policy -------------------------------------------------------------------------------
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -179,13 +178,14 @@ def reconstruct_volume(prepared: str, operator: dict, settings: dict, prior: dic
 def evaluate_volume(stacks: str) -> dict:
     """PSNR/SSIM per slice and per volume for the reconstruction and the naive baseline (from
     the ``slices.npz`` of ``reconstruct-volume``); also written next to it as ``metrics.json``."""
+    from recon.data.nifti import atomic_write_bytes
     from recon.reconstruction import evaluate_stacks, read_stacks
 
     s = read_stacks(stacks)
     metrics = evaluate_stacks(s["truth"], s["naive"], s["recon"])
     metrics["indices"] = [int(i) for i in s["indices"]]
-    path = Path(stacks).parent / "metrics.json"
-    atomic_write_text(path, json.dumps(metrics, indent=1))
+    path = atomic_write_bytes(Path(stacks).parent / "metrics.json",
+                              json.dumps(metrics, indent=1).encode())
     return {**metrics, "metrics": str(path)}
 
 
@@ -217,7 +217,3 @@ def log_volume_figure(tracking_uri: str, run_id: str, stacks: str, metrics: dict
                         labels=[int(i) for i in s["indices"]])
     Run(tracking_uri, run_id).log_figure(fig, artifact_file)
     return artifact_file
-
-
-def now() -> float:
-    return time.perf_counter()

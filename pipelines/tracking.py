@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import traceback
 import warnings
@@ -145,9 +144,6 @@ class Run:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, dict(data), artifact_file)
-
     def log_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
         """Rows of dicts as an MLflow table (JSON, shown in the UI) plus a CSV copy."""
         if not rows:
@@ -267,18 +263,3 @@ def child_runs(cfg: Config, parent_run_id: str) -> list:
     runs = c.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
                          order_by=["attributes.start_time ASC"], max_results=1000)
     return list(runs)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write to a temp file in the same directory, then rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -48,21 +48,33 @@ def config_path(config: str) -> Path:
     return p
 
 
-def prepare(config: str, overrides: list[str] | None, verbose: bool = False):
-    """Validate the config (exit 2 with the reasons if invalid) and set up Prefect's settings
-    for its work dir *before* Prefect is imported."""
+def load(config: str, overrides: list[str] | None, record: bool = False):
+    """The validated config, or exit 2 with the reasons (``record``: also leave a FAILED
+    MLflow run saying why)."""
     from recon.config import ConfigError, load_config
 
     try:
-        cfg = load_config(config_path(config), overrides or [])
+        return load_config(config_path(config), overrides or [])
     except ConfigError as err:
         console.print(f"[bold red]invalid configuration[/]\n{err}", highlight=False)
-        _record_config_failure(config, overrides, err)
+        if record:
+            _record_config_failure(config, overrides, err)
         raise typer.Exit(2) from None
+
+
+def prepare(config: str, overrides: list[str] | None, verbose: bool = False):
+    """Validate the config (exit 2 with the reasons if invalid) and set up Prefect's settings
+    for its work dir *before* Prefect is imported."""
+    cfg = load(config, overrides, record=True)
+    setup_prefect(cfg, verbose)
+    return cfg
+
+
+def setup_prefect(cfg, verbose: bool = False) -> None:
+    """Quiet Prefect's INFO logs unless ``verbose``; its state under ``cfg.work_dir``."""
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     use_work_dir(cfg.work_dir)
-    return cfg
 
 
 def use_work_dir(work_dir: str | Path) -> None:
@@ -263,14 +275,7 @@ def schedule(config: ConfigArg = "default", overrides: SetOpt = None,
 @app.command("config")
 def show_config(config: ConfigArg = "default", overrides: SetOpt = None) -> None:
     """Print the resolved config (what the flows receive and MLflow logs as params)."""
-    from recon.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(config_path(config), overrides or [])
-    except ConfigError as err:
-        console.print(f"[bold red]invalid configuration[/]\n{err}", highlight=False)
-        raise typer.Exit(2) from None
-    sys.stdout.write(cfg.to_yaml())
+    sys.stdout.write(load(config, overrides).to_yaml())
 
 
 def main() -> None:  # pragma: no cover

@@ -24,9 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from recon.guidance import GUIDANCES
 from recon.integrator import INTEGRATORS
+from recon.reconstruction import OPERATOR_BUILDERS, build_operator
 from recon.timer import TIMERS
 
-OPERATORS = ("mask", "blur", "fourier")
+OPERATORS = tuple(OPERATOR_BUILDERS)
 """Measurement operators a config may name (``recon.reconstruction.build_operator`` maps them)."""
 
 
@@ -119,7 +120,7 @@ class TrainSection(_Section):
 # -- reconstruction ---------------------------------------------------------------------------
 class OperatorConfig(_Section):
     """A measurement operator: ``mask``, ``blur`` or ``fourier`` plus its keyword arguments
-    (e.g. ``{ratio: 0.5}``, ``{sigma: 1.5}``, ``{acceleration: 4, center_fraction: 0.08}``);
+    (e.g. ``{keep: 0.5}``, ``{sigma: 1.5}``, ``{acceleration: 4, center_fraction: 0.08}``);
     ``guidance`` overrides the reconstruction's guidance for this operator."""
 
     name: str
@@ -138,11 +139,8 @@ class OperatorConfig(_Section):
 
     @model_validator(mode="after")
     def _params(self) -> OperatorConfig:
-        from recon.reconstruction import operator_class  # lazy: recon.operators may be absent
-
-        op_cls = operator_class(self.name, missing_ok=True)
-        if op_cls is not None:
-            _check_params("operator", self.name, op_cls, self.params, reserved=("shape", "sigma_y", "seed"))
+        _check_params("operator", self.name, OPERATOR_BUILDERS[self.name], self.params,
+                      reserved=("shape", "sigma_y", "seed"))
         return self
 
 
@@ -320,8 +318,6 @@ class Config(_Section):
         if self.compare.operator is not None and self.compare.operator not in names:
             raise ValueError(f"compare.operator {self.compare.operator!r} is not among "
                              f"reconstruct.operators {names}")
-        from recon.reconstruction import build_operator
-
         size = (self.data.image_size, self.data.image_size)
         for i, op in enumerate(self.reconstruct.operators):
             _try_build(f"reconstruct.operators.{i}: operator", op.name, lambda op=op: build_operator(

@@ -82,7 +82,6 @@ def mixture_table(n_samples: int = 20_000, steps: tuple[int, ...] = (8, 32), see
 
 def pipeline_demo(overrides: list[str] | None = None, config: str = "configs/demo.yaml") -> int:
     """The pipeline demo (see the module docstring); returns the exit status."""
-    import os
     import sys
     from pathlib import Path
 
@@ -98,8 +97,7 @@ def pipeline_demo(overrides: list[str] | None = None, config: str = "configs/dem
     except ConfigError as err:
         console.print(f"[bold red]invalid configuration[/]\n{err}", highlight=False)
         return 2
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    cli.use_work_dir(cfg.work_dir)
+    cli.setup_prefect(cfg)
     from pipelines.flows import compare_integrators, pipeline
     from pipelines.settings import api_url
 

@@ -81,7 +81,7 @@ class Denoiser:
         path = [x] if trajectory else None
         with self._grad_mode():
             steps = range(len(times) - 1)
-            for i in tqdm(steps, desc=type(self.integrator).__name__, disable=not progress,
+            for i in tqdm(steps, desc=type(self.integrator).__name__, disable=None if progress else True,
                           leave=False):
                 x = self.integrator.step(self.diffusion, eps_fn, x, times[i], times[i + 1],
                                          generator)

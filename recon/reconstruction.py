@@ -71,7 +71,7 @@ def build_blur(shape: Sequence[int], sigma: float = 1.5, truncate: float = 4.0, 
     if min(kernel.shape) > min(shape):
         raise ValueError(f"blur kernel {tuple(kernel.shape)} (sigma={sigma}, truncate={truncate}) "
                          f"is larger than the image {tuple(shape)}")
-    op = Blur(kernel, sigma_y=sigma_y)
+    op = Blur(kernel, sigma_y=sigma_y)  # Blur(sigma=...) has no truncate; keep sigma for repr
     op.sigma = float(sigma)
     return op
 
@@ -95,8 +95,7 @@ def build_fourier(shape: Sequence[int], acceleration: float = 4.0, center_fracti
     if coils is not None:
         if isinstance(coils, bool) or not isinstance(coils, int) or coils < 1:
             raise ValueError(f"coils must be a positive integer or null, got {coils!r}")
-        maps = birdcage_maps(shape, coils)
-        maps = maps / maps.abs().square().sum(0, keepdim=True).sqrt().clamp_min(1e-8)
+        maps = birdcage_maps(shape, coils)  # normalised: sum_c |S_c|^2 = 1
     return UndersampledFourier(m, coil_maps=maps, sigma_y=sigma_y, real_output=True)
 
 
@@ -104,21 +103,13 @@ OPERATOR_BUILDERS: dict[str, Callable[..., Operator]] = {
     "mask": build_mask, "blur": build_blur, "fourier": build_fourier}
 
 
-def operator_class(name: str, missing_ok: bool = False) -> Callable[..., Operator] | None:
-    """The builder for operator ``name`` (its keyword arguments are the config's ``params``)."""
-    if name not in OPERATOR_BUILDERS:
-        if missing_ok:
-            return None
-        raise ValueError(f"unknown operator {name!r}; valid operators: {sorted(OPERATOR_BUILDERS)}")
-    return OPERATOR_BUILDERS[name]
-
-
 def build_operator(name: str, params: dict, shape: Sequence[int], sigma_y: float,
                    seed: int = 0) -> Operator:
     """Operator ``name`` for slices of shape ``(H, W)``; masks drawn from ``seed``."""
-    builder = operator_class(name)
+    if name not in OPERATOR_BUILDERS:
+        raise ValueError(f"unknown operator {name!r}; valid operators: {sorted(OPERATOR_BUILDERS)}")
     try:
-        return builder(tuple(int(s) for s in shape), **params, sigma_y=sigma_y, seed=seed)
+        return OPERATOR_BUILDERS[name](tuple(int(s) for s in shape), **params, sigma_y=sigma_y, seed=seed)
     except TypeError as err:
         raise ValueError(f"bad parameters for operator {name!r}: {err}") from err
 
@@ -228,14 +219,6 @@ def batched(volume_slices: Callable[[Sequence[int]], Tensor], indices: Sequence[
         yield chunk, volume_slices(chunk)
 
 
-def central_indices(n: int, max_slices: int | None) -> list[int]:
-    """The ``max_slices`` central indices of ``range(n)`` (all when None)."""
-    if max_slices is None or max_slices >= n:
-        return list(range(n))
-    start = (n - max_slices) // 2
-    return list(range(start, start + max_slices))
-
-
 # -- streaming outputs --------------------------------------------------------------------------
 @dataclass
 class VolumeBuffer:
@@ -273,19 +256,6 @@ class VolumeBuffer:
             a.flush()
         self.arrays = {}
         shutil.rmtree(self._scratch, ignore_errors=True)
-
-
-def atomic_path(final: Path) -> Path:
-    """A temporary sibling of ``final`` to write to before ``os.replace(tmp, final)``.
-    The suffix is kept (``.nii.gz``) so writers pick the right format."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    name = final.name
-    suffix = "".join(final.suffixes)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{name[: len(name) - len(suffix)]}.",
-                               suffix=".tmp" + suffix)
-    os.close(fd)
-    return Path(tmp)
 
 
 # -- volumes in, NIfTI out ----------------------------------------------------------------------
@@ -391,8 +361,7 @@ def write_outputs(buffer: VolumeBuffer, prepared: PreparedVolume, out_dir: str |
     - ``slices.npz``: ``truth``, ``naive``, ``recon``, ``std`` ``(S, H, W)`` on the prior's grid
       in [0, 1] and the slice ``indices`` (what the metrics and figures use).
     """
-    from recon.data.nifti import atomic_path as atomic
-    from recon.data.nifti import write_nifti
+    from recon.data.nifti import atomic_path, write_nifti
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -406,7 +375,7 @@ def write_outputs(buffer: VolumeBuffer, prepared: PreparedVolume, out_dir: str |
             native = prepared.to_native(stacks[name], rescale=True)
         paths[name] = str(write_nifti(native, out_dir / f"{name}.nii.gz", like=prepared.source))
     npz = out_dir / "slices.npz"
-    with atomic(npz, suffix=".npz") as tmp:
+    with atomic_path(npz, suffix=".npz") as tmp:
         np.savez_compressed(tmp, indices=np.asarray(prepared.indices), **stacks)
     paths["stacks"] = str(npz)
     return paths
@@ -492,6 +461,7 @@ def reconstruct_prepared(prepared: str | Path, operator: dict, settings: dict, p
     from tqdm.auto import tqdm
 
     from recon.config import OperatorConfig, ReconstructSection
+    from recon.data.nifti import atomic_write_bytes
     from recon.network import resolve_device
 
     vol = PreparedVolume.open(prepared)
@@ -514,12 +484,13 @@ def reconstruct_prepared(prepared: str | Path, operator: dict, settings: dict, p
     buffer = VolumeBuffer(out_dir, vol.indices, vol.shape)
     start = time.perf_counter()
     try:
-        bar = tqdm(total=n, desc=f"{vol.name} {op_cfg.name}", unit="slice", disable=not progress)
         batches = batched(lambda idx: vol.read([rank[i] for i in idx]), vol.indices, rs.batch_size)
-        for result in stream(batches, reconstructor):
-            buffer.write(result)
-            bar.update(len(result.indices))
-        bar.close()
+        # disable=None: no bar when stderr is not a terminal (no \r updates piling up in logs)
+        with tqdm(total=n, desc=f"{vol.name} {op_cfg.name}", unit="slice",
+                  disable=None if progress else True) as bar:
+            for result in stream(batches, reconstructor):
+                buffer.write(result)
+                bar.update(len(result.indices))
         seconds = time.perf_counter() - start
         paths = write_outputs(buffer, vol, out_dir)
     finally:
@@ -529,10 +500,7 @@ def reconstruct_prepared(prepared: str | Path, operator: dict, settings: dict, p
                "n_samples": rs.n_samples, "slices": n, "seconds": seconds,
                "slices_per_s": n / seconds if seconds > 0 else float("nan"),
                "device": str(device)}
-    summary_path = out_dir / "summary.json"
-    tmp = atomic_path(summary_path)
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, summary_path)
+    summary_path = atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=1).encode())
     return {**paths, **summary, "summary": str(summary_path)}
 
 

@@ -492,7 +492,7 @@ def train_prior(cfg: PriorConfig, train_dataset: Any, val_dataset: Any | None, o
     window: list[Tensor] = []
     last_train = float("nan")
     bar = tqdm(total=tc.steps, initial=min(step, tc.steps), desc="train prior",
-               disable=not progress, dynamic_ncols=True)
+               disable=None if progress else True, dynamic_ncols=True)
     t_log = time.perf_counter()
     steps_since_log = 0
     while step < tc.steps:

@@ -215,13 +215,12 @@ def train(config: ConfigArg = "default", overrides: SetOpt = None, verbose: Verb
 @app.command()
 def reconstruct(config: ConfigArg = "default", overrides: SetOpt = None,
                 verbose: VerboseOpt = False) -> None:
-    """Reconstruct the test volumes for every operator, then evaluate them."""
+    """Reconstruct the test volumes for every operator, then evaluate them: one ``evaluate``
+    MLflow run with the ``reconstruct`` run nested under it."""
     cfg = prepare(config, overrides, verbose)
     from pipelines.flows import evaluate
-    from pipelines.flows import reconstruct as reconstruct_flow
 
-    rec = run_flow(reconstruct_flow, cfg.to_dict())
-    ev = run_flow(evaluate, cfg.to_dict(), outputs=rec["outputs"])
+    ev = run_flow(evaluate, cfg.to_dict())
     print_table(recon_title(cfg), ev["rows"], RECON_COLUMNS)
     print_margins(ev["rows"])
     where(cfg)

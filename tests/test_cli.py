@@ -124,3 +124,12 @@ def test_reconstruct_end_to_end_on_the_embedded_api(tmp_path):
     assert "PSNR recon" in out.stdout and "fourier" in out.stdout
     assert "mlflow ui --backend-store-uri" in out.stdout
     assert list((work / "runs").rglob("recon.nii.gz"))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.data.tags["mlflow.runName"] for r in top] == ["evaluate"]
+    nested = {r.data.tags["mlflow.runName"]: r.data.tags.get("mlflow.parentRunId") for r in runs}
+    assert nested["reconstruct"] == top[0].info.run_id
+    assert all(r.info.status == "FINISHED" for r in runs)

@@ -246,7 +246,7 @@ def reconstruct(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[s
 
 
 # -- evaluate -----------------------------------------------------------------------------------
-def _evaluate_outputs(cfg: Config, run: Run, outputs: list[dict], figures: bool = True) -> list[dict]:
+def _evaluate_outputs(cfg: Config, run: Run, outputs: list[dict]) -> list[dict]:
     rows = []
     evaluate_task = _with_storage(tasks.evaluate_volume, cfg)
     for out in outputs:
@@ -257,11 +257,10 @@ def _evaluate_outputs(cfg: Config, run: Run, outputs: list[dict], figures: bool 
                          f"gain_db/{key}": m["gain_db"]})
         for series in ("psnr", "ssim", "psnr_naive", "ssim_naive"):
             run.log_series(f"{series}_slice/{key}", m[f"{series}_slices"], steps=m["indices"])
-        if figures:
-            title = (f"{out['volume']} | {out['operator']} ({out['guidance']}, {out['integrator']}, "
-                     f"{out['steps']} steps) | PSNR {m['psnr']:.2f} dB vs naive {m['psnr_naive']:.2f}")
-            tasks.log_volume_figure(tracking_uri(cfg), run.run_id, out["stacks"], m, title,
-                                    f"figures/{_key(out['volume'])}_{_key(out['operator'])}.png")
+        title = (f"{out['volume']} | {out['operator']} ({out['guidance']}, {out['integrator']}, "
+                 f"{out['steps']} steps) | PSNR {m['psnr']:.2f} dB vs naive {m['psnr_naive']:.2f}")
+        tasks.log_volume_figure(tracking_uri(cfg), run.run_id, out["stacks"], m, title,
+                                f"figures/{_key(out['volume'])}_{_key(out['operator'])}.png")
         rows.append({"volume": out["volume"], "operator": out["operator"],
                      "guidance": out["guidance"], "integrator": out["integrator"],
                      "steps": out["steps"], "nfe": out["nfe"], "slices": out["slices"],
@@ -353,7 +352,7 @@ def compare_integrators(config: str | dict[str, Any] = DEFAULT_CONFIG,
                 try:
                     child.log_params(setting.resolved())
                     outs = _reconstruct_all(setting, child, prepared, checkpoint, [op])
-                    ev = _evaluate_outputs(setting, child, outs, figures=False)
+                    ev = _evaluate_outputs(setting, child, outs)
                     row = {"integrator": integrator.label, "steps": steps, "nfe": outs[0]["nfe"],
                            "psnr": _mean(ev, "psnr"), "ssim": _mean(ev, "ssim"),
                            "seconds": sum(o["seconds"] for o in outs),

@@ -284,9 +284,48 @@ def test_compare_integrators_parent_and_children(workspace, harness):
     assert len({round(r.data.metrics["psnr_naive"], 9) for r in children}) == 1
     assert {"comparison.json", "comparison.csv", "psnr_vs_nfe.png"} <= set(
         artifact_paths(cfg, out["run_id"]))
+    for child in children:  # each child shows its own reconstruction next to the others
+        assert "figures/test_head_fourier.png" in artifact_paths(cfg, child.info.run_id)
     table = json.loads(Path(mlflow_client(cfg).download_artifacts(
         out["run_id"], "comparison.json", str(workspace["root"] / "dl2"))).read_text())
     assert table["columns"][:6] == ["integrator", "steps", "nfe", "psnr", "ssim", "seconds"]
+
+
+def test_io_tasks_retry_transient_errors_only(harness, tmp_path, monkeypatch):
+    """An ``OSError`` (e.g. a network file system hiccup) is retried; a missing file or a
+    validation error fails at once, since trying again would fail the same way."""
+    from prefect import flow
+
+    artefact = tmp_path / "a.txt"
+    artefact.write_text("x")
+    calls: list[str] = []
+    errors: list[BaseException] = []
+
+    def log_artifact(self, path, artifact_path=None):
+        calls.append(path)
+        if errors:
+            raise errors.pop(0)
+
+    monkeypatch.setattr(tracking.Run, "log_artifact", log_artifact)
+    quick = tasks.log_artifacts.with_options(retry_delay_seconds=0)
+
+    @flow
+    def upload() -> int:
+        return quick(f"sqlite:///{tmp_path / 'mlflow.db'}", "run-id", [str(artefact)], "files")
+
+    errors[:] = [OSError("stale file handle"), OSError("stale file handle")]
+    assert upload() == 1 and len(calls) == 3          # two transient failures, then success
+    calls.clear()
+    errors[:] = [OSError("1"), OSError("2"), OSError("3")]
+    with pytest.raises(OSError, match="3"):
+        upload()
+    assert len(calls) == 3                             # retries=2: three attempts in all
+    for error in (FileNotFoundError("gone"), ValueError("bad value")):
+        calls.clear()
+        errors[:] = [error]
+        with pytest.raises(type(error)):
+            upload()
+        assert len(calls) == 1, error                   # not transient: no retry
 
 
 def test_bad_inputs_fail_early_with_failed_runs(workspace, harness, tmp_path):

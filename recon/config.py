@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -118,66 +118,71 @@ class TrainSection(_Section):
 
 
 # -- reconstruction ---------------------------------------------------------------------------
-class OperatorConfig(_Section):
-    """A measurement operator: ``mask``, ``blur`` or ``fourier`` plus its keyword arguments
-    (e.g. ``{keep: 0.5}``, ``{sigma: 1.5}``, ``{acceleration: 4, center_fraction: 0.08}``);
-    ``guidance`` overrides the reconstruction's guidance for this operator."""
+class _Component(_Section):
+    """A library object named from its registry, plus its keyword arguments: an unknown name
+    lists the valid ones; unknown or bad parameters fail at load time."""
+
+    KIND: ClassVar[str]
+    REGISTRY: ClassVar[Mapping[str, Callable[..., Any]]]
+    RESERVED: ClassVar[tuple[str, ...]] = ()
+    """Arguments the library fills in, never the user."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
-    guidance: GuidanceConfig | None = None
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _check_name("operator", v, OPERATORS)
+        return _check_name(cls.KIND, v, cls.REGISTRY)
+
+    @model_validator(mode="after")
+    def _params(self) -> _Component:
+        _check_params(self.KIND, self.name, self.REGISTRY[self.name], self.params,
+                      reserved=self.RESERVED)
+        _try_build(self.KIND, self.name, self._trial)
+        return self
+
+    def _trial(self) -> Any:
+        """One throwaway instance, so that bad values fail at load time."""
+        return self.REGISTRY[self.name](**self.params)
+
+
+class OperatorConfig(_Component):
+    """A measurement operator: ``mask``, ``blur`` or ``fourier`` plus its keyword arguments
+    (e.g. ``{keep: 0.5}``, ``{sigma: 1.5}``, ``{acceleration: 4, center_fraction: 0.08}``);
+    ``guidance`` overrides the reconstruction's guidance for this operator."""
+
+    KIND = "operator"
+    REGISTRY = OPERATOR_BUILDERS
+    RESERVED = ("shape", "sigma_y", "seed")
+
+    guidance: GuidanceConfig | None = None
 
     @field_validator("guidance", mode="before")
     @classmethod
     def _short_guidance(cls, v: Any) -> Any:
         return _named(v)
 
-    @model_validator(mode="after")
-    def _params(self) -> OperatorConfig:
-        _check_params("operator", self.name, OPERATOR_BUILDERS[self.name], self.params,
-                      reserved=("shape", "sigma_y", "seed"))
-        return self
+    def _trial(self) -> None:
+        """Nothing here: building needs the slice size and sigma_y (``Config._cross`` does it)."""
 
 
-class GuidanceConfig(_Section):
+class GuidanceConfig(_Component):
     """Posterior guidance from ``recon.guidance.GUIDANCES`` and its keyword arguments."""
 
+    KIND = "guidance"
+    REGISTRY = GUIDANCES
+
     name: str = "data_consistency"
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_name("guidance", v, GUIDANCES)
-
-    @model_validator(mode="after")
-    def _params(self) -> GuidanceConfig:
-        _check_params("guidance", self.name, GUIDANCES[self.name], self.params)
-        _try_build("guidance", self.name, lambda: GUIDANCES[self.name](**self.params))
-        return self
 
 
-class IntegratorConfig(_Section):
+class IntegratorConfig(_Component):
     """An integrator from ``recon.integrator.INTEGRATORS`` and its keyword arguments."""
 
+    KIND = "integrator"
+    REGISTRY = INTEGRATORS
+
     name: str = "heun"
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_name("integrator", v, INTEGRATORS)
-
-    @model_validator(mode="after")
-    def _params(self) -> IntegratorConfig:
-        _check_params("integrator", self.name, INTEGRATORS[self.name], self.params)
-        _try_build("integrator", self.name, lambda: INTEGRATORS[self.name](**self.params))
-        return self
 
     @property
     def label(self) -> str:
@@ -187,22 +192,18 @@ class IntegratorConfig(_Section):
         return self.name + "(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
 
 
-class TimerConfig(_Section):
+class TimerConfig(_Component):
     """A time grid from ``recon.timer.TIMERS``; ``steps`` comes from ``reconstruct.steps``."""
+
+    KIND = "timer"
+    REGISTRY = TIMERS
+    RESERVED = ("steps",)
 
     name: str = "cosine"
     params: dict[str, Any] = Field(default_factory=lambda: {"t_min": 1e-3})
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_name("timer", v, TIMERS)
-
-    @model_validator(mode="after")
-    def _params(self) -> TimerConfig:
-        _check_params("timer", self.name, TIMERS[self.name], self.params, reserved=("steps",))
-        _try_build("timer", self.name, lambda: TIMERS[self.name](1, **self.params))
-        return self
+    def _trial(self) -> Any:
+        return self.REGISTRY[self.name](1, **self.params)
 
 
 class ReconstructSection(_Section):

@@ -28,10 +28,18 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "SPLITS",
@@ -54,6 +62,20 @@ SPLITS = ("train", "val", "test")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_sha(v: Any) -> str:
+    if not isinstance(v, str):  # YAML reads an unquoted all-digit value as a number
+        raise ValueError(f"sha256 must be a (quoted) string of 64 hexadecimal digits, "
+                         f"got {type(v).__name__} {v!r}")
+    v = v.strip().lower()
+    if not _SHA.match(v):
+        raise ValueError(f"sha256 must be 64 hexadecimal digits, got {v!r}")
+    return v
+
+
+Sha256 = Annotated[str, BeforeValidator(_check_sha)]
+"""64 hexadecimal digits, lower-cased."""
 
 
 class DataError(ValueError):
@@ -82,7 +104,7 @@ class Source(_Strict):
     package: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
     version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+:~-]*$")
     filename: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+~%-]*$")
-    sha256: str | None = None
+    sha256: Sha256 | None = None
     dist: Literal["wheel", "sdist", "deb"] = "wheel"
     platform: str | None = Field(None, pattern=r"^[A-Za-z0-9_.]+$")
     python_version: str | None = Field(None, pattern=r"^[0-9.]+$")
@@ -91,11 +113,6 @@ class Source(_Strict):
     optional: bool = Field(False, description="a missing source is reported, not an error")
     license: str | None = None
     notes: str | None = None
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha(cls, v: str | None) -> str | None:
-        return None if v is None else _check_sha(v)
 
 
 class Provenance(_Strict):
@@ -108,16 +125,11 @@ class Provenance(_Strict):
     package: str | None = None
     version: str | None = None
     member: str | None = None
-    member_sha256: str | None = None
+    member_sha256: Sha256 | None = None
     convert: Literal["copy", "jpg_to_nifti"] = "copy"
     license: str | None = None
     citation: str | None = None
     notes: str | None = None
-
-    @field_validator("member_sha256")
-    @classmethod
-    def _sha(cls, v: str | None) -> str | None:
-        return None if v is None else _check_sha(v)
 
 
 class VolumeEntry(_Strict):
@@ -125,7 +137,7 @@ class VolumeEntry(_Strict):
 
     id: str
     path: str
-    sha256: str
+    sha256: Sha256
     subject: str = Field(min_length=1)
     split: Literal["train", "val", "test"]
     modality: str = Field(min_length=1, description="e.g. T1w, T2w, FLAIR, DWI-b0")
@@ -144,14 +156,6 @@ class VolumeEntry(_Strict):
         if not _ID.match(v):
             raise ValueError(f"id {v!r} must match {_ID.pattern}")
         return v
-
-    @field_validator("sha256", mode="before")
-    @classmethod
-    def _sha(cls, v: Any) -> str:
-        if not isinstance(v, str):  # YAML reads an unquoted all-digit value as a number
-            raise ValueError(f"sha256 must be a (quoted) string of 64 hexadecimal digits, "
-                             f"got {type(v).__name__} {v!r}")
-        return _check_sha(v)
 
     @field_validator("path")
     @classmethod
@@ -263,13 +267,6 @@ def _loc(raw: dict, loc: Sequence[Any]) -> str:
             out += ("." if out else "") + str(part)
             node = node.get(part) if isinstance(node, dict) else None
     return out
-
-
-def _check_sha(v: str) -> str:
-    v = v.strip().lower()
-    if not _SHA.match(v):
-        raise ValueError(f"sha256 must be 64 hexadecimal digits, got {v!r}")
-    return v
 
 
 def _check_relative(p: str) -> None:

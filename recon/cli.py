@@ -155,12 +155,6 @@ COMPARE_COLUMNS = [("integrator", "integrator"), ("steps", "steps"), ("nfe", "NF
                    ("gain_db", "gain over naive dB")]
 
 
-def recon_title(cfg) -> str:
-    r = cfg.reconstruct
-    return (f"held-out reconstruction vs the naive pseudo-inverse ({r.integrator.label}, "
-            f"{r.steps} steps, {r.n_samples} posterior samples, sigma_y={r.sigma_y:g})")
-
-
 def margins(rows: list[dict]) -> dict[str, float]:
     """Smallest PSNR gain over the naive pseudo-inverse per operator."""
     out: dict[str, float] = {}
@@ -169,7 +163,14 @@ def margins(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def print_margins(rows: list[dict]) -> bool:
+def print_reconstruction(cfg, rows: list[dict]) -> bool:
+    """The held-out PSNR/SSIM table and each operator's margin over the naive pseudo-inverse;
+    True when every operator beats it."""
+    r = cfg.reconstruct
+    print_table(f"held-out reconstruction vs the naive pseudo-inverse ({r.integrator.label}, "
+                f"{r.steps} steps, {r.n_samples} posterior samples, sigma_y={r.sigma_y:g})",
+                rows, RECON_COLUMNS)
+    console.print("PSNR margins over the naive pseudo-inverse:")
     ok = True
     for op, gain in margins(rows).items():
         good = gain > 0
@@ -221,8 +222,7 @@ def reconstruct(config: ConfigArg = "default", overrides: SetOpt = None,
     from pipelines.flows import evaluate
 
     ev = run_flow(evaluate, cfg.to_dict())
-    print_table(recon_title(cfg), ev["rows"], RECON_COLUMNS)
-    print_margins(ev["rows"])
+    print_reconstruction(cfg, ev["rows"])
     where(cfg)
 
 
@@ -245,8 +245,7 @@ def pipeline(config: ConfigArg = "default", overrides: SetOpt = None, verbose: V
     from pipelines.flows import pipeline as pipeline_flow
 
     out = run_flow(pipeline_flow, cfg.to_dict())
-    print_table(recon_title(cfg), out["rows"], RECON_COLUMNS)
-    print_margins(out["rows"])
+    print_reconstruction(cfg, out["rows"])
     where(cfg)
 
 

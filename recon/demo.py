@@ -113,9 +113,7 @@ def pipeline_demo(overrides: list[str] | None = None, config: str = "configs/dem
     try:
         console.print("\n[bold]1/2 pipeline[/]: load_data -> train_prior -> reconstruct -> evaluate")
         out = pipeline(cfg.to_dict())
-        cli.print_table(cli.recon_title(cfg), out["rows"], cli.RECON_COLUMNS)
-        console.print("PSNR margins over the naive pseudo-inverse:")
-        ok = cli.print_margins(out["rows"])
+        ok = cli.print_reconstruction(cfg, out["rows"])
         console.print(f"\n[bold]2/2 compare_integrators[/] on {cfg.compare_operator.name}: "
                       f"{', '.join(i.label for i in cfg.compare.integrators)} x steps "
                       f"{cfg.compare.steps} (same data, seed and measurement)")

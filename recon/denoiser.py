@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recon.diffusion import DiffusionModel
+from recon.diffusion import DiffusionModel, tweedie
 from recon.integrator import EpsFn, Integrator, scales
 from recon.timer import Timer
 
@@ -93,7 +93,7 @@ class Denoiser:
                     path.append(x)
             t_min = times[-1]
             s, sigma = scales(self.diffusion, t_min)
-            x0 = (x - sigma * eps_fn(x, t_min)) / s
+            x0 = tweedie(x, eps_fn(x, t_min), s, sigma)
         if path is not None:
             return x0, torch.stack(path)
         return x0

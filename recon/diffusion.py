@@ -34,6 +34,17 @@ def batch_view(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def tweedie(x_t: Tensor, eps: Tensor, s: float | Tensor, sigma: float | Tensor) -> Tensor:
+    """Tweedie's estimate ``x0_hat = (x_t - sigma eps) / s`` (``s``, ``sigma``: floats or
+    tensors that broadcast over ``x_t``). The one place the formula is written."""
+    return (x_t - sigma * eps) / s
+
+
+def eps_from_x0(x_t: Tensor, x0: Tensor, s: float | Tensor, sigma: float | Tensor) -> Tensor:
+    """The eps that Tweedie maps to ``x0``: ``eps = (x_t - s x0) / sigma``."""
+    return (x_t - s * x0) / sigma
+
+
 class DiffusionModel(ABC):
     """A forward SDE with closed-form ``s(t)`` and ``sigma(t)`` on ``t in [0, t_max]``."""
 
@@ -73,11 +84,11 @@ class DiffusionModel(ABC):
 
     def eps_to_x0(self, x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Tweedie: ``x0_hat = (x_t - sigma eps) / s``."""
-        return (x_t - batch_view(self.sigma(t), x_t) * eps) / batch_view(self.s(t), x_t)
+        return tweedie(x_t, eps, batch_view(self.s(t), x_t), batch_view(self.sigma(t), x_t))
 
     def x0_to_eps(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
         """``eps = (x_t - s x0) / sigma``."""
-        return (x_t - batch_view(self.s(t), x_t) * x0) / batch_view(self.sigma(t), x_t)
+        return eps_from_x0(x_t, x0, batch_view(self.s(t), x_t), batch_view(self.sigma(t), x_t))
 
     def eps_to_score(self, eps: Tensor, t: Tensor) -> Tensor:
         """``grad log p_t = -eps / sigma``."""

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from recon.diffusion import DiffusionModel, batch_view
+from recon.diffusion import DiffusionModel, batch_view, eps_from_x0, tweedie
 from recon.integrator import EpsFn, scales
 
 
@@ -124,7 +124,7 @@ class DPS(Guidance):
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
             eps = eps_fn(x_, t)
-            x0 = (x_ - sigma * eps) / s
+            x0 = tweedie(x_, eps, s, sigma)
             r = y - operator.forward(x0)
             sq = batch_dot(r, r)
             norm = sq.detach().sqrt().clamp_min(torch.finfo(sq.dtype).tiny)
@@ -177,7 +177,7 @@ class TweedieCovariance(Guidance):
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
             eps = eps_fn(x_, t)
-            x0 = (x_ - sigma * eps) / s
+            x0 = tweedie(x_, eps, s, sigma)
 
             def jac(u: Tensor, retain: bool = True) -> Tensor:  # J^T u (= J u)
                 return torch.autograd.grad(x0, x_, u, retain_graph=retain)[0]
@@ -229,10 +229,10 @@ class DataConsistency(Guidance):
     def eps(self, x, t, y, *, eps_fn, diffusion, operator):
         s, sigma = scales(diffusion, t)
         eps = eps_fn(x, t)
-        x0 = (x - sigma * eps) / s
+        x0 = tweedie(x, eps, s, sigma)
         rho = self.weight(s, sigma, noise_variance(operator, y))
         x0_dc = x0 + rho * real_adjoint(operator, y - operator.forward(x0))
-        return (x - s * x0_dc) / sigma
+        return eps_from_x0(x, x0_dc, s, sigma)
 
 
 GUIDANCES: dict[str, type[Guidance]] = {

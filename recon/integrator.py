@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from recon.diffusion import DiffusionModel
+from recon.diffusion import DiffusionModel, tweedie
 
 EpsFn = Callable[[Tensor, float], Tensor]
 
@@ -107,7 +107,7 @@ class DDIMIntegrator(Integrator):
         s, sigma = scales(diffusion, t)
         s_n, sigma_n = scales(diffusion, t_next)
         eps = eps_fn(x, t)
-        x0 = (x - sigma * eps) / s
+        x0 = tweedie(x, eps, s, sigma)
         c = self.eta * sigma_n * math.sqrt(max(0.0, 1.0 - (s * sigma_n / (s_n * sigma)) ** 2))
         out = s_n * x0 + math.sqrt(max(0.0, sigma_n**2 - c**2)) * eps
         if c > 0:
@@ -133,9 +133,9 @@ class DPMpp2sIntegrator(Integrator):
         s, sigma = scales(diffusion, t)
         s_m, sigma_m = scales(diffusion, t_mid)
         s_n, sigma_n = scales(diffusion, t_next)
-        x0 = (x - sigma * eps_fn(x, t)) / s
+        x0 = tweedie(x, eps_fn(x, t), s, sigma)
         u = (sigma_m / sigma) * x - s_m * math.expm1(-0.5 * h) * x0
-        x0_mid = (u - sigma_m * eps_fn(u, t_mid)) / s_m
+        x0_mid = tweedie(u, eps_fn(u, t_mid), s_m, sigma_m)
         return (sigma_n / sigma) * x - s_n * math.expm1(-h) * x0_mid
 
 

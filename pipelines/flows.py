@@ -22,17 +22,29 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 import pipelines  # noqa: F401  (Prefect settings before anything else)
-from pipelines import tasks
-from pipelines.tracking import Run, fallback_config, run_context, run_failed, tracking_uri
+from pipelines import services, tasks
+from pipelines.figures import psnr_vs_nfe
+from pipelines.tracking import (
+    Run,
+    create_run,
+    fallback_config,
+    run_context,
+    run_failed,
+    tracking_uri,
+)
 from recon.config import (
     Config,
     ConfigError,
     IntegratorConfig,
+    OperatorConfig,
     apply_override,
     load_config,
     parse_override,
     validate_config,
 )
+from recon.metrics import SLICE_METRICS, VOLUME_METRICS
+from recon.reconstruction import load_network
+from recon.volumes import PreparedVolume
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -111,7 +123,7 @@ def run_dir(cfg: Config, run: Run) -> Path:
 
 # -- load_data ----------------------------------------------------------------------------------
 @flow(name="load_data", log_prints=True)
-def load_data(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[str] | None = None,
+def load_data(config: str | dict[str, Any] | Config = DEFAULT_CONFIG, overrides: list[str] | None = None,
               parent_run_id: str | None = None) -> dict[str, Any]:
     """Materialise the data (when configured), verify the manifest's test volumes and prepare
     their slices (cached). Returns ``{"run_id", "data_root", "manifest", "volumes", "prepared"}``."""
@@ -128,11 +140,8 @@ def load_data(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[str
         if d.max_volumes is not None:
             volumes = volumes[: d.max_volumes]
         prepare = _with_storage(tasks.prepare_volume, cfg)
-        data_dict = d.model_dump(mode="json")
-        prepared = [cached_call(prepare, volume=v, data=data_dict, out_dir=str(d.cache_dir))
+        prepared = [cached_call(prepare, volume=v, data=d, out_dir=str(d.cache_dir))
                     for v in volumes]
-        from recon.reconstruction import PreparedVolume
-
         n_slices = sum(len(PreparedVolume.open(p).indices) for p in prepared)
         run.log_metrics({"volumes": len(volumes), "slices": n_slices,
                          "seconds": time.perf_counter() - t0})
@@ -143,28 +152,26 @@ def load_data(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[str
 
 # -- train_prior --------------------------------------------------------------------------------
 @flow(name="train_prior", log_prints=True)
-def train_prior(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[str] | None = None,
+def train_prior(config: str | dict[str, Any] | Config = DEFAULT_CONFIG, overrides: list[str] | None = None,
                 data: dict[str, Any] | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
     """Train the prior, or use the shipped checkpoint when ``train.enabled`` is false or the
     checkpoint already holds weights trained with this config. Returns ``{"run_id",
     "checkpoint", "trained"}``; the checkpoint (a state dict + config) is logged as an artefact."""
-    from recon.reconstruction import checkpoint_matches, training_config
-
     cfg = start(config, overrides, "train_prior", parent_run_id)
     with run_context(cfg, "train_prior", parent_run_id, tags=_tags("train_prior")) as run:
         t0 = time.perf_counter()
-        prior = cfg.prior.model_dump(mode="json")
-        checkpoint, trained, reason = prior["checkpoint"], False, ""
+        checkpoint, trained, reason = str(cfg.prior.checkpoint), False, ""
         if not cfg.train.enabled:
             reason = "train.enabled is false: using the configured checkpoint"
         else:
-            prior_cfg = training_config(cfg)
-            if cfg.train.skip_if_matching and checkpoint_matches(checkpoint, prior_cfg):
+            prior_cfg = services.training_config(cfg)
+            if cfg.train.skip_if_matching and services.checkpoint_matches(checkpoint, prior_cfg):
                 reason = "the checkpoint already holds weights trained with this config"
             else:
                 if data is None:
-                    data = load_data(cfg.to_dict(), parent_run_id=run.run_id)
-                out_dir = Path(cfg.work_dir) / "prior" / tasks.digest_of(prior_cfg)[:12]
+                    data = load_data(cfg, parent_run_id=run.run_id)
+                key = tasks.digest_of(prior_cfg.model_dump(mode="json"))[:12]
+                out_dir = Path(cfg.work_dir) / "prior" / key
                 result = cached_call(_with_storage(tasks.train_prior, cfg), prior=prior_cfg,
                                      data_root=data["data_root"], manifest=data["manifest"],
                                      out_dir=str(out_dir), axis=cfg.data.axis,
@@ -186,37 +193,27 @@ def train_prior(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[s
 
 # -- reconstruct --------------------------------------------------------------------------------
 def _reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str,
-                     operators: list[dict] | None = None, subdir: str = "") -> list[dict]:
+                     operators: list[OperatorConfig] | None = None, subdir: str = "") -> list[dict]:
     """Every prepared volume x operator through the cached ``reconstruct-volume`` task."""
-    settings = cfg.reconstruct.model_dump(mode="json")
-    prior = {**cfg.prior.model_dump(mode="json"), "checkpoint": checkpoint}
-    ops = operators or [o.model_dump(mode="json") for o in cfg.reconstruct.operators]
+    prior = cfg.prior.model_copy(update={"checkpoint": Path(checkpoint)})
     task = _with_storage(tasks.reconstruct_volume, cfg)
     outputs = []
     for p in prepared:
-        for op in ops:
-            out_dir = run_dir(cfg, run) / subdir / _volume(p) / op["name"]
-            out = cached_call(task, prepared=p, operator=op, settings=settings, prior=prior,
-                              out_dir=str(out_dir), progress=cfg.reconstruct.progress)
+        for op in operators or cfg.reconstruct.operators:
+            out_dir = run_dir(cfg, run) / subdir / PreparedVolume.open(p).name / op.name
+            out = cached_call(task, prepared=p, operator=op, settings=cfg.reconstruct,
+                              prior=prior, out_dir=str(out_dir), progress=cfg.reconstruct.progress)
             outputs.append(out)
     return outputs
 
 
-def _volume(prepared: str) -> str:
-    from recon.reconstruction import PreparedVolume
-
-    return PreparedVolume.open(prepared).name
-
-
 def _preflight(cfg: Config, checkpoint: str) -> None:
     """Clear errors before any compute: the checkpoint must fit the network config."""
-    from recon.reconstruction import load_network
-
-    load_network({**cfg.prior.model_dump(mode="json"), "checkpoint": checkpoint}, "cpu")
+    load_network(cfg.prior.model_copy(update={"checkpoint": Path(checkpoint)}), "cpu")
 
 
 @flow(name="reconstruct", log_prints=True)
-def reconstruct(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[str] | None = None,
+def reconstruct(config: str | dict[str, Any] | Config = DEFAULT_CONFIG, overrides: list[str] | None = None,
                 data: dict[str, Any] | None = None, checkpoint: str | None = None,
                 parent_run_id: str | None = None) -> dict[str, Any]:
     """Reconstruct every test volume with every operator (slice-batched, streaming); NIfTI
@@ -227,7 +224,7 @@ def reconstruct(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[s
         checkpoint = checkpoint or str(cfg.prior.checkpoint)
         _preflight(cfg, checkpoint)
         if data is None:
-            data = load_data(cfg.to_dict(), parent_run_id=run.run_id)
+            data = load_data(cfg, parent_run_id=run.run_id)
         t0 = time.perf_counter()
         outputs = _reconstruct_all(cfg, run, data["prepared"], checkpoint)
         for out in outputs:
@@ -252,21 +249,17 @@ def _evaluate_outputs(cfg: Config, run: Run, outputs: list[dict]) -> list[dict]:
     for out in outputs:
         m = cached_call(evaluate_task, stacks=out["stacks"])
         key = f"{_key(out['operator'])}/{_key(out['volume'])}"
-        run.log_metrics({f"psnr/{key}": m["psnr"], f"ssim/{key}": m["ssim"],
-                         f"psnr_naive/{key}": m["psnr_naive"], f"ssim_naive/{key}": m["ssim_naive"],
-                         f"gain_db/{key}": m["gain_db"]})
-        for series in ("psnr", "ssim", "psnr_naive", "ssim_naive"):
+        run.log_metrics({f"{name}/{key}": m[name] for name in VOLUME_METRICS})
+        for series in SLICE_METRICS:
             run.log_series(f"{series}_slice/{key}", m[f"{series}_slices"], steps=m["indices"])
         title = (f"{out['volume']} | {out['operator']} ({out['guidance']}, {out['integrator']}, "
                  f"{out['steps']} steps) | PSNR {m['psnr']:.2f} dB vs naive {m['psnr_naive']:.2f}")
         tasks.log_volume_figure(tracking_uri(cfg), run.run_id, out["stacks"], m, title,
                                 f"figures/{_key(out['volume'])}_{_key(out['operator'])}.png")
-        rows.append({"volume": out["volume"], "operator": out["operator"],
-                     "guidance": out["guidance"], "integrator": out["integrator"],
-                     "steps": out["steps"], "nfe": out["nfe"], "slices": out["slices"],
-                     "psnr": m["psnr"], "psnr_naive": m["psnr_naive"], "gain_db": m["gain_db"],
-                     "ssim": m["ssim"], "ssim_naive": m["ssim_naive"], "seconds": out["seconds"],
-                     "slices_per_s": out["slices_per_s"]})
+        rows.append({**{k: out[k] for k in ("volume", "operator", "guidance", "integrator",
+                                             "steps", "nfe", "slices")},
+                     **{name: m[name] for name in VOLUME_METRICS},
+                     "seconds": out["seconds"], "slices_per_s": out["slices_per_s"]})
     return rows
 
 
@@ -275,13 +268,13 @@ def _operator_means(rows: list[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for op in dict.fromkeys(r["operator"] for r in rows):
         sel = [r for r in rows if r["operator"] == op]
-        for k in ("psnr", "psnr_naive", "ssim", "ssim_naive", "gain_db"):
+        for k in VOLUME_METRICS:
             out[f"{k}/{_key(op)}"] = sum(r[k] for r in sel) / len(sel)
     return out
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[str] | None = None,
+def evaluate(config: str | dict[str, Any] | Config = DEFAULT_CONFIG, overrides: list[str] | None = None,
              outputs: list[dict[str, Any]] | None = None,
              parent_run_id: str | None = None) -> dict[str, Any]:
     """PSNR/SSIM per slice (step series) and per volume for the reconstruction and the naive
@@ -290,7 +283,7 @@ def evaluate(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[str]
     cfg = start(config, overrides, "evaluate", parent_run_id)
     with run_context(cfg, "evaluate", parent_run_id, tags=_tags("evaluate")) as run:
         if outputs is None:
-            outputs = reconstruct(cfg.to_dict(), parent_run_id=run.run_id)["outputs"]
+            outputs = reconstruct(cfg, parent_run_id=run.run_id)["outputs"]
         rows = _evaluate_outputs(cfg, run, outputs)
         run.log_metrics(_operator_means(rows))
         run.log_table(rows, "summary.json")
@@ -299,19 +292,17 @@ def evaluate(config: str | dict[str, Any] = DEFAULT_CONFIG, overrides: list[str]
 
 # -- pipeline -----------------------------------------------------------------------------------
 @flow(name="pipeline", log_prints=True)
-def pipeline(config: str | dict[str, Any] = DEFAULT_CONFIG,
+def pipeline(config: str | dict[str, Any] | Config = DEFAULT_CONFIG,
              overrides: list[str] | None = None) -> dict[str, Any]:
     """``load_data`` -> ``train_prior`` -> ``reconstruct`` -> ``evaluate`` as subflows, each a
     nested MLflow run under this one, which holds the summary table and headline metrics."""
     cfg = start(config, overrides, "pipeline", None)
     with run_context(cfg, "pipeline", None, tags=_tags("pipeline")) as run:
         t0 = time.perf_counter()
-        resolved = cfg.to_dict()
-        data = load_data(resolved, parent_run_id=run.run_id)
-        prior = train_prior(resolved, data=data, parent_run_id=run.run_id)
-        rec = reconstruct(resolved, data=data, checkpoint=prior["checkpoint"],
-                          parent_run_id=run.run_id)
-        ev = evaluate(resolved, outputs=rec["outputs"], parent_run_id=run.run_id)
+        data = load_data(cfg, parent_run_id=run.run_id)
+        prior = train_prior(cfg, data=data, parent_run_id=run.run_id)
+        rec = reconstruct(cfg, data=data, checkpoint=prior["checkpoint"], parent_run_id=run.run_id)
+        ev = evaluate(cfg, outputs=rec["outputs"], parent_run_id=run.run_id)
         run.log_metrics({**_operator_means(ev["rows"]), "wall_seconds": time.perf_counter() - t0})
         run.log_table(ev["rows"], "summary.json")
         return {"run_id": run.run_id, "rows": ev["rows"], "checkpoint": prior["checkpoint"],
@@ -321,25 +312,22 @@ def pipeline(config: str | dict[str, Any] = DEFAULT_CONFIG,
 
 # -- compare_integrators ------------------------------------------------------------------------
 @flow(name="compare_integrators", log_prints=True)
-def compare_integrators(config: str | dict[str, Any] = DEFAULT_CONFIG,
+def compare_integrators(config: str | dict[str, Any] | Config = DEFAULT_CONFIG,
                         overrides: list[str] | None = None, data: dict[str, Any] | None = None,
                         checkpoint: str | None = None,
                         parent_run_id: str | None = None) -> dict[str, Any]:
     """One parent MLflow run, one child per (integrator, steps) on the same data, seed and
     measurement (``compare.operator``); the parent holds the comparison table and a PSNR-vs-NFE
     plot. Returns ``{"run_id", "rows", "children"}``."""
-    from pipelines.figures import psnr_vs_nfe
-    from pipelines.tracking import create_run
-
     cfg = start(config, overrides, "compare_integrators", parent_run_id)
     with run_context(cfg, "compare_integrators", parent_run_id,
                      tags=_tags("compare_integrators")) as parent:
         checkpoint = checkpoint or str(cfg.prior.checkpoint)
         _preflight(cfg, checkpoint)
         if data is None:
-            data = load_data(cfg.to_dict(), parent_run_id=parent.run_id)
+            data = load_data(cfg, parent_run_id=parent.run_id)
         prepared = data["prepared"][: cfg.compare.max_volumes]
-        op = cfg.compare_operator.model_dump(mode="json")
+        op = cfg.compare_operator
         rows, children = [], []
         for integrator in cfg.compare.integrators:
             for steps in cfg.compare.steps:
@@ -370,20 +358,18 @@ def compare_integrators(config: str | dict[str, Any] = DEFAULT_CONFIG,
         table = [{k: r[k] for k in ("integrator", "steps", "nfe", "psnr", "ssim", "seconds",
                                     "psnr_naive", "gain_db")} for r in rows]
         parent.log_table(table, "comparison.json")
-        naive = [{**r, "naive_psnr": r["psnr_naive"]} for r in rows]
-        parent.log_figure(psnr_vs_nfe(naive, f"{op['name']}: PSNR vs NFE"), "psnr_vs_nfe.png")
+        parent.log_figure(psnr_vs_nfe(rows, f"{op.name}: PSNR vs NFE"), "psnr_vs_nfe.png")
         best = max(rows, key=lambda r: r["psnr"])
         parent.log_metrics({"best_psnr": best["psnr"], "settings": len(rows)})
         parent.set_tags({"compare.best": f"{best['integrator']}-{best['steps']}",
-                         "compare.operator": op["name"]})
+                         "compare.operator": op.name})
         return {"run_id": parent.run_id, "rows": table, "children": children}
 
 
 def _setting(cfg: Config, integrator: IntegratorConfig, steps: int) -> Config:
-    data = cfg.to_dict()
-    data["reconstruct"]["integrator"] = integrator.model_dump(mode="json")
-    data["reconstruct"]["steps"] = steps
-    return validate_config(data)
+    """``cfg`` with one (integrator, steps) setting (both already validated)."""
+    return cfg.model_copy(update={"reconstruct": cfg.reconstruct.model_copy(
+        update={"integrator": integrator, "steps": steps})})
 
 
 def _mean(rows: list[dict], key: str) -> float:

@@ -6,6 +6,7 @@ runs from ``pipelines/__init__.py``: everything in ``pipelines`` sees the same s
 - ``PREFECT_HOME`` -> ``<work_dir>/prefect`` (profiles, the embedded API's sqlite database,
   persisted task results and cache records), unless the user set ``PREFECT_HOME``;
 - ``PREFECT_SERVER_ANALYTICS_ENABLED=false`` and ``DO_NOT_TRACK=1`` (no telemetry);
+- ``MLFLOW_LOGGING_LEVEL=WARNING`` (MLflow reads it on import);
 - without ``PREFECT_API_URL``: Prefect's embedded (ephemeral) API, started on demand
   (``PREFECT_SERVER_ALLOW_EPHEMERAL_MODE=true``). With ``PREFECT_API_URL`` set, the same flows run
   against that server.
@@ -59,6 +60,8 @@ def configure(work_dir: str | Path | None = None) -> Path:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.5")
+    # mlflow logs "Creating initial MLflow database tables..." on first use of a store
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
         # the embedded API's database lives under PREFECT_HOME; give it room to start on busy hosts

@@ -23,8 +23,18 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
+from pydantic import BaseModel
 
+from pipelines import services
+from pipelines.figures import volume_figure
 from pipelines.tracking import Run
+from recon.config import DataConfig, OperatorConfig, PriorSection, ReconstructSection
+from recon.data.nifti import atomic_write_bytes
+from recon.metrics import evaluate_stacks
+from recon.prior_config import PriorConfig
+from recon.reconstruction import reconstruct_prepared
+from recon.volumes import prepare_volume as prepare
+from recon.volumes import read_stacks
 
 # -- cache policy -------------------------------------------------------------------------------
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -56,6 +66,8 @@ def digest_of(value: Any) -> str:
 
 
 def _paths_in(value: Any) -> list[str]:
+    if isinstance(value, BaseModel):
+        return _paths_in(value.model_dump(mode="json"))
     if isinstance(value, str | Path):
         s = str(value)
         if len(s) < 4096 and s.startswith("/") and Path(s).exists():
@@ -118,9 +130,7 @@ EXPENSIVE = {"cache_policy": EXPENSIVE_CACHE, "persist_result": True}
 @task(name="materialise-data", **IO)
 def materialise_data(manifest: str, data_root: str) -> str:
     """Build the offline public data set under ``data_root`` when missing (idempotent)."""
-    from recon.reconstruction import materialise
-
-    return str(materialise(manifest, data_root))
+    return str(services.materialise(manifest, data_root))
 
 
 @task(name="list-volumes", **IO)
@@ -129,48 +139,39 @@ def list_volumes(manifest: str, data_root: str, split: str, verify: bool = True,
     """``[{"id", "path"}]`` of the ``split`` volumes of the manifest (only ``ids`` if given);
     ``verify`` checks every file (existence, sha256, readable NIfTI) and raises naming the bad
     volume."""
-    from recon.reconstruction import manifest_volumes
-
-    return manifest_volumes(manifest, data_root, split, verify=verify, ids=ids)
+    return services.manifest_volumes(manifest, data_root, split, verify=verify, ids=ids)
 
 
 @task(name="prepare-volume", **EXPENSIVE, **IO_RETRIES)
-def prepare_volume(volume: dict, data: dict, out_dir: str) -> str:
+def prepare_volume(volume: dict, data: DataConfig, out_dir: str) -> str:
     """Preprocess one volume (``{"id", "path"}``) into slices on disk
-    (``recon.reconstruction.prepare_volume``); returns the prepared directory."""
-    from recon.config import DataConfig
-    from recon.reconstruction import prepare_volume as prepare
-
-    return str(prepare(volume["path"], DataConfig.model_validate(data), out_dir, name=volume["id"]))
+    (``recon.volumes.prepare_volume``); returns the prepared directory."""
+    return str(prepare(volume["path"], data, out_dir, data.max_slices, name=volume["id"]))
 
 
 # -- training -----------------------------------------------------------------------------------
 @task(name="train-prior", **EXPENSIVE)
-def train_prior(prior: dict, data_root: str, manifest: str, out_dir: str, axis: int = 2,
+def train_prior(prior: PriorConfig, data_root: str, manifest: str, out_dir: str, axis: int = 2,
                 resume: bool = True, progress: bool = True, run_id: str | None = None,
                 tracking_uri: str | None = None) -> dict:
     """Train the prior (``recon.training.train_prior``) and export the EMA weights to
     ``out_dir/prior.pt``; training metrics go to the MLflow run ``run_id`` as they come."""
-    from recon.reconstruction import train_and_export
-
     run = Run(tracking_uri, run_id) if run_id and tracking_uri else None
 
     def callback(step: int, metrics: dict[str, float]) -> None:
         if run is not None:
             run.log_metrics({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
 
-    return train_and_export(prior, data_root, manifest, out_dir, resume=resume,
+    return services.train_and_export(prior, data_root, manifest, out_dir, resume=resume,
                             progress=progress, callback=callback, axis=axis)
 
 
 # -- reconstruction -----------------------------------------------------------------------------
 @task(name="reconstruct-volume", **EXPENSIVE)
-def reconstruct_volume(prepared: str, operator: dict, settings: dict, prior: dict, out_dir: str,
-                       progress: bool = True) -> dict:
+def reconstruct_volume(prepared: str, operator: OperatorConfig, settings: ReconstructSection,
+                       prior: PriorSection, out_dir: str, progress: bool = True) -> dict:
     """Slice-batched streaming reconstruction of one prepared volume with one operator:
     NIfTI ``truth``, ``naive``, ``recon``, ``std`` in ``out_dir`` plus ``summary.json``."""
-    from recon.reconstruction import reconstruct_prepared
-
     return reconstruct_prepared(prepared, operator, settings, prior, out_dir, progress=progress)
 
 
@@ -178,9 +179,6 @@ def reconstruct_volume(prepared: str, operator: dict, settings: dict, prior: dic
 def evaluate_volume(stacks: str) -> dict:
     """PSNR/SSIM per slice and per volume for the reconstruction and the naive baseline (from
     the ``slices.npz`` of ``reconstruct-volume``); also written next to it as ``metrics.json``."""
-    from recon.data.nifti import atomic_write_bytes
-    from recon.reconstruction import evaluate_stacks, read_stacks
-
     s = read_stacks(stacks)
     metrics = evaluate_stacks(s["truth"], s["naive"], s["recon"])
     metrics["indices"] = [int(i) for i in s["indices"]]
@@ -208,9 +206,6 @@ def log_artifacts(tracking_uri: str, run_id: str, files: Mapping[str, str] | Seq
 def log_volume_figure(tracking_uri: str, run_id: str, stacks: str, metrics: dict, title: str,
                       artifact_file: str) -> str:
     """The per-volume figure: ground truth | naive | reconstruction | |error| | std."""
-    from pipelines.figures import volume_figure
-    from recon.reconstruction import read_stacks
-
     s = read_stacks(stacks)
     fig = volume_figure(s["truth"], s["naive"], s["recon"], s["std"], title,
                         psnr={"naive": metrics["psnr_naive_slices"], "recon": metrics["psnr_slices"]},

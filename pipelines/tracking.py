@@ -23,10 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from recon.config import Config
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 
-# mlflow logs "Creating initial MLflow database tables..." on first use of a store; keep quiet
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+from recon.config import Config, ConfigError, apply_override, parse_override, validate_config
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
@@ -54,8 +55,6 @@ def ui_command(cfg: Config) -> str:
 
 
 def client(cfg: Config):
-    from mlflow import MlflowClient
-
     return MlflowClient(tracking_uri=tracking_uri(cfg))
 
 
@@ -90,8 +89,6 @@ class Run:
     """One MLflow run addressed by id: safe to pass to (and use from) any thread or task."""
 
     def __init__(self, tracking: str, run_id: str):
-        from mlflow import MlflowClient
-
         self.tracking_uri, self.run_id = tracking, run_id
         self.client = MlflowClient(tracking_uri=tracking)
 
@@ -103,15 +100,11 @@ class Run:
 
     # -- logging --------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         items = [Param(str(k)[:250], _param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i: i + 100], synchronous=True)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
                  if v is not None and math.isfinite(float(v))]
@@ -120,8 +113,6 @@ class Run:
 
     def log_series(self, key: str, values: Sequence[float], steps: Sequence[int] | None = None) -> None:
         """A per-step metric series (e.g. PSNR per slice, step = slice index)."""
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         steps = list(range(len(values))) if steps is None else list(steps)
         items = [Metric(key, float(v), now, int(s)) for v, s in zip(values, steps, strict=True)
@@ -227,14 +218,12 @@ def run_failed(cfg: Config, run_name: str, error: BaseException | str,
 def fallback_config(config: Any, overrides: list[str] | None = None) -> Config:
     """Defaults, keeping ``work_dir``/``tracking`` of a config (and of its overrides) that
     failed to validate, so its FAILED run lands in the user's store."""
-    from recon.config import ConfigError, apply_override, parse_override, validate_config
-
     raw: dict[str, Any] = {}
-    if isinstance(config, Mapping):
+    if isinstance(config, Config):
+        raw = config.to_dict()
+    elif isinstance(config, Mapping):
         raw = dict(config)
     elif isinstance(config, str | Path) and Path(config).is_file():
-        import yaml
-
         try:
             loaded = yaml.safe_load(Path(config).read_text())
             raw = loaded if isinstance(loaded, dict) else {}

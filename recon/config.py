@@ -13,6 +13,7 @@ the library, and the error lists the valid ones. Relative paths are resolved aga
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from collections.abc import Callable, Iterable, Mapping
@@ -22,13 +23,11 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from recon.guidance import GUIDANCES
-from recon.integrator import INTEGRATORS
-from recon.reconstruction import OPERATOR_BUILDERS, build_operator
-from recon.timer import TIMERS
-
-OPERATORS = tuple(OPERATOR_BUILDERS)
-"""Measurement operators a config may name (``recon.reconstruction.build_operator`` maps them)."""
+from recon.guidance import GUIDANCES, Guidance
+from recon.integrator import INTEGRATORS, Integrator
+from recon.operators import OPERATORS, Operator
+from recon.prior_config import CheckpointError, PriorConfig, SliceSource, load_prior_config
+from recon.timer import TIMERS, Timer
 
 
 class ConfigError(ValueError):
@@ -64,7 +63,7 @@ def _check_params(kind: str, name: str, cls: type, params: Mapping[str, Any],
                          f"{accepted or 'none'}")
 
 
-def _try_build(kind: str, name: str, build) -> None:
+def _try_build(kind: str, name: str, build: Callable[[], Any]) -> None:
     """Construct the object once (cheap) so that bad values fail at load time."""
     try:
         build()
@@ -77,22 +76,17 @@ class _Section(BaseModel):
 
 
 # -- data -------------------------------------------------------------------------------------
-class DataConfig(_Section):
-    """Where the volumes are and how slices are cut from them."""
+class DataConfig(SliceSource, _Section):
+    """Where the volumes are and how slices are cut from them (the manifest, slicing and split
+    fields are the prior's, ``recon.prior_config.SliceSource``)."""
 
-    manifest: Path = Path("data_manifests/public_brain.yaml")
     data_root: Path = Path("data/public")
     materialise: bool = Field(True, description="materialise the offline public data when missing")
-    train_split: str = "train"
-    val_split: str = "val"
     test_split: str = "test"
-    image_size: int = Field(64, ge=8, le=1024, description="slices are resized to image_size^2")
-    axis: Literal[0, 1, 2] = Field(2, description="slicing axis of the (RAS-oriented) volume")
     max_slices: int | None = Field(16, ge=1, description="central slices kept per test volume")
     volumes: list[str] | None = Field(None, description="ids of the test volumes to reconstruct "
                                       "(None: every volume of test_split)")
     max_volumes: int | None = Field(None, ge=1, description="test volumes reconstructed (None: all)")
-    cache_dir: Path | None = Field(None, description="preprocessed-slice cache (default work/cache)")
 
 
 # -- prior and training -----------------------------------------------------------------------
@@ -103,6 +97,17 @@ class PriorSection(_Section):
     config: Path | None = Field(Path("configs/prior_64.yaml"),
                                 description="network/diffusion config the checkpoint must match")
     weights: Literal["ema", "model"] = "ema"
+
+    def expected(self) -> PriorConfig | None:
+        """The prior config the checkpoint must match (``None`` when ``config`` is unset)."""
+        if self.config is None:
+            return None
+        try:
+            return load_prior_config(self.config)
+        except FileNotFoundError:
+            raise CheckpointError(f"prior config not found: {self.config}") from None
+        except ValueError as err:
+            raise CheckpointError(f"invalid prior config {self.config}: {err}") from None
 
 
 class TrainSection(_Section):
@@ -144,7 +149,12 @@ class _Component(_Section):
 
     def _trial(self) -> Any:
         """One throwaway instance, so that bad values fail at load time."""
-        return self.REGISTRY[self.name](**self.params)
+        return self.build()
+
+    def build(self, **given: Any) -> Any:
+        """The object: ``REGISTRY[name](**params, **given)`` (``given``: the reserved
+        arguments the library fills in). The name and params were checked on load."""
+        return self.REGISTRY[self.name](**self.params, **given)
 
 
 class OperatorConfig(_Component):
@@ -153,7 +163,7 @@ class OperatorConfig(_Component):
     ``guidance`` overrides the reconstruction's guidance for this operator."""
 
     KIND = "operator"
-    REGISTRY = OPERATOR_BUILDERS
+    REGISTRY = OPERATORS
     RESERVED = ("shape", "sigma_y", "seed")
 
     guidance: GuidanceConfig | None = None
@@ -166,6 +176,11 @@ class OperatorConfig(_Component):
     def _trial(self) -> None:
         """Nothing here: building needs the slice size and sigma_y (``Config._cross`` does it)."""
 
+    def build(self, shape: tuple[int, int], sigma_y: float, seed: int = 0) -> Operator:
+        """The operator for slices of ``shape``; its mask/kernel drawn from ``seed``."""
+        return self.REGISTRY[self.name](tuple(int(n) for n in shape), **self.params,
+                                        sigma_y=sigma_y, seed=seed)
+
 
 class GuidanceConfig(_Component):
     """Posterior guidance from ``recon.guidance.GUIDANCES`` and its keyword arguments."""
@@ -175,6 +190,9 @@ class GuidanceConfig(_Component):
 
     name: str = "data_consistency"
 
+    def build(self) -> Guidance:
+        return super().build()
+
 
 class IntegratorConfig(_Component):
     """An integrator from ``recon.integrator.INTEGRATORS`` and its keyword arguments."""
@@ -183,6 +201,9 @@ class IntegratorConfig(_Component):
     REGISTRY = INTEGRATORS
 
     name: str = "heun"
+
+    def build(self) -> Integrator:
+        return super().build()
 
     @property
     def label(self) -> str:
@@ -203,7 +224,11 @@ class TimerConfig(_Component):
     params: dict[str, Any] = Field(default_factory=lambda: {"t_min": 1e-3})
 
     def _trial(self) -> Any:
-        return self.REGISTRY[self.name](1, **self.params)
+        return self.build(1)
+
+    def build(self, steps: int) -> Timer:
+        """The time grid of ``steps`` steps."""
+        return self.REGISTRY[self.name](steps, **self.params)
 
 
 class ReconstructSection(_Section):
@@ -321,8 +346,8 @@ class Config(_Section):
                              f"reconstruct.operators {names}")
         size = (self.data.image_size, self.data.image_size)
         for i, op in enumerate(self.reconstruct.operators):
-            _try_build(f"reconstruct.operators.{i}: operator", op.name, lambda op=op: build_operator(
-                op.name, op.params, size, self.reconstruct.sigma_y, self.reconstruct.seed))
+            _try_build(f"reconstruct.operators.{i}: operator", op.name, lambda op=op: op.build(
+                size, self.reconstruct.sigma_y, self.reconstruct.seed))
         return self
 
     # -- helpers --------------------------------------------------------------------------------
@@ -401,8 +426,6 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any,
     """Set ``data[path[0]][path[1]]... = value``; integer parts index lists. Sections missing
     from ``data`` are copied from ``defaults`` (the default config) on the way, and the short
     form ``heun`` becomes ``{name: heun}`` when a key below it is set."""
-    import copy
-
     node: Any = data
     dflt: Any = Config().to_dict() if defaults is None else defaults
     full = ".".join(path)

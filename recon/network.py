@@ -33,79 +33,22 @@ on it directly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 from torch import Tensor, nn
 
-from recon.diffusion import DIFFUSIONS, DiffusionModel
+from recon.diffusion import DiffusionModel
+from recon.prior_config import CheckpointError, DiffusionConfig, NetworkConfig, PriorConfig
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "EpsNetwork", "build_network",
+           "check_state_dict", "count_parameters", "load_prior", "read_checkpoint",
+           "resolve_device"]
 
 CHECKPOINT_FORMAT = "recon.prior/v1"
 """Tag stored in every prior checkpoint (training and shipped)."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or does not match the network config."""
-
-
-# -- configuration -----------------------------------------------------------------------------
-class NetworkConfig(BaseModel):
-    """Arguments of ``DiffusionModelUNet`` plus the time scaling of ``EpsNetwork``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    spatial_dims: Literal[2, 3] = 2
-    in_channels: int = Field(1, ge=1)
-    out_channels: int = Field(1, ge=1)
-    channels: tuple[int, ...] = (32, 64, 64)
-    attention_levels: tuple[bool, ...] = (False, False, False)
-    num_res_blocks: int | tuple[int, ...] = 1
-    norm_num_groups: int = Field(16, ge=1)
-    num_head_channels: int | tuple[int, ...] = 32
-    resblock_updown: bool = False
-    time_scale: float = Field(1000.0, gt=0)
-    parameterization: Literal["eps", "v"] = "v"
-
-    @model_validator(mode="after")
-    def _check(self) -> NetworkConfig:
-        if len(self.channels) != len(self.attention_levels):
-            raise ValueError(f"channels {self.channels} and attention_levels "
-                             f"{self.attention_levels} must have the same length")
-        bad = [c for c in self.channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(f"channels {bad} are not multiples of norm_num_groups="
-                             f"{self.norm_num_groups}")
-        if self.in_channels != self.out_channels:
-            raise ValueError("an eps-network needs out_channels == in_channels, got "
-                             f"{self.out_channels} != {self.in_channels}")
-        return self
-
-    @property
-    def downsampling(self) -> int:
-        """Factor by which the UNet downsamples: image sizes must be multiples of it."""
-        return 2 ** (len(self.channels) - 1)
-
-
-class DiffusionConfig(BaseModel):
-    """A forward model from ``recon.diffusion.DIFFUSIONS`` and its keyword arguments."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "vp_cosine"
-    params: dict[str, float] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _check(self) -> DiffusionConfig:
-        if self.name not in DIFFUSIONS:
-            raise ValueError(f"unknown diffusion {self.name!r}; choose one of {sorted(DIFFUSIONS)}")
-        return self
-
-
-def build_diffusion(cfg: DiffusionConfig) -> DiffusionModel:
-    """Instantiate the forward model named in ``cfg``."""
-    return DIFFUSIONS[cfg.name](**cfg.params)
 
 
 # -- the wrapper -------------------------------------------------------------------------------
@@ -252,35 +195,36 @@ def check_state_dict(module: nn.Module, state: dict[str, Tensor], what: str = "c
 
 
 def load_prior(checkpoint_path: str | Path, device: str | torch.device = "auto",
-               network_cfg: NetworkConfig | dict | None = None, weights: str = "ema"):
+               network_cfg: NetworkConfig | dict | None = None,
+               diffusion_cfg: DiffusionConfig | None = None, weights: str = "ema"):
     """Load a trained prior: ``(network, diffusion, cfg)``.
 
     The network is rebuilt from the config stored in the checkpoint (or from ``network_cfg``
-    when given, which must then match the weights), loaded with the EMA weights (``weights="ema"``;
-    ``"model"`` takes the raw weights of a training checkpoint), cast to float32, put in eval mode
-    on ``device`` with ``requires_grad=False`` (gradients w.r.t. ``x_t`` still flow).
-    ``cfg`` is the checkpoint's ``recon.training.PriorConfig``. Raises ``CheckpointError``
-    (a ``ValueError``) when the file is missing/corrupt or the weights do not fit the config.
+    when given, which must then match the weights), loaded with the EMA weights
+    (``weights="ema"``; ``"model"`` takes the raw weights of a training checkpoint), cast to
+    float32, put in eval mode on ``device`` with ``requires_grad=False`` (gradients w.r.t.
+    ``x_t`` still flow). With ``diffusion_cfg`` the checkpoint's diffusion must equal it.
+    ``cfg`` is the checkpoint's ``PriorConfig``. Raises ``CheckpointError`` (a ``ValueError``)
+    when the file is missing/corrupt or the weights do not fit the config.
     """
-    from recon.training import PriorConfig  # training imports this module
-
     ckpt = read_checkpoint(checkpoint_path)
     try:
         cfg = PriorConfig.model_validate(ckpt["config"])
         if network_cfg is not None:
-            net_cfg = (network_cfg if isinstance(network_cfg, NetworkConfig)
-                       else NetworkConfig.model_validate(network_cfg))
-            cfg = cfg.model_copy(update={"network": net_cfg})
+            cfg = cfg.model_copy(update={"network": NetworkConfig.model_validate(network_cfg)})
     except (KeyError, ValidationError) as err:
         raise CheckpointError(f"{checkpoint_path}: invalid or missing config: {err}") from err
+    if diffusion_cfg is not None and cfg.diffusion != diffusion_cfg:
+        raise CheckpointError(f"checkpoint {checkpoint_path} was trained with diffusion "
+                              f"{cfg.diffusion.model_dump()}, but the prior config says "
+                              f"{diffusion_cfg.model_dump()}")
     if weights not in ckpt:
         raise CheckpointError(f"{checkpoint_path} has no {weights!r} weights "
                               f"(it has {sorted(k for k in ckpt if isinstance(ckpt[k], dict))})")
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt[weights].items()}
-    diffusion = build_diffusion(cfg.diffusion)
+    diffusion = cfg.diffusion.build()
     network = build_network(cfg.network, diffusion)
     check_state_dict(network, state, what=f"checkpoint {Path(checkpoint_path).name!r}")
     network.load_state_dict(state)
     network.to(resolve_device(device)).eval().requires_grad_(False)
     return network, diffusion, cfg
-

@@ -21,13 +21,16 @@ RNG state, metric history and the config as plain primitives; it is written atom
 ``torch.load(..., weights_only=True)``. ``export_prior`` writes the small *shipped* file: EMA
 weights + config + a summary, loadable with ``recon.network.load_prior``.
 
-    python -m recon.training --config configs/prior_64.yaml --data-root data/public \
+    recon prior train configs/prior_64.yaml --data-root data/public \
         --out work/prior_64 --export checkpoints/prior_64.pt
+
+``train_prior`` = ``Trainer.setup`` (model, EMA, optimiser, data order, validation set, resume)
+-> ``Trainer.run`` (the step loop: log, validate, checkpoint) -> ``Trainer.save`` (the final
+checkpoint).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -37,118 +40,32 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from recon.data.loading import SliceConfig, SliceDataset
 from recon.data.nifti import atomic_path
 from recon.diffusion import DiffusionModel
 from recon.network import (
     CHECKPOINT_FORMAT,
     CheckpointError,
-    DiffusionConfig,
     EpsNetwork,
-    NetworkConfig,
-    build_diffusion,
     build_network,
     check_state_dict,
     count_parameters,
     read_checkpoint,
     resolve_device,
 )
+from recon.prior_config import PriorConfig, TrainingConfig
 
 log = logging.getLogger(__name__)
 
 LAST = "last.pt"
 """File name of the training checkpoint inside ``out_dir``."""
-
-
-# -- configuration -----------------------------------------------------------------------------
-class TrainingConfig(BaseModel):
-    """Optimisation, noise-level sampling, EMA, augmentation, logging and checkpointing."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(100, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    grad_clip: float | None = Field(1.0, gt=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    ema_warmup: bool = True
-    t_eps: float = Field(1e-3, gt=0)
-    t_max: float | None = None
-    flip_prob: float = Field(0.0, ge=0, le=1)
-    flip_dims: tuple[int, ...] = (-1,)
-    amp: Literal["none", "bf16", "fp16"] = "bf16"
-    device: str = "auto"
-    seed: int = Field(0, ge=0, lt=2**31)
-    log_every: int = Field(10, ge=1)
-    val_every: int = Field(250, ge=1)
-    val_size: int = Field(64, ge=1)
-    checkpoint_every: int = Field(250, ge=1)
-
-
-class DataConfig(BaseModel):
-    """What the module entry loads (``recon.data.loading``): manifest, slicing, splits.
-
-    ``loader`` holds further ``SliceConfig`` options (``lower``, ``upper``, ``min_foreground``,
-    ``foreground_level``); ``heldout_ids`` restricts the slices shipped for the quality tests
-    to those volumes of ``heldout_split`` (``None``: all of them).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    manifest: str = "data_manifests/public_brain.yaml"
-    image_size: int = Field(64, ge=8)
-    axis: int = Field(2, ge=0, le=2)
-    train_split: str = "train"
-    val_split: str = "val"
-    heldout_split: str = "test"
-    heldout_ids: list[str] | None = None
-    cache_dir: str | None = "work/cache"
-    loader: dict[str, Any] = Field(default_factory=dict)
-
-
-class PriorConfig(BaseModel):
-    """Everything that defines a trained prior; stored (as a dict) in every checkpoint."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    network: NetworkConfig = Field(default_factory=NetworkConfig)
-    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-
-    @model_validator(mode="after")
-    def _check(self) -> PriorConfig:
-        if self.data.image_size % self.network.downsampling:
-            raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of "
-                             f"{self.network.downsampling} for network.channels "
-                             f"{self.network.channels}")
-        t_max = build_diffusion(self.diffusion).t_max
-        if self.training.t_max is not None and self.training.t_max > t_max:
-            raise ValueError(f"training.t_max={self.training.t_max} exceeds the diffusion's "
-                             f"t_max={t_max}")
-        if self.training.t_eps >= (self.training.t_max or t_max):
-            raise ValueError("training.t_eps must be below t_max")
-        return self
-
-
-def load_prior_config(path: str | Path) -> PriorConfig:
-    """Read and validate a prior config from YAML."""
-    with open(path) as fh:
-        raw = yaml.safe_load(fh) or {}
-    return PriorConfig.model_validate(raw)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -409,6 +326,176 @@ def _check_resume(cfg: PriorConfig, stored: dict[str, Any], n_train: int, stored
                               f"checkpoint was trained on {stored_n}")
 
 
+@dataclass
+class Trainer:
+    """Everything a training run holds; ``setup`` builds it, ``run`` steps it, ``save``
+    checkpoints it. ``train_prior`` chains the three."""
+
+    cfg: PriorConfig
+    out_dir: Path
+    device: torch.device
+    diffusion: DiffusionModel
+    model: EpsNetwork
+    ema: EpsNetwork
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: BatchSampler
+    train_dataset: Any
+    val: ValidationSet | None
+    t_max: float
+    amp: str
+    n_train: int
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+    elapsed: float = 0.0
+    """Seconds spent in earlier runs of a resumed training."""
+    callback: Callable[[int, dict[str, float]], None] | None = None
+    _t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out_dir / LAST
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    @property
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self._t_start
+
+    # -- setup ---------------------------------------------------------------------------------
+    @classmethod
+    def setup(cls, cfg: PriorConfig, train_dataset: Any, val_dataset: Any | None,
+              out_dir: str | Path, resume: bool = True,
+              callback: Callable[[int, dict[str, float]], None] | None = None) -> Trainer:
+        """Seeded model, EMA copy, AdamW, data order and fixed validation set; resumed from
+        ``out_dir/last.pt`` when ``resume`` and it exists (same config, same data size)."""
+        tc = cfg.training
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        device = resolve_device(tc.device)
+        diffusion = cfg.diffusion.build()
+        t_max = tc.t_max if tc.t_max is not None else diffusion.t_max
+        amp = tc.amp if device.type == "cuda" else "none"
+        if tc.amp != "none" and device.type != "cuda":
+            log.info("amp=%s requested but device is %s: training in float32", tc.amp, device)
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights, caller's RNG untouched
+            torch.manual_seed(tc.seed)
+            model = build_network(cfg.network, diffusion).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        n_train = len(train_dataset)
+        trainer = cls(
+            cfg=cfg, out_dir=out_dir, device=device, diffusion=diffusion, model=model, ema=ema,
+            opt=torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas,
+                                  weight_decay=tc.weight_decay),
+            scaler=torch.amp.GradScaler("cuda", enabled=(amp == "fp16")),
+            sampler=BatchSampler(n_train, tc.batch_size, tc.seed), train_dataset=train_dataset,
+            val=(ValidationSet.build(val_dataset, tc.val_size, tc.t_eps, t_max, tc.seed)
+                 if val_dataset is not None and len(val_dataset) > 0 else None),
+            t_max=t_max, amp=amp, n_train=n_train, callback=callback)
+        if resume and trainer.checkpoint.exists():
+            trainer.load(trainer.checkpoint)
+        trainer.metrics_path.write_text("".join(json.dumps(h) + "\n" for h in trainer.history))
+        return trainer
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> Path:
+        """The training checkpoint ``out_dir/last.pt``, atomically."""
+        return save_atomic({
+            "format": CHECKPOINT_FORMAT, "kind": "training",
+            "config": self.cfg.model_dump(mode="json"), "step": self.step,
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.amp == "fp16" else {},
+            "rng": _rng_state(self.device), "history": self.history, "n_train": self.n_train,
+            "seconds": self.seconds,
+        }, self.checkpoint)
+
+    def load(self, path: Path) -> None:
+        """Resume from a training checkpoint: weights, optimiser, RNG, step and history."""
+        ckpt = read_checkpoint(path)  # on CPU: RNG states must stay CPU byte tensors
+        _check_resume(self.cfg, ckpt["config"], self.n_train, int(ckpt["n_train"]))
+        check_state_dict(self.model, ckpt["model"])
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"], self.device)
+        self.step, self.history = int(ckpt["step"]), list(ckpt["history"])
+        self.elapsed = float(ckpt.get("seconds", 0.0))
+        self.resumed_from = self.step
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def record(self, metrics: dict[str, float]) -> None:
+        self.history.append(metrics)
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        if self.callback is not None:
+            self.callback(int(metrics["step"]), metrics)
+
+    def validate(self) -> tuple[float | None, float | None]:
+        """Validation objective with EMA and raw weights, and the EMA eps-MSE (recorded)."""
+        if self.val is None:
+            return None, None
+        args = (self.diffusion, self.cfg.training.batch_size, self.device, self.amp)
+        v_ema, v_raw = self.val.loss(self.ema, *args), self.val.loss(self.model, *args)
+        v_eps = self.val.loss(self.ema, *args, kind="eps")
+        self.record({"step": self.step, "val_loss": v_ema, "val_loss_raw": v_raw,
+                     "val_eps_mse": v_eps})
+        return v_ema, v_raw
+
+    def run(self, progress: bool = True) -> float:
+        """Step until ``training.steps``: log every ``log_every``, validate every ``val_every``,
+        checkpoint every ``checkpoint_every``; returns the last logged training loss."""
+        tc = self.cfg.training
+        self._t_start = time.perf_counter()
+        self.model.train()
+        window: list[Tensor] = []
+        last_train = float("nan")
+        bar = tqdm(total=tc.steps, initial=min(self.step, tc.steps), desc="train prior",
+                   disable=None if progress else True, dynamic_ncols=True)
+        t_log, steps_since_log = time.perf_counter(), 0
+        while self.step < tc.steps:
+            batch = make_batch(self.train_dataset, self.sampler, tc, self.t_max, self.step,
+                               self.device)
+            lr = lr_at(tc, self.step)
+            loss, grad_norm = train_step(self.model, self.ema, self.opt, self.scaler,
+                                         self.diffusion, batch, tc, self.step, lr, self.amp)
+            self.step += 1
+            window.append(loss)
+            steps_since_log += 1
+            bar.update(1)
+            step = self.step
+            if step % tc.log_every == 0 or step == tc.steps:
+                now = time.perf_counter()
+                losses = torch.stack(window).float().cpu()  # one device sync per log interval
+                finite = torch.isfinite(losses)
+                if not finite.all() and self.amp != "fp16":  # fp16: the scaler skips overflows
+                    raise FloatingPointError(f"non-finite training loss in steps "
+                                             f"{step - len(window) + 1}..{step}: {losses.tolist()}")
+                last_train = float(losses[finite].mean()) if finite.any() else float("nan")
+                self.record({"step": step, "loss": last_train, "lr": lr,
+                             "grad_norm": float(grad_norm),
+                             "steps_per_s": steps_since_log / max(now - t_log, 1e-9)})
+                bar.set_postfix(loss=f"{last_train:.4f}")
+                window, t_log, steps_since_log = [], now, 0
+            if step % tc.val_every == 0 and step < tc.steps:
+                v_ema, _ = self.validate()
+                if v_ema is not None:
+                    bar.set_postfix(loss=f"{last_train:.4f}", val=f"{v_ema:.4f}")
+            if step % tc.checkpoint_every == 0 and step < tc.steps:
+                self.save()
+        bar.close()
+        if math.isnan(last_train):
+            last_train = next((h["loss"] for h in reversed(self.history) if "loss" in h),
+                              float("nan"))
+        return last_train
+
+
 def train_prior(cfg: PriorConfig, train_dataset: Any, val_dataset: Any | None, out_dir: str | Path,
                 resume: bool = True, progress: bool = True,
                 callback: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
@@ -421,117 +508,14 @@ def train_prior(cfg: PriorConfig, train_dataset: Any, val_dataset: Any | None, o
     ``grad_norm``, ``steps_per_s``; validation: ``val_loss`` (objective, EMA weights),
     ``val_loss_raw`` (objective, raw weights), ``val_eps_mse`` (eps-MSE, EMA weights)).
     """
-    tc = cfg.training
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / LAST
-    device = resolve_device(tc.device)
-    diffusion = build_diffusion(cfg.diffusion)
-    t_max = tc.t_max if tc.t_max is not None else diffusion.t_max
-    amp = tc.amp if device.type == "cuda" else "none"
-    if tc.amp != "none" and device.type != "cuda":
-        log.info("amp=%s requested but device is %s: training in float32", tc.amp, device)
-
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights, caller's RNG untouched
-        torch.manual_seed(tc.seed)
-        model = build_network(cfg.network, diffusion).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas,
-                            weight_decay=tc.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=(amp == "fp16"))
-    n_train = len(train_dataset)
-    sampler = BatchSampler(n_train, tc.batch_size, tc.seed)
-    val = (ValidationSet.build(val_dataset, tc.val_size, tc.t_eps, t_max, tc.seed)
-           if val_dataset is not None and len(val_dataset) > 0 else None)
-
-    step, history, resumed_from, elapsed = 0, [], None, 0.0
-    if resume and ckpt_path.exists():
-        ckpt = read_checkpoint(ckpt_path)  # on CPU: RNG states must stay CPU byte tensors
-        _check_resume(cfg, ckpt["config"], n_train, int(ckpt["n_train"]))
-        check_state_dict(model, ckpt["model"])
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"], device)
-        step, history = int(ckpt["step"]), list(ckpt["history"])
-        elapsed = float(ckpt.get("seconds", 0.0))
-        resumed_from = step
-        log.info("resumed from %s at step %d", ckpt_path, step)
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-
-    def record(metrics: dict[str, float]) -> None:
-        history.append(metrics)
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
-        if callback is not None:
-            callback(int(metrics["step"]), metrics)
-
-    def save() -> None:
-        save_atomic({
-            "format": CHECKPOINT_FORMAT, "kind": "training", "config": cfg.model_dump(mode="json"),
-            "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if amp == "fp16" else {},
-            "rng": _rng_state(device), "history": history, "n_train": n_train,
-            "seconds": elapsed + (time.perf_counter() - t_start),
-        }, ckpt_path)
-
-    def validate() -> tuple[float | None, float | None]:
-        if val is None:
-            return None, None
-        v_ema = val.loss(ema, diffusion, tc.batch_size, device, amp)
-        v_raw = val.loss(model, diffusion, tc.batch_size, device, amp)
-        v_eps = val.loss(ema, diffusion, tc.batch_size, device, amp, kind="eps")
-        record({"step": step, "val_loss": v_ema, "val_loss_raw": v_raw, "val_eps_mse": v_eps})
-        return v_ema, v_raw
-
-    t_start = time.perf_counter()
-    model.train()
-    window: list[Tensor] = []
-    last_train = float("nan")
-    bar = tqdm(total=tc.steps, initial=min(step, tc.steps), desc="train prior",
-               disable=None if progress else True, dynamic_ncols=True)
-    t_log = time.perf_counter()
-    steps_since_log = 0
-    while step < tc.steps:
-        batch = make_batch(train_dataset, sampler, tc, t_max, step, device)
-        lr = lr_at(tc, step)
-        loss, grad_norm = train_step(model, ema, opt, scaler, diffusion, batch, tc, step, lr, amp)
-        step += 1
-
-        window.append(loss)
-        steps_since_log += 1
-        bar.update(1)
-        if step % tc.log_every == 0 or step == tc.steps:
-            now = time.perf_counter()
-            losses = torch.stack(window).float().cpu()  # one device sync per log interval
-            finite = torch.isfinite(losses)
-            if not finite.all() and amp != "fp16":  # fp16: the scaler skips overflowing steps
-                raise FloatingPointError(f"non-finite training loss in steps "
-                                         f"{step - len(window) + 1}..{step}: {losses.tolist()}")
-            last_train = float(losses[finite].mean()) if finite.any() else float("nan")
-            record({"step": step, "loss": last_train, "lr": lr, "grad_norm": float(grad_norm),
-                    "steps_per_s": steps_since_log / max(now - t_log, 1e-9)})
-            bar.set_postfix(loss=f"{last_train:.4f}")
-            window, t_log, steps_since_log = [], now, 0
-        if step % tc.val_every == 0 and step < tc.steps:
-            v_ema, _ = validate()
-            if v_ema is not None:
-                bar.set_postfix(loss=f"{last_train:.4f}", val=f"{v_ema:.4f}")
-        if step % tc.checkpoint_every == 0 and step < tc.steps:
-            save()
-    bar.close()
-
-    v_ema, v_raw = validate()
-    save()
-    if math.isnan(last_train):
-        last_train = next((h["loss"] for h in reversed(history) if "loss" in h), float("nan"))
-    return TrainResult(step=step, checkpoint=ckpt_path, train_loss=last_train, val_loss=v_ema,
-                       val_loss_raw=v_raw, seconds=elapsed + time.perf_counter() - t_start,
-                       n_params=count_parameters(model), resumed_from=resumed_from,
-                       history=history)
+    trainer = Trainer.setup(cfg, train_dataset, val_dataset, out_dir, resume, callback)
+    train_loss = trainer.run(progress)
+    v_ema, v_raw = trainer.validate()
+    trainer.save()
+    return TrainResult(step=trainer.step, checkpoint=trainer.checkpoint, train_loss=train_loss,
+                       val_loss=v_ema, val_loss_raw=v_raw, seconds=trainer.seconds,
+                       n_params=count_parameters(trainer.model),
+                       resumed_from=trainer.resumed_from, history=trainer.history)
 
 
 def export_prior(checkpoint: str | Path, dest: str | Path,
@@ -569,64 +553,11 @@ def save_heldout_slices(slices: Tensor, path: str | Path, n: int = 48,
     return path
 
 
-# -- module entry ------------------------------------------------------------------------------
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m recon.training", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, type=Path, help="prior config YAML")
-    p.add_argument("--data-root", required=True, type=Path, help="materialised data folder")
-    p.add_argument("--out", type=Path, default=Path("work/prior"), help="training output folder")
-    p.add_argument("--export", type=Path, default=None, help="also write the shipped prior here")
-    p.add_argument("--steps", type=int, default=None, help="override training.steps")
-    p.add_argument("--no-resume", action="store_true", help="start from scratch")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (1 is steadier on a busy shared CPU)")
-    p.add_argument("--heldout", type=Path, default=None,
-                   help="only write the held-out test slices (npz) for tests/test_prior.py")
-    p.add_argument("--heldout-n", type=int, default=48)
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> TrainResult | Path:
-    args = _parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = load_prior_config(args.config)
-    if args.heldout is not None:
-        split = cfg.data.heldout_split
-        ids = cfg.data.heldout_ids
-        slices = load_slices(cfg, args.data_root, split, ids)
-        path = save_heldout_slices(slices, args.heldout, args.heldout_n,
-                                   source=f"{cfg.data.manifest} split={split} volumes={ids} "
-                                          f"size={cfg.data.image_size}: evenly spaced over "
-                                          f"{len(slices)} foreground slices")
-        log.info("wrote %s (%.0f kB)", path, path.stat().st_size / 1e3)
-        return path
-    if args.steps is not None:
-        raw = cfg.model_dump()
-        raw["training"]["steps"] = args.steps
-        cfg = PriorConfig.model_validate(raw)
-    train, val = load_slices(cfg, args.data_root, cfg.data.train_split), \
-        load_slices(cfg, args.data_root, cfg.data.val_split)
-    log.info("training on %d slices, validating on %d", len(train), len(val))
-    result = train_prior(cfg, train, val, args.out, resume=not args.no_resume,
-                         progress=not args.no_progress)
-    log.info("done: step %d, train loss %.4f, val loss (EMA) %s, %.0f s", result.step,
-             result.train_loss, result.val_loss, result.seconds)
-    if args.export is not None:
-        export_prior(result.checkpoint, args.export)
-        log.info("exported the EMA prior to %s (%.2f MB)", args.export,
-                 args.export.stat().st_size / 1e6)
-    return result
-
-
+# -- data ---------------------------------------------------------------------------------------
 def load_slices(cfg: PriorConfig, data_root: str | Path, split: str,
                 ids: Sequence[str] | None = None) -> Tensor:
     """The foreground slices of ``split`` (of volumes ``ids`` if given) as a float32 tensor
     ``(N, 1, S, S)`` in [0, 1], via ``recon.data.loading.SliceDataset``."""
-    from recon.data.loading import SliceConfig, SliceDataset  # MONAI transforms: import late
-
     d = cfg.data
     ds = SliceDataset(d.manifest, data_root, split,
                       SliceConfig(size=d.image_size, axis=d.axis, **d.loader), d.cache_dir,
@@ -635,7 +566,3 @@ def load_slices(cfg: PriorConfig, data_root: str | Path, split: str,
         raise ValueError(f"no slices in split {split!r} under {data_root}"
                          + (f" for volumes {list(ids)}" if ids else ""))
     return ds.tensor()
-
-
-if __name__ == "__main__":
-    main()

@@ -79,7 +79,7 @@ def test_pipeline_command_prints_tables_margins_and_where(tmp_path, monkeypatch)
     out = runner.invoke(cli.app, ["pipeline", "demo", "--set", f"work_dir={tmp_path}",
                                   "--set", "reconstruct.steps=2"])
     assert out.exit_code == 0, out.output
-    assert seen["config"]["reconstruct"]["steps"] == 2
+    assert seen["config"].reconstruct.steps == 2
     assert "PSNR recon" in out.output and "+5.00 dB" in out.output
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out.output.replace("\n", "")
 
@@ -103,7 +103,7 @@ def _clean_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_schedule_without_server_says_how(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "recon.cli", "schedule", "demo", "--set",
+    out = subprocess.run([sys.executable, "-m", "recon", "schedule", "demo", "--set",
                           f"work_dir={tmp_path}"], cwd=ROOT, env=_clean_env(tmp_path),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
@@ -115,7 +115,7 @@ def test_reconstruct_end_to_end_on_the_embedded_api(tmp_path):
     """The default a user gets: no PREFECT_API_URL -> embedded API with PREFECT_HOME inside the
     work dir, MLflow in <work_dir>/mlflow.db, a readable table and where to look."""
     overrides = tiny_overrides(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "recon.cli", "reconstruct", "demo", *sets(overrides)],
+    out = subprocess.run([sys.executable, "-m", "recon", "reconstruct", "demo", *sets(overrides)],
                          cwd=ROOT, env=_clean_env(tmp_path), capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

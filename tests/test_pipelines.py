@@ -32,7 +32,6 @@ from recon.config import ConfigError, load_config  # noqa: E402
 from recon.network import (  # noqa: E402
     CHECKPOINT_FORMAT,
     CheckpointError,
-    build_diffusion,
     build_network,
 )
 
@@ -72,14 +71,14 @@ def write_dataset(root: Path, corrupt: bool = False) -> Path:
 
 def write_prior(root: Path, seed: int = 0, channels=(16, 16)) -> tuple[Path, Path]:
     """A tiny untrained prior checkpoint (state dict + config) and its config YAML."""
-    from recon.training import PriorConfig
+    from recon.prior_config import PriorConfig
 
     net = {**TINY_NET, "channels": list(channels)}
     cfg = PriorConfig.model_validate({"network": net, "data": {"image_size": SIZE}})
     config = root / f"prior_{'_'.join(map(str, channels))}.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     torch.manual_seed(seed)
-    state = build_network(cfg.network, build_diffusion(cfg.diffusion)).state_dict()
+    state = build_network(cfg.network, cfg.diffusion.build()).state_dict()
     ckpt = root / f"prior_{'_'.join(map(str, channels))}.pt"
     torch.save({"format": CHECKPOINT_FORMAT, "kind": "prior", "config": cfg.model_dump(mode="json"),
                 "step": 0, "ema": state}, ckpt)
@@ -178,8 +177,8 @@ def test_figures_are_built_without_a_display():
     a = rng.random((5, 16, 16))
     fig = volume_figure(a, a * 0.5, a * 0.9, a * 0.1, "t", psnr={"naive": [1.0] * 5, "recon": [2.0] * 5})
     assert len(fig.axes) == 3 * 5
-    fig = psnr_vs_nfe([{"integrator": "euler", "nfe": 5, "psnr": 20.0, "naive_psnr": 15.0},
-                       {"integrator": "euler", "nfe": 9, "psnr": 22.0, "naive_psnr": 15.0}])
+    fig = psnr_vs_nfe([{"integrator": "euler", "nfe": 5, "psnr": 20.0, "psnr_naive": 15.0},
+                       {"integrator": "euler", "nfe": 9, "psnr": 22.0, "psnr_naive": 15.0}])
     assert fig.axes[0].get_xlabel().startswith("network evaluations")
 
 
@@ -187,11 +186,9 @@ def test_tasks_fn_prepare_reconstruct_evaluate(workspace, tmp_path):
     cfg = workspace["config"]
     vols = tasks.list_volumes.fn(str(cfg.data.manifest), str(cfg.data.data_root), "test")
     assert [v["id"] for v in vols] == ["test_head"]
-    prepared = tasks.prepare_volume.fn(vols[0], cfg.data.model_dump(mode="json"), str(tmp_path / "cache"))
-    op = cfg.reconstruct.operators[1].model_dump(mode="json")
-    out = tasks.reconstruct_volume.fn(prepared, op, cfg.reconstruct.model_dump(mode="json"),
-                                      cfg.prior.model_dump(mode="json"), str(tmp_path / "out"),
-                                      progress=False)
+    prepared = tasks.prepare_volume.fn(vols[0], cfg.data, str(tmp_path / "cache"))
+    out = tasks.reconstruct_volume.fn(prepared, cfg.reconstruct.operators[1], cfg.reconstruct,
+                                      cfg.prior, str(tmp_path / "out"), progress=False)
     assert out["nfe"] == 3 * 2 + 1 and out["slices"] == 2
     src, rec = nib.load(vols[0]["path"]), nib.load(out["recon"])
     assert rec.shape == src.shape and np.allclose(rec.affine, src.affine)
@@ -364,7 +361,7 @@ def test_train_prior_trains_exports_and_caches(workspace, harness):
     overrides = ["train.enabled=true", "train.steps=2", "train.batch_size=2"]
     first = train_prior(cfg.to_dict(), overrides=overrides)
     assert first["trained"] and Path(first["checkpoint"]).is_file()
-    load_network({**cfg.prior.model_dump(mode="json"), "checkpoint": first["checkpoint"]}, "cpu")
+    load_network(cfg.prior.model_copy(update={"checkpoint": Path(first["checkpoint"])}), "cpu")
     run = mlflow_client(cfg).get_run(first["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["train.trained"] == "True"
     assert "checkpoints/prior.pt" in artifact_paths(cfg, first["run_id"])

@@ -27,13 +27,12 @@ from recon.network import (
     count_parameters,
     load_prior,
 )
+from recon.prior_config import PriorConfig, load_prior_config
 from recon.timer import LinearTimer
 from recon.training import (
     LAST,
     BatchSampler,
-    PriorConfig,
     export_prior,
-    load_prior_config,
     save_atomic,
     train_prior,
 )

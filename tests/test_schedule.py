@@ -49,7 +49,7 @@ def _stop(proc: subprocess.Popen, timeout: float = 15) -> str:
 
 def test_schedule_without_server_explains(tmp_path):
     env = _env(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "pipelines.serve", "--config", str(CONFIG),
+    out = subprocess.run([sys.executable, "-m", "recon", "schedule", str(CONFIG),
                           "--cron", "0 2 * * *"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
@@ -82,7 +82,7 @@ def test_serve_creates_scheduled_runs_on_a_real_server(tmp_path):
             time.sleep(1)
 
         served = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.serve", "--config", str(CONFIG), "--cron",
+            [sys.executable, "-m", "recon", "schedule", str(CONFIG), "--cron",
              "0 3 * * *", "--name", "nightly-test", "--set", "reconstruct.steps=4"],
             cwd=ROOT, env=_env(tmp_path, PREFECT_API_URL=api), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -3,13 +3,12 @@
 - ``recon.data.manifest``: ``load_manifest``, ``Manifest``, ``resolve``, ``verify``,
   ``DataError`` (pydantic-validated YAML manifests, split by subject).
 - ``recon.data.public``: ``materialise(manifest_path, data_root)``, also
-  ``python -m recon.data.public --data-root data/public``.
+  ``recon materialise --data-root data/public``.
 - ``recon.data.nifti``: ``read_nifti``, ``write_nifti`` (keeps affine and header, atomic).
 - ``recon.data.loading`` (imports MONAI): ``slice_dataset``, ``SliceDataset``, ``load_slices``,
   ``load_volume``, ``Volume``, ``SliceGeometry``, ``SliceConfig``.
 
-Names are imported on first use, so ``import recon.data`` is cheap (no torch/MONAI) and
-``python -m recon.data.public`` runs cleanly.
+Names are imported on first use, so ``import recon.data`` is cheap (no torch/MONAI).
 """
 
 from __future__ import annotations

@@ -431,7 +431,7 @@ class SliceDataset(Dataset):
                     log.warning("skipping optional volume %s: %s is missing", v.id, path)
                     continue
                 raise DataError(f"volume {v.id!r}: missing file {path} (run "
-                                "`python -m recon.data.public` for the public set)")
+                                "`recon materialise` for the public set)")
             st = path.stat()
             items.append({"image": str(path), "id": v.id, "sha256": v.sha256,
                           "bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns),

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
+import nibabel as nib
+import numpy as np
 import yaml
 from pydantic import (
     BaseModel,
@@ -337,15 +339,12 @@ def verify_volume(volume: VolumeEntry, data_root: str | Path, *, checksum: bool 
     with a 4th dimension of size 1), finite voxels, and ``shape``/``spacing``/``orientation``
     when the manifest gives them.
     """
-    import nibabel as nib
-    import numpy as np
-
     path = resolve(volume, data_root)
     if not path.is_file():
         if volume.optional:
             return VolumeCheck(volume.id, volume.split, path, "missing (optional)")
         raise DataError(f"volume {volume.id!r}: missing file {path}"
-                        + (" (run `python -m recon.data.public`?)"
+                        + (" (run `recon materialise`?)"
                            if volume.provenance.source else ""))
     if checksum:
         got = sha256_file(path)
@@ -408,8 +407,6 @@ def verify(manifest: Manifest, data_root: str | Path, *, split: str | None = Non
 def describe_file(path: str | Path, data_root: str | Path) -> dict[str, Any]:
     """A manifest entry skeleton for a NIfTI file under ``data_root``: path, sha256, shape,
     spacing, orientation (fill in id, subject, split, modality and provenance)."""
-    import nibabel as nib
-
     root = Path(data_root).resolve()
     full = Path(path).resolve()
     if not full.is_relative_to(root):
@@ -426,39 +423,3 @@ def describe_file(path: str | Path, data_root: str | Path) -> dict[str, Any]:
         "spacing": [round(float(z), 4) for z in img.header.get_zooms()[:3]],
         "orientation": "".join(nib.aff2axcodes(img.affine)),
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m recon.data.manifest",
-                                description="Check a manifest against its files, or print "
-                                            "entry skeletons (with sha256) for new files.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="validate a manifest and verify its files")
-    c.add_argument("manifest", type=Path)
-    c.add_argument("--data-root", type=Path, required=True)
-    c.add_argument("--split", default=None)
-    d = sub.add_parser("describe", help="YAML entry skeletons for NIfTI files")
-    d.add_argument("files", type=Path, nargs="+")
-    d.add_argument("--data-root", type=Path, required=True)
-    args = p.parse_args(argv)
-    try:
-        if args.cmd == "check":
-            checks = verify(load_manifest(args.manifest), args.data_root, split=args.split)
-            for ch in checks:
-                shape = "x".join(map(str, ch.shape)) if ch.shape else "-"
-                print(f"{ch.id:28s} {ch.split:5s} {shape:14s} {ch.orientation or '-':4s} "
-                      f"{ch.status}")
-            print(f"{len(checks)} volume(s) ok")
-        else:
-            entries = [describe_file(f, args.data_root) for f in args.files]
-            print(yaml.safe_dump({"volumes": entries}, sort_keys=False), end="")
-    except DataError as err:
-        print(f"error: {err}")
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

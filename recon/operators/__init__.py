@@ -2,21 +2,38 @@
 
 Every operator has ``forward`` (A x), ``adjoint`` (A^H y), ``pseudo_inverse`` (naive baseline),
 ``measure`` (noisy y), ``check_measurement`` and a ``sigma_y`` noise level; see ``base``.
+
+``OPERATORS`` maps the names a config uses to builders ``build(shape, **params, sigma_y, seed)``
+that draw the operator's mask/kernel for slices of ``shape`` from ``seed``.
 """
 
+from collections.abc import Callable
+
 from recon.operators.base import Operator, as_generator, complex_dtype, real_dtype
-from recon.operators.blur import Blur, gaussian_kernel
+from recon.operators.blur import Blur, build_blur, gaussian_kernel
 from recon.operators.fourier import (
     UndersampledFourier,
     birdcage_maps,
+    build_fourier,
     cartesian_mask,
     fft2c,
     ifft2c,
     variable_density_mask,
 )
-from recon.operators.mask import Mask, box_mask, missing_slices_mask, random_pixel_mask
+from recon.operators.mask import (
+    Mask,
+    box_mask,
+    build_mask,
+    missing_slices_mask,
+    random_pixel_mask,
+)
+
+OPERATORS: dict[str, Callable[..., Operator]] = {
+    "mask": build_mask, "blur": build_blur, "fourier": build_fourier}
+"""Operator name -> builder ``(shape, **params, sigma_y=, seed=) -> Operator``."""
 
 __all__ = [
+    "OPERATORS",
     "Blur",
     "Mask",
     "Operator",
@@ -24,6 +41,9 @@ __all__ = [
     "as_generator",
     "birdcage_maps",
     "box_mask",
+    "build_blur",
+    "build_fourier",
+    "build_mask",
     "cartesian_mask",
     "complex_dtype",
     "fft2c",

@@ -119,3 +119,15 @@ class Blur(Operator):
     def pseudo_inverse(self, y: Tensor) -> Tensor:
         self.check_measurement(y)
         return y.clone()
+
+
+def build_blur(shape: Sequence[int], sigma: float = 1.5, truncate: float = 4.0, *,
+               sigma_y: float = 0.0, seed: int = 0) -> Blur:
+    """Gaussian blur of std ``sigma`` pixels (circular boundary)."""
+    kernel = gaussian_kernel(sigma, truncate)
+    if min(kernel.shape) > min(shape):
+        raise ValueError(f"blur kernel {tuple(kernel.shape)} (sigma={sigma}, truncate={truncate}) "
+                         f"is larger than the image {tuple(shape)}")
+    op = Blur(kernel, sigma_y=sigma_y)  # Blur(sigma=...) has no truncate; keep sigma for repr
+    op.sigma = float(sigma)
+    return op

@@ -297,3 +297,26 @@ class UndersampledFourier(Operator):
     def pseudo_inverse(self, y: Tensor) -> Tensor:
         self.check_measurement(y)
         return self.adjoint(y)
+
+
+def build_fourier(shape: Sequence[int], acceleration: float = 4.0, center_fraction: float = 0.08,
+                  kind: str = "random", coils: int | None = None, *, sigma_y: float = 0.0,
+                  seed: int = 0) -> UndersampledFourier:
+    """Undersampled k-space: Cartesian lines (``kind="random"`` / ``"equispaced"``) or a 2-D
+    ``"variable_density"`` mask at ``acceleration`` with a fully sampled centre; ``coils``:
+    number of synthetic birdcage coil maps (None: single coil). Images are real
+    (``real_output=True``), so the naive baseline is the real part of the zero-filled image."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind in ("random", "equispaced"):
+        m = cartesian_mask(shape, acceleration, center_fraction, kind=kind, generator=gen)
+    elif kind == "variable_density":
+        m = variable_density_mask(shape, acceleration, center_fraction, generator=gen)
+    else:
+        raise ValueError(f"unknown k-space mask kind {kind!r}; valid kinds: equispaced, random, "
+                         "variable_density")
+    maps = None
+    if coils is not None:
+        if isinstance(coils, bool) or not isinstance(coils, int) or coils < 1:
+            raise ValueError(f"coils must be a positive integer or null, got {coils!r}")
+        maps = birdcage_maps(shape, coils)  # normalised: sum_c |S_c|^2 = 1
+    return UndersampledFourier(m, coil_maps=maps, sigma_y=sigma_y, real_output=True)

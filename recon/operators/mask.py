@@ -128,3 +128,19 @@ class Mask(Operator):
     def pseudo_inverse(self, y: Tensor) -> Tensor:
         self.check_measurement(y)
         return y * self.mask
+
+
+def build_mask(shape: Sequence[int], kind: str = "random", keep: float = 0.3, fraction: float = 0.25,
+               drop: float = 0.5, *, sigma_y: float = 0.0, seed: int = 0) -> Mask:
+    """``kind="random"``: ``keep`` of the pixels kept; ``"box"``: a centred hole covering
+    ``fraction`` of the image; ``"lines"``: ``drop`` of the rows missing."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        m = random_pixel_mask(shape, keep, gen)
+    elif kind == "box":
+        m = box_mask(shape, fraction, centred=True, generator=gen)
+    elif kind == "lines":
+        m = missing_slices_mask(shape, drop, axis=-2, generator=gen)
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}; valid kinds: box, lines, random")
+    return Mask(m, sigma_y=sigma_y)

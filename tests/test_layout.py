@@ -1,0 +1,121 @@
+"""The module structure: no import circles between the modules of recon/ and pipelines/.
+
+The graph is read from the source with ``ast``: every ``import``/``from ... import`` anywhere in
+a module (also inside functions, where a circle would otherwise hide) is an arrow from that
+module to the project module it names (``from pkg import name`` -> ``pkg.name`` when that is a
+module, else ``pkg``). ``if TYPE_CHECKING:`` blocks are left out: they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("recon", "pipelines")
+
+
+def project_modules() -> dict[str, Path]:
+    """``{"recon.config": Path(...), "recon.data": .../__init__.py, ...}``."""
+    mods = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            mods[".".join(parts)] = path
+    return mods
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
+    """The project modules ``module`` imports (anywhere in its body)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found.add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in known else base)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {m for m in found if m in known and m != module}
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = project_modules()
+    return {m: imports_of(m, p, set(mods)) for m, p in mods.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle ``[a, b, ..., a]`` or ``None`` (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = dfs(nxt)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = dfs(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_graph_is_read():
+    graph = import_graph()
+    assert "recon.config" in graph["recon.reconstruction"]
+    assert "recon.prior_config" in graph["recon.network"]
+    assert "recon.operators" in graph["recon.config"]
+    assert "pipelines.flows" in graph["recon.cli"]  # an import inside a function counts
+
+
+def test_find_cycle_catches_a_circle_hidden_in_a_function():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_circles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_the_math_does_not_import_the_pipeline():
+    """recon/ never imports pipelines/ (only the CLI, at the top, starts flows)."""
+    graph = import_graph()
+    offenders = sorted(m for m, deps in graph.items() if m.startswith("recon")
+                       and m != "recon.cli" and any(d.startswith("pipelines") for d in deps))
+    assert offenders == []

@@ -11,6 +11,7 @@ the sample is Tweedie's estimate from ``eps_y`` at ``t_min``.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -18,9 +19,9 @@ import torch
 from torch import Tensor
 
 from recon.denoiser import Denoiser, Network
-from recon.diffusion import DiffusionModel
+from recon.diffusion import DiffusionModel, eps_from_x0, tweedie
 from recon.guidance import Guidance, make_guidance, real_adjoint
-from recon.integrator import Integrator
+from recon.integrator import Integrator, scales
 from recon.timer import Timer
 
 _OPERATOR_API = ("forward", "adjoint", "sigma_y", "check_measurement")
@@ -58,8 +59,15 @@ class CondDenoiser(Denoiser):
     """
 
     def __init__(self, diffusion: DiffusionModel, network: Network, integrator: Integrator,
-                 timer: Timer, operator, guidance: Guidance | str):
+                 timer: Timer, operator, guidance: Guidance | str,
+                 x0_range: tuple[float, float] | None = None):
         super().__init__(diffusion, network, integrator, timer)
+        if x0_range is not None:
+            lo, hi = (float(v) for v in x0_range)
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"x0_range must be (lo, hi) with finite lo < hi, got {x0_range}")
+            x0_range = (lo, hi)
+        self.x0_range = x0_range
         missing = [name for name in _OPERATOR_API if not hasattr(operator, name)]
         if missing:
             raise TypeError(f"operator {type(operator).__name__} lacks {missing}; a measurement "
@@ -83,11 +91,23 @@ class CondDenoiser(Denoiser):
         return self.nfe * self.guidance.vjps_per_eval
 
     def cond_eps(self, y: Tensor):
-        """``eps_fn(x, t)`` for the guided eps given ``y`` batched like ``x``."""
+        """``eps_fn(x, t)`` for the guided eps given ``y`` batched like ``x``.
+
+        With ``x0_range = (lo, hi)`` the guided estimate ``x0_y = (x - sigma eps_y)/s`` is kept
+        finite and inside ``[lo, hi]`` (``nan_to_num``, then ``clamp``) and ``eps_y`` recomputed
+        from it: a guidance step that would blow up (an out-of-distribution scan, a step size too
+        large) moves the chain to the edge of the range instead of to infinity."""
 
         def eps_fn(x: Tensor, t: float) -> Tensor:
-            return self.guidance.eps(x, t, y, eps_fn=self.eps, diffusion=self.diffusion,
-                                     operator=self.operator)
+            eps = self.guidance.eps(x, t, y, eps_fn=self.eps, diffusion=self.diffusion,
+                                    operator=self.operator)
+            if self.x0_range is None:
+                return eps
+            lo, hi = self.x0_range
+            s, sigma = scales(self.diffusion, t)
+            x0 = torch.nan_to_num(tweedie(x, eps, s, sigma), nan=0.5 * (lo + hi), posinf=hi,
+                                  neginf=lo).clamp(lo, hi)
+            return eps_from_x0(x, x0, s, sigma)
 
         return eps_fn
 

@@ -194,21 +194,22 @@ class TweedieCovariance(Guidance):
 
 class DataConsistency(Guidance):
     r"""Data consistency on Tweedie's estimate (score-MRI, Chung & Ye 2022; DiffPIR, Zhu et al.
-    2023); no gradients through the network.
+    2023; DDS, Chung et al. 2024); no gradients through the network.
 
     ``x0_dc = argmin_x ||y - A x||^2 / v + ||x - x0_hat||^2 / r_t^2`` with the noise level of
     ``x_t / s``, ``r_t^2 = sigma^2 / s^2``, and ``v`` the noise variance per real component
-    (``sigma_y^2``, or ``sigma_y^2 / 2`` for complex y: ``noise_variance``). When ``A A^H = I``
-    (masks, masked orthonormal Fourier) this is
+    (``sigma_y^2``, or ``sigma_y^2 / 2`` for complex y: ``noise_variance``), i.e.
+    ``operator.prox(x0_hat, y, lam = v / r_t^2)``: closed form for masks, single-coil Cartesian
+    k-space and circular blur, a few CG steps otherwise. When ``A A^H = I`` (masks, masked
+    orthonormal Fourier) this is
 
         x0_dc = x0_hat + rho_t A^H (y - A x0_hat),     rho_t = r_t^2 / (r_t^2 + v),
 
-    i.e. the measured coefficients of ``x0_hat`` are pulled towards ``y`` (replaced when
-    ``sigma_y = 0`` or ``soft=False``). Then ``eps_y = (x_t - s x0_dc)/sigma`` and the integrator
+    the measured coefficients of ``x0_hat`` pulled towards ``y`` (replaced when ``sigma_y = 0``
+    or ``soft=False``, ``lam = 0``). Then ``eps_y = (x_t - s x0_dc)/sigma`` and the integrator
     continues from ``x0_dc``. Images are real: the real part of the correction is taken, which is
     the exact real prox when the k-space mask is symmetric under ``k -> -k`` and otherwise its
-    projection onto real images. For operators with ``A A^H != I`` this is one Landweber step
-    (not the prox).
+    projection onto real images.
     """
 
     name = "data_consistency"
@@ -228,10 +229,13 @@ class DataConsistency(Guidance):
 
     def eps(self, x, t, y, *, eps_fn, diffusion, operator):
         s, sigma = scales(diffusion, t)
-        eps = eps_fn(x, t)
-        x0 = tweedie(x, eps, s, sigma)
-        rho = self.weight(s, sigma, noise_variance(operator, y))
-        x0_dc = x0 + rho * real_adjoint(operator, y - operator.forward(x0))
+        x0 = tweedie(x, eps_fn(x, t), s, sigma)
+        var_y = noise_variance(operator, y)
+        lam = var_y * (s / sigma) ** 2 if self.soft else 0.0
+        if hasattr(operator, "prox"):
+            x0_dc = operator.prox(x0, y, lam)
+        else:  # a duck-typed operator: one step towards the data (exact when A A^H = I)
+            x0_dc = x0 + self.weight(s, sigma, var_y) * real_adjoint(operator, y - operator.forward(x0))
         return eps_from_x0(x, x0_dc, s, sigma)
 
 

@@ -575,3 +575,28 @@ def test_project_fourier_operator(real_output):
     print(f"\n[Fourier real_output={real_output} DC] residual {res.tolist()} vs prior mean "
           f"{_residual(op, prior_mean, y).tolist()}, zero-filled {_residual(op, zero_filled, y)}")
     assert (res < 0.5 * _residual(op, prior_mean, y)).all()
+
+
+def test_x0_range_keeps_a_diverging_sampler_finite_and_in_range(dense_problem):
+    """A guidance step far too large blows the chain up; with x0_range every guided x0 (and
+    so the result) stays finite and inside the range, and the default (None) is unchanged."""
+    prior, op, y = dense_problem
+    wild = DPS(zeta=1e9)
+    try:
+        blown = _sampler(prior, op, HeunIntegrator(), 8, wild).sample(y, 2).mean
+        assert not torch.isfinite(blown).all() or blown.abs().max() > 1e3
+    except FloatingPointError:
+        pass  # the unguarded sampler stops with a non-finite chain: what the guard prevents
+    guarded = CondDenoiser(DIFF, prior.eps_network(DIFF), HeunIntegrator(), CosineTimer(8), op,
+                           wild, x0_range=(-3.0, 3.0))
+    post = guarded.sample(y, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(post.mean).all() and post.mean.abs().max() <= 3.0 + 1e-9
+    tame = {"generator": torch.Generator().manual_seed(1)}
+    plain = _sampler(prior, op, HeunIntegrator(), 8, DataConsistency()).sample(y, 2, **tame)
+    wide = CondDenoiser(DIFF, prior.eps_network(DIFF), HeunIntegrator(), CosineTimer(8), op,
+                        DataConsistency(), x0_range=(-1e6, 1e6)).sample(
+        y, 2, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(plain.mean, wide.mean)
+    with pytest.raises(ValueError, match="x0_range"):
+        CondDenoiser(DIFF, prior.eps_network(DIFF), HeunIntegrator(), CosineTimer(8), op,
+                     DPS(), x0_range=(1.0, 0.0))

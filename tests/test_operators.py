@@ -407,3 +407,45 @@ def test_bad_mask_parameters():
         Blur(torch.ones(3, 3), sigma=1.0)
     with pytest.raises(ValueError, match="radius"):
         birdcage_maps((8, 8), 4, radius=1.0)
+
+
+# -- prox: argmin ||y - A x||^2 + lam ||x - x0||^2 ----------------------------------------------
+def _prox_residual(op, x, x0, y, lam):
+    """The optimality condition Re(A^H (A x - y)) + lam (x - x0), relative to |A^H y| + lam |x0|."""
+    g = op.adjoint(op(x) - y)
+    g = (g.real if g.is_complex() and not x.is_complex() else g) + lam * (x - x0)
+    scale = op.adjoint(y).abs().norm() + lam * x0.abs().norm()
+    return float(g.abs().norm() / scale)
+
+
+@pytest.mark.parametrize("lam", [0.05, 1.0, 20.0])
+@pytest.mark.parametrize("make", [
+    lambda: Mask(random_pixel_mask((12, 10), 0.4, 1), sigma_y=0.1),
+    lambda: Blur(sigma=1.3, sigma_y=0.1),
+    lambda: UndersampledFourier(cartesian_mask((12, 10), 4, 0.1, generator=2), sigma_y=0.1),
+    lambda: UndersampledFourier(cartesian_mask((12, 10), 4, 0.1, generator=2),
+                                coil_maps=birdcage_maps((12, 10), 3), sigma_y=0.1),
+], ids=["mask", "blur", "fourier", "fourier-multicoil-cg"])
+def test_prox_solves_the_regularised_least_squares(make, lam):
+    op = make().double()
+    dtype = C128 if isinstance(op, UndersampledFourier) else F64
+    x_true, x0 = rand((2, 1, 12, 10), dtype, 3), rand((2, 1, 12, 10), dtype, 4)
+    y = op.measure(x_true, generator=5)
+    x = op.prox(x0, y, lam, steps=60)
+    assert _prox_residual(op, x, x0, y, lam) < 1e-6
+
+
+def test_prox_hard_data_consistency_and_real_images():
+    """lam = 0 keeps the measured data exactly and x0 elsewhere; for real images with a
+    complex measurement the result is the real part of the complex prox."""
+    m = random_pixel_mask((8, 8), 0.5, 0)
+    op = Mask(m, sigma_y=0.0).double()
+    x0, y = rand((1, 1, 8, 8), F64, 1), op(rand((1, 1, 8, 8), F64, 2))
+    x = op.prox(x0, y, 0.0)
+    assert torch.equal(x[..., m], y[..., m]) and torch.equal(x[..., ~m], x0[..., ~m])
+    mask = cartesian_mask((8, 8), 4, 0.25, generator=3)
+    real = UndersampledFourier(mask, sigma_y=0.1, real_output=True).double()
+    cplx = UndersampledFourier(mask, sigma_y=0.1).double()
+    y = real.measure(rand((1, 1, 8, 8), F64, 4), generator=5)
+    x0 = rand((1, 1, 8, 8), F64, 6)
+    torch.testing.assert_close(real.prox(x0, y, 0.3), cplx.prox(x0.to(C128), y, 0.3).real)

@@ -117,6 +117,41 @@ class Operator(nn.Module, ABC):
         """``A^H A x``."""
         return self.adjoint(self.forward(x))
 
+    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 10) -> Tensor:
+        r"""``argmin_x ||y - A x||^2 + lam ||x - x0||^2 = (A^H A + lam I)^{-1} (A^H y + lam x0)``.
+
+        Here: ``steps`` conjugate-gradient iterations from ``x0`` (batched, per-sample step
+        sizes); subclasses give the closed form where ``A^H A`` is diagonal (masks, Cartesian
+        k-space, circular blur). ``lam = 0`` is the least-squares data fit nearest ``x0``.
+        For real images and complex ``y`` the real part of ``A^H`` is used, as everywhere.
+        """
+        def real(t: Tensor) -> Tensor:
+            return t.real if t.is_complex() and not x0.is_complex() else t
+
+        def matvec(v: Tensor) -> Tensor:
+            return real(self.normal(v)) + lam * v
+
+        def dot(a: Tensor, b: Tensor) -> Tensor:
+            prod = torch.conj(a) * b
+            return (prod.real if prod.is_complex() else prod).reshape(a.shape[0], -1).sum(-1)
+
+        def view(c: Tensor) -> Tensor:
+            return c.reshape(-1, *([1] * (x0.ndim - 1)))
+
+        x = x0.clone()
+        r = real(self.adjoint(y)) + lam * x0 - matvec(x)
+        p, rs = r.clone(), dot(r, r)
+        for _ in range(steps):
+            mp = matvec(p)
+            pmp = dot(p, mp)
+            alpha = torch.where(pmp > 0, rs / torch.where(pmp > 0, pmp, 1.0), 0.0)
+            x = x + view(alpha) * p
+            r = r - view(alpha) * mp
+            rs_new = dot(r, r)
+            p = r + view(torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)) * p
+            rs = rs_new
+        return x
+
     # --- measurements ---------------------------------------------------------------------
     def _noise_support(self) -> Tensor | None:
         """Boolean tensor (broadcastable to y) of measured entries; None means all entries."""

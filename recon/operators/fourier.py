@@ -298,6 +298,17 @@ class UndersampledFourier(Operator):
         self.check_measurement(y)
         return self.adjoint(y)
 
+    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 10) -> Tensor:
+        """Single coil, closed form in k-space: ``(y + lam F x0) / (1 + lam)`` on sampled
+        locations, ``F x0`` elsewhere, then ``F^H`` (the real part for ``real_output``: exact
+        when the mask is symmetric under ``k -> -k``, else its projection onto real images).
+        Multi-coil: ``steps`` CG iterations (``Operator.prox``)."""
+        if self.coil_maps_real is not None:
+            return super().prox(x0, y, lam, steps)
+        k0 = fft2c(x0.to(complex_dtype(x0.dtype)))
+        x = ifft2c(torch.where(self.mask, (y + lam * k0) / (1.0 + lam), k0))
+        return x.real if self.real_output or not x0.is_complex() else x
+
 
 def build_fourier(shape: Sequence[int], acceleration: float = 4.0, center_fraction: float = 0.08,
                   kind: str = "random", coils: int | None = None, *, sigma_y: float = 0.0,

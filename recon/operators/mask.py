@@ -129,6 +129,10 @@ class Mask(Operator):
         self.check_measurement(y)
         return y * self.mask
 
+    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 0) -> Tensor:
+        """Closed form: ``(y + lam x0) / (1 + lam)`` on measured pixels, ``x0`` elsewhere."""
+        return torch.where(self.mask, (y + lam * x0) / (1.0 + lam), x0)
+
 
 def build_mask(shape: Sequence[int], kind: str = "random", keep: float = 0.3, fraction: float = 0.25,
                drop: float = 0.5, *, sigma_y: float = 0.0, seed: int = 0) -> Mask:

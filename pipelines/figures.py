@@ -13,7 +13,10 @@ def volume_figure(gt: np.ndarray, naive: np.ndarray, recon: np.ndarray, std: np.
                   psnr: Mapping[str, Sequence[float]] | None = None,
                   labels: Sequence[int] | None = None) -> Figure:
     """Rows = slices (default: up to 3 around the centre), columns = ground truth | naive |
-    reconstruction | |error| | std over posterior samples. Arrays are ``(S, H, W)``."""
+    reconstruction | |error| | std over posterior samples. Arrays are ``(S, H, W)`` (any
+    in-plane size: native slices keep their aspect). The error and std columns have their own
+    colour scale per figure, from 0 to the 99th percentile of the shown pixels (the few largest
+    saturate instead of flattening the rest), with a colour bar."""
     n = gt.shape[0]
     if slices is None:
         slices = sorted({n // 2, max(0, n // 2 - n // 4), min(n - 1, n // 2 + n // 4)})
@@ -21,8 +24,9 @@ def volume_figure(gt: np.ndarray, naive: np.ndarray, recon: np.ndarray, std: np.
     fig = Figure(figsize=(2.2 * len(cols), 2.3 * len(slices) + 0.4), layout="constrained")
     axes = fig.subplots(len(slices), len(cols), squeeze=False)
     lo, hi = float(np.min(gt)), float(np.max(gt))
-    err_max = max(float(np.max(np.abs(recon - gt))), 1e-8)
-    std_max = max(float(np.max(std)), 1e-8)
+    shown = list(slices)
+    err_max = max(float(np.percentile(np.abs(recon[shown] - gt[shown]), 99)), 1e-8)
+    std_max = max(float(np.percentile(std[shown], 99)), 1e-8)
     for r, s in enumerate(slices):
         images = [gt[s], naive[s], recon[s], np.abs(recon[s] - gt[s]), std[s]]
         for c, (img, name) in enumerate(zip(images, cols, strict=True)):
@@ -30,7 +34,8 @@ def volume_figure(gt: np.ndarray, naive: np.ndarray, recon: np.ndarray, std: np.
             if c < 3:
                 ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
             else:
-                ax.imshow(img, cmap="magma", vmin=0, vmax=err_max if c == 3 else std_max)
+                im = ax.imshow(img, cmap="magma", vmin=0, vmax=err_max if c == 3 else std_max)
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
             label = name
             if psnr is not None and c in (1, 2):
                 key = "naive" if c == 1 else "recon"

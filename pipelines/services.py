@@ -9,13 +9,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from recon.config import Config
-from recon.data.loading import load_slices
 from recon.data.manifest import DataError, load_manifest, resolve
 from recon.data.manifest import verify as check
 from recon.data.public import materialise as build
 from recon.network import CheckpointError, read_checkpoint
 from recon.prior_config import PriorConfig
-from recon.training import export_prior, train_prior
+from recon.training import export_prior, load_slices, train_prior
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -89,18 +88,20 @@ def train_and_export(cfg: PriorConfig, data_root: str | Path, manifest: str | Pa
                      out_dir: str | Path, resume: bool = True, progress: bool = True,
                      callback: Callable[[int, dict[str, float]], None] | None = None,
                      axis: int = 2, cache_dir: str | Path | None = None) -> dict:
-    """Train with ``recon.training.train_prior`` on the manifest's train/val slices
-    (``recon.data.loading.load_slices``), export the EMA weights (a state dict + config,
-    loadable with ``load_prior``) to ``out_dir/prior.pt``."""
-    size = cfg.data.image_size
-    train = load_slices(manifest, data_root, cfg.data.train_split, size=size, axis=axis,
-                        cache_dir=cache_dir)
-    if len(train) == 0:
-        raise ValueError(f"no training slices in split {cfg.data.train_split!r} of {manifest}")
-    val = load_slices(manifest, data_root, cfg.data.val_split, size=size, axis=axis,
-                      cache_dir=cache_dir)
-    result = train_prior(cfg, train, val if len(val) else None, out_dir, resume=resume,
-                         progress=progress, callback=callback)
+    """Train with ``recon.training.train_prior`` on the train/val slices of ``manifest`` (cut
+    as the prior config says: ``recon.training.load_slices``, crops for a patch prior), export
+    the EMA weights (a state dict + config, loadable with ``load_prior``) to
+    ``out_dir/prior.pt``."""
+    data = cfg.data.model_copy(update={"manifest": Path(manifest), "axis": axis,
+                                       "cache_dir": None if cache_dir is None else Path(cache_dir)})
+    source = cfg.model_copy(update={"data": data})  # where to read; the checkpoint keeps cfg
+    train = load_slices(source, data_root, cfg.data.train_split)
+    try:
+        val = load_slices(source, data_root, cfg.data.val_split)
+    except ValueError:  # no validation slices: train without validation
+        val = None
+    result = train_prior(cfg, train, val, out_dir, resume=resume, progress=progress,
+                         callback=callback)
     exported = export_prior(result.checkpoint, Path(out_dir) / "prior.pt")
     return {"checkpoint": str(exported), "step": result.step, "train_loss": result.train_loss,
             "val_loss": result.val_loss, "seconds": result.seconds}

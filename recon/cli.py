@@ -452,16 +452,20 @@ def prior_train(config: PriorConfigArg, data_root: DataRootOpt,
 def prior_heldout(config: PriorConfigArg, data_root: DataRootOpt,
                   out: Annotated[Path, typer.Option(help="npz for tests/test_prior.py")] =
                   Path("tests/data/heldout_slices_64.npz"),
-                  n: Annotated[int, typer.Option(help="slices to keep")] = 48) -> None:
+                  n: Annotated[int, typer.Option(help="slices to keep (per volume for a "
+                                                 "native prior)")] = 48) -> None:
     """Write the held-out test slices the prior's quality tests use."""
-    from recon.training import load_slices, save_heldout_slices
+    from recon.training import load_slices, save_heldout_slices, save_native_heldout
 
     cfg = load_prior_config(config)
-    split, ids = cfg.data.heldout_split, cfg.data.heldout_ids
-    slices = load_slices(cfg, data_root, split, ids)
-    path = save_heldout_slices(slices, out, n, source=(
-        f"{cfg.data.manifest} split={split} volumes={ids} size={cfg.data.image_size}: evenly "
-        f"spaced over {len(slices)} foreground slices"))
+    if cfg.data.image_size is None:  # native grid: a few central slices per volume
+        path = save_native_heldout(cfg, data_root, out, per_volume=n)
+    else:
+        split, ids = cfg.data.heldout_split, cfg.data.heldout_ids
+        slices = load_slices(cfg, data_root, split, ids)
+        path = save_heldout_slices(slices, out, n, source=(
+            f"{cfg.data.manifest} split={split} volumes={ids} size={cfg.data.image_size}: "
+            f"evenly spaced over {len(slices)} foreground slices"))
     console.print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)", highlight=False)
 
 

@@ -29,6 +29,9 @@ from recon.operators import OPERATORS, Operator
 from recon.prior_config import CheckpointError, PriorConfig, SliceSource, load_prior_config
 from recon.timer import TIMERS, Timer
 
+NOMINAL_NATIVE = 256
+"""Slice size the operators are trial-built at when ``data.image_size`` is null (native)."""
+
 
 class ConfigError(ValueError):
     """An invalid configuration file, value or override; the message names the field."""
@@ -240,6 +243,9 @@ class ReconstructSection(_Section):
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
     integrator: IntegratorConfig = Field(default_factory=IntegratorConfig)
     timer: TimerConfig = Field(default_factory=TimerConfig)
+    x0_range: tuple[float, float] | None = Field(
+        None, description="keep every guided x0 estimate finite and inside [lo, hi] (image "
+        "units); e.g. [0, 1.5] for foreground-normalised slices. null: no guard")
     steps: int = Field(32, ge=1, le=10_000)
     n_samples: int = Field(2, ge=1, le=64, description="posterior samples per slice (mean, std)")
     batch_size: int = Field(8, ge=1, description="slices per batch (memory bound)")
@@ -267,6 +273,13 @@ class ReconstructSection(_Section):
         if v == "auto" or v == "cpu" or v == "mps" or v == "cuda" or v.startswith("cuda:"):
             return v
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {v!r}")
+
+    @field_validator("x0_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"x0_range must be [lo, hi] with lo < hi, got {list(v)}")
+        return v
 
     @model_validator(mode="after")
     def _unique(self) -> ReconstructSection:
@@ -344,7 +357,7 @@ class Config(_Section):
         if self.compare.operator is not None and self.compare.operator not in names:
             raise ValueError(f"compare.operator {self.compare.operator!r} is not among "
                              f"reconstruct.operators {names}")
-        size = (self.data.image_size, self.data.image_size)
+        size = (self.data.image_size or NOMINAL_NATIVE,) * 2  # native: trial-build at a common size
         for i, op in enumerate(self.reconstruct.operators):
             _try_build(f"reconstruct.operators.{i}: operator", op.name, lambda op=op: op.build(
                 size, self.reconstruct.sigma_y, self.reconstruct.seed))

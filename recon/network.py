@@ -79,6 +79,8 @@ class EpsNetwork(nn.Module):
             num_head_channels=cfg.num_head_channels,
             resblock_updown=cfg.resblock_updown,
         )
+        if not cfg.mid_attention:  # fully convolutional: resnet -> resnet in the middle
+            self.unet.middle_block.attention = nn.Identity()
 
     def _times(self, t: Tensor, x_t: Tensor) -> Tensor:
         """``t`` as float32 of shape ``(B,)`` on ``x_t``'s device, with input checks."""
@@ -86,10 +88,6 @@ class EpsNetwork(nn.Module):
         if x_t.ndim != expected or x_t.shape[1] != self.cfg.in_channels:
             raise ValueError(f"expected x_t of shape (B, {self.cfg.in_channels}, *spatial) with "
                              f"{self.cfg.spatial_dims} spatial dims, got {tuple(x_t.shape)}")
-        k = self.cfg.downsampling
-        if any(n % k for n in x_t.shape[2:]):
-            raise ValueError(f"spatial size {tuple(x_t.shape[2:])} must be a multiple of {k} "
-                             f"(the UNet downsamples {len(self.cfg.channels) - 1} times)")
         batch = x_t.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
         if t.ndim == 0:
@@ -112,10 +110,23 @@ class EpsNetwork(nn.Module):
         return tuple(c.to(x.dtype).reshape(shape) for c in (s / r, sigma / r, r))
 
     def raw(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """The UNet's own prediction ``F(x_t, t)`` (eps or v, per ``cfg.parameterization``)."""
+        """The UNet's own prediction ``F(x_t, t)`` (eps or v, per ``cfg.parameterization``).
+
+        Any spatial size: inputs are padded (reflect, replicate when too small) up to a
+        multiple of ``cfg.downsampling`` and the output cropped back."""
         t = self._times(t, x_t)
         dtype = self.unet.conv_in.conv.weight.dtype  # e.g. float64 inputs to float32 weights
-        return self.unet(x_t.to(dtype), self.timesteps(t)).to(x_t.dtype)
+        size = x_t.shape[2:]
+        k = self.cfg.downsampling
+        pad = [p for n in reversed(size) for p in (0, -n % k)]
+        x = x_t.to(dtype)
+        if any(pad):
+            mode = "reflect" if all(n > -n % k for n in size) else "replicate"
+            x = torch.nn.functional.pad(x, pad, mode=mode)
+        out = self.unet(x, self.timesteps(t))
+        if any(pad):
+            out = out[(..., *(slice(0, n) for n in size))]
+        return out.to(x_t.dtype)
 
     def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """What ``raw`` is trained to predict: ``eps``, or ``v = s eps - sigma x0`` (normalised)."""

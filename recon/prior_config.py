@@ -39,6 +39,9 @@ class NetworkConfig(_Strict):
     norm_num_groups: int = Field(16, ge=1)
     num_head_channels: int | tuple[int, ...] = 32
     resblock_updown: bool = False
+    mid_attention: bool = True
+    """False: the UNet's middle block has no self-attention, so the network is fully
+    convolutional (trained on patches, applied to any slice size)."""
     time_scale: float = Field(1000.0, gt=0)
     parameterization: Literal["eps", "v"] = "v"
 
@@ -111,7 +114,10 @@ class SliceSource(_Strict):
     ``data`` (training) and the pipeline's ``data`` section (``recon.config.DataConfig``)."""
 
     manifest: Path = Path("data_manifests/public_brain.yaml")
-    image_size: int = Field(64, ge=8, le=1024, description="slices are resized to image_size^2")
+    image_size: int | None = Field(64, ge=8, le=1024, description="slices are resized to "
+                                   "image_size^2; null: the native in-plane grid, untouched")
+    normalise: Literal["percentile", "foreground"] = Field(
+        "percentile", description="intensity scaling (recon.data.loading.SliceConfig)")
     axis: Literal[0, 1, 2] = Field(2, description="slicing axis of the (RAS-oriented) volume")
     train_split: str = "train"
     val_split: str = "val"
@@ -127,6 +133,9 @@ class PriorDataConfig(SliceSource):
     """
 
     cache_dir: Path | None = Path("work/cache")
+    patch_size: int | None = Field(None, ge=8, le=1024, description="train on random crops "
+                                   "of this size (needs a fully convolutional network)")
+    augment: bool = Field(False, description="MONAI augmentation of the training crops")
     heldout_split: str = "test"
     heldout_ids: list[str] | None = None
     loader: dict[str, Any] = Field(default_factory=dict)
@@ -140,10 +149,20 @@ class PriorConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     data: PriorDataConfig = Field(default_factory=PriorDataConfig)
 
+    @property
+    def train_size(self) -> int:
+        """The spatial size the network is trained at: the patch, else the slice size."""
+        return int(self.data.patch_size or self.data.image_size)
+
     @model_validator(mode="after")
     def _check(self) -> PriorConfig:
-        if self.data.image_size % self.network.downsampling:
-            raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of "
+        if self.data.patch_size is None and self.data.image_size is None:
+            raise ValueError("data.image_size null (native slices) needs data.patch_size")
+        if self.data.patch_size is not None and self.network.mid_attention:
+            raise ValueError("data.patch_size (training on crops) needs a fully convolutional "
+                             "network: set network.mid_attention: false")
+        if self.train_size % self.network.downsampling:
+            raise ValueError(f"the training size {self.train_size} must be a multiple of "
                              f"{self.network.downsampling} for network.channels "
                              f"{self.network.channels}")
         t_max = self.diffusion.build().t_max

@@ -81,10 +81,11 @@ class SliceReconstructor:
     def __init__(self, network: EpsNetwork, diffusion, operator: Operator, guidance: Guidance,
                  integrator: Integrator, timer: Timer, n_samples: int = 2, seed: int = 0,
                  measure_seed: int | None = None, device: str | torch.device = "cpu",
-                 progress: bool = False):
+                 progress: bool = False, x0_range: tuple[float, float] | None = None):
         self.device = torch.device(device)
         self.operator = operator.to(self.device)
-        self.sampler = CondDenoiser(diffusion, network, integrator, timer, self.operator, guidance)
+        self.sampler = CondDenoiser(diffusion, network, integrator, timer, self.operator, guidance,
+                                    x0_range=x0_range)
         self.n_samples, self.seed = int(n_samples), int(seed)
         self.measure_seed = self.seed if measure_seed is None else int(measure_seed)
         self.progress = progress
@@ -153,7 +154,8 @@ def reconstruct_prepared(prepared: str | Path, operator: OperatorConfig,
     reconstructor = SliceReconstructor(
         network, diffusion, operator.build(vol.shape, settings.sigma_y, settings.seed),
         guidance_cfg.build(), settings.integrator.build(), settings.timer.build(settings.steps),
-        n_samples=settings.n_samples, seed=settings.seed, device=device, progress=False)
+        n_samples=settings.n_samples, seed=settings.seed, device=device, progress=False,
+        x0_range=settings.x0_range)
     out_dir = Path(out_dir)
     n = len(vol.indices)
     rank = {idx: r for r, idx in enumerate(vol.indices)}

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from recon.data.loading import SliceConfig, SliceDataset
 from recon.data.nifti import atomic_path
+from recon.data.patches import CropDataset
 from recon.diffusion import DiffusionModel
 from recon.network import (
     CHECKPOINT_FORMAT,
@@ -181,10 +182,13 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
 
 def make_batch(dataset: Any, sampler: BatchSampler, tc: TrainingConfig, t_max: float, step: int,
                device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x0, t, eps)`` of 0-based ``step``: the sampler's slices, random flips, ``t ~ U[t_eps,
-    t_max]`` and ``eps ~ N(0, I)``, all drawn from a generator seeded by ``(seed, step)``."""
+    """``(x0, t, eps)`` of 0-based ``step``: the sampler's slices (augmented crops of them for a
+    ``CropDataset``), random flips, ``t ~ U[t_eps, t_max]`` and ``eps ~ N(0, I)``, all drawn
+    from generators seeded by ``(seed, step)``."""
     g = _generator(tc.seed, _STREAM_STEP, step)
-    x0 = stack_items(dataset, sampler.indices(step))
+    indices = sampler.indices(step)
+    x0 = dataset.batch(indices, step) if isinstance(dataset, CropDataset) \
+        else stack_items(dataset, indices)
     if tc.flip_prob > 0:
         for d in tc.flip_dims:
             flip = torch.rand(x0.shape[0], generator=g) < tc.flip_prob
@@ -553,16 +557,44 @@ def save_heldout_slices(slices: Tensor, path: str | Path, n: int = 48,
     return path
 
 
+def save_native_heldout(cfg: PriorConfig, data_root: str | Path, path: str | Path,
+                        per_volume: int = 1) -> Path:
+    """Ship the ``per_volume`` central foreground slices of every ``heldout_split`` volume at
+    its native grid (sizes differ per volume) for the native prior's tests: a compressed
+    ``.npz`` with one float16 array ``(k, 1, H, W)`` per volume id (normalised as the prior
+    sees them) and a ``source`` note."""
+    d = cfg.data
+    ds = SliceDataset(d.manifest, data_root, d.heldout_split,
+                      SliceConfig(size=None, axis=d.axis, normalise=d.normalise, **d.loader),
+                      d.cache_dir, ids=d.heldout_ids)
+    arrays = {}
+    for vid, vol in ds.volumes.items():
+        keep = [z for v, z in ds.index if v == vid]
+        start = max(0, (len(keep) - per_volume) // 2)
+        arrays[vid] = vol[keep[start:start + per_volume]].numpy().astype(np.float16)
+    source = (f"{d.manifest} split={d.heldout_split}: central {per_volume} foreground slice(s) "
+              f"per volume, native grid, normalise={d.normalise}")
+    path = Path(path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, source=np.array(source), **arrays)
+    return path
+
+
 # -- data ---------------------------------------------------------------------------------------
 def load_slices(cfg: PriorConfig, data_root: str | Path, split: str,
-                ids: Sequence[str] | None = None) -> Tensor:
-    """The foreground slices of ``split`` (of volumes ``ids`` if given) as a float32 tensor
-    ``(N, 1, S, S)`` in [0, 1], via ``recon.data.loading.SliceDataset``."""
+                ids: Sequence[str] | None = None) -> Tensor | CropDataset:
+    """The foreground slices of ``split`` (of volumes ``ids`` if given), via
+    ``recon.data.loading.SliceDataset``: a float32 tensor ``(N, 1, S, S)``, or with
+    ``data.patch_size`` a ``CropDataset`` of the native-grid slices (random crops, MONAI
+    augmentation when ``data.augment``)."""
     d = cfg.data
     ds = SliceDataset(d.manifest, data_root, split,
-                      SliceConfig(size=d.image_size, axis=d.axis, **d.loader), d.cache_dir,
-                      ids=ids)
+                      SliceConfig(size=d.image_size, axis=d.axis, normalise=d.normalise,
+                                  **d.loader), d.cache_dir, ids=ids)
     if len(ds) == 0:
         raise ValueError(f"no slices in split {split!r} under {data_root}"
                          + (f" for volumes {list(ids)}" if ids else ""))
-    return ds.tensor()
+    if d.patch_size is None:
+        return ds.tensor()
+    return CropDataset([ds[i]["image"] for i in range(len(ds))], d.patch_size,
+                       augment=d.augment, seed=cfg.training.seed)

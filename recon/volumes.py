@@ -118,7 +118,7 @@ def prepare_volume(path: str | Path, data: SliceSource, out_dir: str | Path, max
     ``out_dir/<name>-<key>`` (written to a temporary folder, then renamed)."""
     path = Path(path)
     name = name or volume_name(path)
-    cfg = SliceConfig(size=data.image_size, axis=data.axis)
+    cfg = SliceConfig(size=data.image_size, axis=data.axis, normalise=data.normalise)
     st = path.stat()
     key = hashlib.sha256(json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, cfg.key(),
                                      max_slices]).encode()).hexdigest()[:12]

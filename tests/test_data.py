@@ -576,3 +576,53 @@ def test_loading_rejects_multi_frame_and_nan(tmp_path):
     (tmp_path / "bad.nii.gz").write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(DataError, match="cannot load/preprocess"):
         load_volume(tmp_path / "bad.nii.gz")
+
+
+# -- the native grid and foreground normalisation -----------------------------------------------
+def test_native_grid_keeps_odd_non_square_slices_and_round_trips(tmp_path):
+    """size=None: slices on the file's own in-plane grid (odd, non-square, anisotropic), no
+    resampling, and the way back onto the file's grid is exact."""
+    from recon.data.loading import SliceConfig, load_volume
+
+    data = brain((21, 34, 9), 3)
+    path = save(tmp_path / "odd.nii.gz", data, np.diag([0.8, 1.1, 3.0, 1.0]))
+    for normalise in ("percentile", "foreground"):
+        vol = load_volume(path, config=SliceConfig(size=None, axis=2, normalise=normalise))
+        assert vol.slices.shape == (9, 1, 34, 21)  # RAS axial slices in viewer layout (H=y, W=x)
+        assert vol.geometry.grid_hw == (34, 21) and vol.geometry.native_hw == (34, 21)
+        back = vol.to_native(vol.slices, rescale=True)
+        lo, hi = vol.geometry.intensity
+        expect = np.clip(data, lo, lo + (hi - lo) * (1.0 if normalise == "percentile" else 1.5))
+        np.testing.assert_allclose(back, expect, rtol=1e-5, atol=1e-3 * (hi - lo))
+
+
+def _head(skull: bool, size=(64, 64, 16)) -> np.ndarray:
+    """A 'brain' ellipsoid (tissue 100 +- texture) in background 0, optionally inside a scalp
+    ring three times as bright (fat) with a dark bone gap between them."""
+    grids = np.meshgrid(*[np.linspace(-1.2, 1.2, n) for n in size[:2]], indexing="ij")
+    r = np.sqrt(grids[0] ** 2 + grids[1] ** 2)
+    plane = (r < 0.7) * (100 + 20 * np.sin(9 * grids[0]) * np.cos(7 * grids[1]))
+    if skull:
+        plane = plane + ((r > 0.78) & (r < 0.95)) * 300.0
+    return np.repeat(plane[..., None], size[2], axis=2).astype(np.float32)
+
+
+def test_foreground_normalisation_does_not_depend_on_the_skull(tmp_path):
+    """The same brain with and without a bright scalp: percentile scaling (0.5/99.5 of the
+    volume) puts the brain at a third of its skull-stripped level; foreground scaling (head
+    median -> 0.5) keeps it within 10 %."""
+    from recon.data.loading import SliceConfig, load_volume
+
+    brain_mask = None
+    levels = {}
+    for skull in (False, True):
+        path = save(tmp_path / f"head{int(skull)}.nii.gz", _head(skull), np.eye(4))
+        for normalise in ("percentile", "foreground"):
+            vol = load_volume(path, config=SliceConfig(size=None, axis=2, normalise=normalise))
+            x = vol.slices[8, 0].numpy()
+            if brain_mask is None:
+                brain_mask = x > 0.05
+            levels[skull, normalise] = float(np.median(x[brain_mask]))
+    ratio = {n: levels[True, n] / levels[False, n] for n in ("percentile", "foreground")}
+    assert ratio["percentile"] < 0.5, ratio
+    assert abs(ratio["foreground"] - 1.0) < 0.1, ratio

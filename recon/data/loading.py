@@ -61,6 +61,7 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     Resize,
+    ScaleIntensityRange,
     ScaleIntensityRangePercentilesd,
 )
 from monai.transforms.utils_pytorch_numpy_unification import percentile
@@ -87,28 +88,42 @@ log = logging.getLogger(__name__)
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 """Slicing axis names -> axis of the RAS-oriented volume."""
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bumped when the preprocessing changes, so old cache entries are not reused."""
+NORMALISATIONS = ("percentile", "foreground")
+FOREGROUND_MEDIAN = 0.5
+"""``normalise="foreground"``: where the head's median intensity lands."""
+FOREGROUND_CLIP = 1.5
+"""``normalise="foreground"``: the upper clip (bright fat and vessels stay above 1)."""
 
 
 @dataclass(frozen=True)
 class SliceConfig:
     """How slices are cut. ``axis``: 0/1/2 of the RAS volume or sagittal/coronal/axial."""
 
-    size: int = 64
+    size: int | None = 64
+    """Slices resized (aspect kept) and padded to ``size x size``; ``None``: the native
+    in-plane grid, untouched (what the reconstruction uses)."""
     axis: int | str = 2
     lower: float = 0.5
     upper: float = 99.5
     min_foreground: float = 0.05
     foreground_level: float = 0.1
+    normalise: str = "percentile"
+    """``percentile``: the volume's ``lower``/``upper`` percentiles -> [0, 1] (clipped);
+    ``foreground``: ``lower`` percentile -> 0 and the median of the head (voxels brighter than
+    background) -> 0.5, clipped to [0, 1.5]: the scale follows the tissue, not the brightest
+    voxels (scalp fat, vessels) nor the amount of background."""
 
     def __post_init__(self) -> None:
         axis = AXES.get(self.axis, self.axis) if isinstance(self.axis, str) else self.axis
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1, 2 or one of {list(AXES)}, got {self.axis!r}")
         object.__setattr__(self, "axis", int(axis))
-        if not 2 <= int(self.size) <= 4096:
-            raise ValueError(f"size must be in [2, 4096], got {self.size}")
+        if self.size is not None and not 2 <= int(self.size) <= 4096:
+            raise ValueError(f"size must be in [2, 4096] or None (native), got {self.size}")
+        if self.normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {self.normalise!r}")
         if not 0.0 <= self.lower < self.upper <= 100.0:
             raise ValueError(f"need 0 <= lower < upper <= 100, got {self.lower}, {self.upper}")
         if not 0.0 <= self.min_foreground <= 1.0:
@@ -116,9 +131,12 @@ class SliceConfig:
 
     def key(self) -> dict[str, Any]:
         """What the cached preprocessing depends on (``min_foreground`` is applied later)."""
-        return {"v": CACHE_VERSION, "size": int(self.size), "axis": int(self.axis),
-                "lower": float(self.lower), "upper": float(self.upper),
-                "foreground_level": float(self.foreground_level)}
+        key = {"v": CACHE_VERSION, "size": None if self.size is None else int(self.size),
+               "axis": int(self.axis), "lower": float(self.lower), "upper": float(self.upper),
+               "foreground_level": float(self.foreground_level)}
+        if self.normalise != "percentile":  # keys of the default stay as they were
+            key["normalise"] = self.normalise
+        return key
 
 
 # -- geometry ----------------------------------------------------------------------------------
@@ -137,7 +155,7 @@ class SliceGeometry:
     affine: tuple[tuple[float, ...], ...]
     ornt: tuple[tuple[float, float], ...]
     axis: int
-    size: int
+    size: int | None
     native_hw: tuple[int, int]
     resized_hw: tuple[int, int]
     pad: tuple[int, int]
@@ -155,6 +173,11 @@ class SliceGeometry:
         for file_axis, ras_axis in enumerate(order):
             shape[ras_axis] = self.spatial_shape[file_axis]
         return tuple(shape)  # type: ignore[return-value]
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        """The processed slices' size: ``(size, size)``, or the native one."""
+        return tuple(self.native_hw) if self.size is None else (self.size, self.size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,8 +205,8 @@ class SliceGeometry:
             if x.shape[1] != 1:
                 raise ValueError(f"expected one channel, got shape {tuple(x.shape)}")
             x = x[:, 0]
-        if x.ndim != 3 or tuple(x.shape[1:]) != (self.size, self.size):
-            raise ValueError(f"expected slices (n, 1, {self.size}, {self.size}), "
+        if x.ndim != 3 or tuple(x.shape[1:]) != self.grid_hw:
+            raise ValueError(f"expected slices (n, 1, {self.grid_hw[0]}, {self.grid_hw[1]}), "
                              f"got {tuple(slices.shape)}")
         idx = list(range(self.n_slices)) if indices is None else [int(i) for i in indices]
         if len(idx) != x.shape[0]:
@@ -262,15 +285,47 @@ class _RecordPercentilesd(MapTransform):
         return d
 
 
+class _ForegroundScaled(MapTransform):
+    """``normalise="foreground"``: ``lo`` = the volume's ``lower`` percentile (background),
+    the head = voxels above ``lo + 0.1 (p99 - lo)`` (everything brighter than background),
+    ``med`` = the head's median (mostly brain tissue, with or without the skull: scalp and
+    marrow are a thin shell, bone is dark in T1), then ``x' = (x - lo) / (hi - lo)`` with
+    ``hi = lo + (med - lo) / FOREGROUND_MEDIAN`` (MONAI ``ScaleIntensityRange``), clipped to
+    ``[0, FOREGROUND_CLIP]``; ``(lo, hi)`` is recorded under ``"intensity"`` to map results back
+    to the input's units."""
+
+    def __init__(self, keys: str, lower: float) -> None:
+        super().__init__(keys)
+        self.lower = lower
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            v = torch.as_tensor(img).flatten().float()
+            lo, p99 = float(percentile(v, self.lower)), float(percentile(v, 99.0))
+            head = v[v > lo + 0.1 * (p99 - lo)]
+            med = float(head.median()) if head.numel() else float(v.max())
+            hi = lo + max(med - lo, 1e-6) / FOREGROUND_MEDIAN
+            scaled = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0)(img)
+            d[key] = scaled.clamp(0.0, FOREGROUND_CLIP)
+            d["intensity"] = (lo, hi)
+        return d
+
+
 class ToSliceGridd(MapTransform):
     """(1, X, Y, Z) RAS MetaTensor -> ``(Z_axis, 1, size, size)`` float32 slices (viewer
-    layout, physical aspect kept, zero-padded), plus ``"foreground"`` (per-slice fraction of
-    in-image pixels above ``foreground_level``) and ``"geometry"`` (``SliceGeometry`` as a dict).
+    layout, physical aspect kept, zero-padded) or, with ``size=None``, ``(Z_axis, 1, H, W)`` on
+    the native in-plane grid (viewer layout only, no resampling), plus ``"foreground"``
+    (per-slice fraction of in-image pixels above ``foreground_level``) and ``"geometry"``
+    (``SliceGeometry`` as a dict).
     """
 
-    def __init__(self, keys: str, size: int, axis: int, foreground_level: float = 0.1) -> None:
+    def __init__(self, keys: str, size: int | None, axis: int, foreground_level: float = 0.1,
+                 upper: float = 1.0) -> None:
         super().__init__(keys)
-        self.size, self.axis, self.level = int(size), int(axis), float(foreground_level)
+        self.size = None if size is None else int(size)
+        self.axis, self.level, self.upper = int(axis), float(foreground_level), float(upper)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -286,15 +341,20 @@ class ToSliceGridd(MapTransform):
             view = _to_view(vol.movedim(self.axis, 0).float())  # (Z, nh, nw)
             p1, p2 = [spacing[a] for a in range(3) if a != self.axis]
             nh, nw = int(view.shape[1]), int(view.shape[2])
-            eh, ew = nh * p2, nw * p1  # physical extents (rows come from the 2nd in-plane axis)
-            scale = self.size / max(eh, ew)
-            mh = min(self.size, max(1, round(eh * scale)))
-            mw = min(self.size, max(1, round(ew * scale)))
-            small = view if (mh, mw) == (nh, nw) else _resize(view, (mh, mw))
-            small = small.clamp_(0.0, 1.0)
-            top, left = (self.size - mh) // 2, (self.size - mw) // 2
-            out = torch.zeros((view.shape[0], 1, self.size, self.size), dtype=torch.float32)
-            out[:, 0, top:top + mh, left:left + mw] = small
+            if self.size is None:  # native grid: the slice as stored
+                scale, (mh, mw), (top, left) = 1.0 / max(p1, p2), (nh, nw), (0, 0)
+                small = view.clamp(0.0, self.upper)
+                out = small[:, None].contiguous()
+            else:
+                eh, ew = nh * p2, nw * p1  # physical extents (rows: the 2nd in-plane axis)
+                scale = self.size / max(eh, ew)
+                mh = min(self.size, max(1, round(eh * scale)))
+                mw = min(self.size, max(1, round(ew * scale)))
+                small = view if (mh, mw) == (nh, nw) else _resize(view, (mh, mw))
+                small = small.clamp_(0.0, self.upper)
+                top, left = (self.size - mh) // 2, (self.size - mw) // 2
+                out = torch.zeros((view.shape[0], 1, self.size, self.size), dtype=torch.float32)
+                out[:, 0, top:top + mh, left:left + mw] = small
             fg = (small > self.level).float().mean(dim=(1, 2))
             geom = SliceGeometry(
                 spatial_shape=spatial_shape,  # type: ignore[arg-type]
@@ -317,11 +377,13 @@ def volume_transforms(config: SliceConfig | None = None) -> Compose:
         EnsureChannelFirstd(keys="image"),
         _CheckVolumed(keys="image"),
         Orientationd(keys="image", axcodes="RAS", labels=None),
-        _RecordPercentilesd(keys="image", lower=c.lower, upper=c.upper),
-        ScaleIntensityRangePercentilesd(keys="image", lower=c.lower, upper=c.upper, b_min=0.0,
-                                        b_max=1.0, clip=True),
-        ToSliceGridd(keys="image", size=int(c.size), axis=int(c.axis),
-                     foreground_level=c.foreground_level),
+        *([_RecordPercentilesd(keys="image", lower=c.lower, upper=c.upper),
+           ScaleIntensityRangePercentilesd(keys="image", lower=c.lower, upper=c.upper,
+                                           b_min=0.0, b_max=1.0, clip=True)]
+          if c.normalise == "percentile" else [_ForegroundScaled(keys="image", lower=c.lower)]),
+        ToSliceGridd(keys="image", size=c.size, axis=int(c.axis),
+                     foreground_level=c.foreground_level,
+                     upper=1.0 if c.normalise == "percentile" else FOREGROUND_CLIP),
     ])
 
 

@@ -326,12 +326,14 @@ def pipeline_demo(config: str = "configs/demo.yaml", overrides: list[str] | None
     from pipelines.settings import api_url
 
     ops = ", ".join(o.name for o in cfg.reconstruct.operators)
+    size = cfg.data.image_size
+    grid = "native-grid" if size is None else f"{size}x{size}"
     console.rule("[bold]recon demo: diffusion-prior reconstruction of held-out brain MRI")
     console.print(f"config {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} | "
                   f"operators: {ops} | {cfg.reconstruct.integrator.label}, {cfg.reconstruct.steps} "
                   f"steps, {cfg.reconstruct.n_samples} posterior samples | "
-                  f"{cfg.data.image_size}x{cfg.data.image_size} slices, <= {cfg.data.max_slices} "
-                  f"per volume | Prefect API: {api_url() or 'embedded'}", highlight=False)
+                  f"{grid} slices, <= {cfg.data.max_slices} per volume | Prefect API: "
+                  f"{api_url() or 'embedded'}", highlight=False)
     console.print(f"prior: {cfg.prior.checkpoint} (train.enabled={cfg.train.enabled})",
                   highlight=False)
     try:

@@ -26,24 +26,18 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from recon.diffusion import DiffusionModel, batch_view, eps_from_x0, tweedie
+from recon.diffusion import DiffusionModel, eps_from_x0, tweedie
 from recon.integrator import EpsFn, scales
+from recon.linalg import batch_dot, conjugate_gradient
+
+__all__ = ["batch_dot", "conjugate_gradient"]  # re-exported: the guidances' linear algebra
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def batch_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample real inner product ``Re sum(conj(a) b)`` over all but the first dimension."""
-    prod = torch.conj(a) * b
-    if prod.is_complex():
-        prod = prod.real
-    return prod.reshape(prod.shape[0], -1).sum(-1)
-
-
 def noise_variance(operator, y: Tensor) -> float:
     """Noise variance per real component of y: ``sigma_y^2``, or ``sigma_y^2 / 2`` if complex."""
     var = float(operator.sigma_y) ** 2
@@ -54,31 +48,6 @@ def real_adjoint(operator, v: Tensor) -> Tensor:
     """``Re(A^H v)``: the adjoint of ``A`` seen as a map between real spaces (images are real)."""
     out = operator.adjoint(v)
     return out.real if out.is_complex() else out
-
-
-def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int) -> Tensor:
-    r"""Batched conjugate gradient for ``M w = b`` (M symmetric positive semi-definite per sample).
-
-    Runs exactly ``steps`` iterations from ``w = 0`` with per-sample step sizes
-    ``alpha = <r, r>/<p, M p>`` and ``beta = <r', r'>/<r, r>``; a sample whose residual vanished
-    keeps its solution (0/0 is read as 0). Inner products are real (``batch_dot``), so complex
-    ``b`` is solved as the real system on (Re, Im) pairs.
-    """
-    w = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = batch_dot(r, r)
-    for _ in range(steps):
-        mp = matvec(p)
-        pmp = batch_dot(p, mp)
-        alpha = torch.where(pmp > 0, rs / torch.where(pmp > 0, pmp, 1.0), 0.0)
-        w = w + batch_view(alpha, p) * p
-        r = r - batch_view(alpha, mp) * mp
-        rs_new = batch_dot(r, r)
-        beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
-        p = r + batch_view(beta, p) * p
-        rs = rs_new
-    return w
 
 
 # -- guidance -----------------------------------------------------------------------------------

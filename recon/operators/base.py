@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from recon.linalg import conjugate_gradient
+
 Seed = torch.Generator | int | None
 
 
@@ -131,26 +133,9 @@ class Operator(nn.Module, ABC):
         def matvec(v: Tensor) -> Tensor:
             return real(self.normal(v)) + lam * v
 
-        def dot(a: Tensor, b: Tensor) -> Tensor:
-            prod = torch.conj(a) * b
-            return (prod.real if prod.is_complex() else prod).reshape(a.shape[0], -1).sum(-1)
-
-        def view(c: Tensor) -> Tensor:
-            return c.reshape(-1, *([1] * (x0.ndim - 1)))
-
-        x = x0.clone()
-        r = real(self.adjoint(y)) + lam * x0 - matvec(x)
-        p, rs = r.clone(), dot(r, r)
-        for _ in range(steps):
-            mp = matvec(p)
-            pmp = dot(p, mp)
-            alpha = torch.where(pmp > 0, rs / torch.where(pmp > 0, pmp, 1.0), 0.0)
-            x = x + view(alpha) * p
-            r = r - view(alpha) * mp
-            rs_new = dot(r, r)
-            p = r + view(torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)) * p
-            rs = rs_new
-        return x
+        # x = x0 + d with (A^H A + lam) d = A^H y - A^H A x0 (CG from x0)
+        return x0 + conjugate_gradient(matvec, real(self.adjoint(y)) - real(self.normal(x0)),
+                                       steps)
 
     # --- measurements ---------------------------------------------------------------------
     def _noise_support(self) -> Tensor | None:

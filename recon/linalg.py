@@ -1,0 +1,47 @@
+"""Batched linear algebra shared by the guidances and the operators' prox: per-sample real
+inner products and conjugate gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def _per_sample(c: Tensor, x: Tensor) -> Tensor:
+    """A per-sample coefficient ``(B,)`` shaped to broadcast over ``x`` ``(B, ...)``."""
+    return c.to(x.real.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def batch_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample real inner product ``Re sum(conj(a) b)`` over all but the first dimension."""
+    prod = torch.conj(a) * b
+    if prod.is_complex():
+        prod = prod.real
+    return prod.reshape(prod.shape[0], -1).sum(-1)
+
+
+def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int) -> Tensor:
+    r"""Batched conjugate gradient for ``M w = b`` (M symmetric positive semi-definite per sample).
+
+    Runs exactly ``steps`` iterations from ``w = 0`` with per-sample step sizes
+    ``alpha = <r, r>/<p, M p>`` and ``beta = <r', r'>/<r, r>``; a sample whose residual vanished
+    keeps its solution (0/0 is read as 0). Inner products are real (``batch_dot``), so complex
+    ``b`` is solved as the real system on (Re, Im) pairs.
+    """
+    w = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = batch_dot(r, r)
+    for _ in range(steps):
+        mp = matvec(p)
+        pmp = batch_dot(p, mp)
+        alpha = torch.where(pmp > 0, rs / torch.where(pmp > 0, pmp, 1.0), 0.0)
+        w = w + _per_sample(alpha, p) * p
+        r = r - _per_sample(alpha, mp) * mp
+        rs_new = batch_dot(r, r)
+        beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
+        p = r + _per_sample(beta, p) * p
+        rs = rs_new
+    return w

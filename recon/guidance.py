@@ -68,13 +68,22 @@ class Guidance(ABC):
 
 
 class DPS(Guidance):
-    r"""Diffusion posterior sampling (Chung et al. 2023).
+    r"""Diffusion posterior sampling (Chung et al. 2023), with the step taken on ``x0_hat``.
 
-    ``grad log p(y | x_t) ~ -zeta grad_{x_t} ||y - A x0_hat(x_t)||^2 / ||y - A x0_hat(x_t)||``,
-    the norm taken per sample (``|.|^2`` summed for complex y) and held constant in the gradient,
-    i.e. ``-2 zeta grad ||y - A x0_hat||`` (Chung et al.'s code steps by ``zeta' grad ||.||``, so
-    ``zeta = zeta'/2``). One VJP through the network per evaluation. Not exact: it ignores the
-    covariance of ``x0 | x_t`` and ``sigma_y``; ``zeta`` is a step size to tune.
+    The gradient is DPS's: through the network, ``g = grad_{x_t} ||y - A x0_hat(x_t)||^2 /
+    ||y - A x0_hat||`` (the paper's normalisation; the norm per sample, held constant). The
+    paper steps ``x_t`` by ``zeta' g`` after each of 1000 DDPM steps, a step that depends on
+    the step count: at 16-32 steps it either barely acts or runs away. Here the step is made in
+    the units of ``x0``, with length ``zeta s ||y - A x0_hat|| / 2``:
+
+        x0_y = x0_hat - zeta s J^T A^H (A x0_hat - y),      J = d x0_hat / d x_t,
+
+    i.e. ``eps_y = eps + zeta (s^2/sigma) J^T A^H (A x0_hat - y)``. Since ``s J -> I`` as
+    ``t -> 0`` this ends as a Landweber step of length ``zeta`` on ``1/2 ||y - A x||^2``, stable
+    for ``0 < zeta < 2 / ||A||^2`` whatever the number of steps (``||A|| <= 1`` for every
+    operator here), and fades at high noise where ``s J = (s^2/sigma^2) Cov[x0 | x_t]`` is
+    small; ``zeta = 1`` is the natural setting. One VJP per evaluation; not exact (it ignores
+    the covariance of ``x0 | x_t`` and ``sigma_y``).
     """
 
     name = "dps"
@@ -95,11 +104,8 @@ class DPS(Guidance):
             eps = eps_fn(x_, t)
             x0 = tweedie(x_, eps, s, sigma)
             r = y - operator.forward(x0)
-            sq = batch_dot(r, r)
-            norm = sq.detach().sqrt().clamp_min(torch.finfo(sq.dtype).tiny)
-            (grad,) = torch.autograd.grad((sq / norm).sum(), x_)
-        # eps_y = eps - sigma * (-zeta grad)
-        return eps.detach() + (sigma * self.zeta) * grad
+            (grad,) = torch.autograd.grad(0.5 * batch_dot(r, r).sum(), x_)  # J^T A^H (A x0 - y)
+        return eps.detach() + (self.zeta * s * s / sigma) * grad
 
 
 class TweedieCovariance(Guidance):

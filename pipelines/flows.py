@@ -1,5 +1,5 @@
 """Prefect flows: ``load_data``, ``train_prior``, ``reconstruct``, ``evaluate``, ``pipeline``
-(the four chained as subflows) and ``compare_integrators``.
+(the four chained as subflows) and ``compare`` (methods side by side).
 
 Flows only orchestrate: every computation is a library call made inside a task
 (``pipelines.tasks``). Each flow run is one MLflow run (``pipelines.tracking``): params = the
@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 
 import pipelines  # noqa: F401  (Prefect settings before anything else)
 from pipelines import services, tasks
-from pipelines.figures import psnr_vs_nfe
+from pipelines.figures import quality_cost
 from pipelines.tracking import (
     Run,
     create_run,
@@ -33,9 +33,9 @@ from pipelines.tracking import (
     tracking_uri,
 )
 from recon.config import (
+    BaselineConfig,
     Config,
     ConfigError,
-    IntegratorConfig,
     OperatorConfig,
     apply_override,
     load_config,
@@ -192,18 +192,69 @@ def train_prior(config: str | dict[str, Any] | Config = DEFAULT_CONFIG, override
 
 
 # -- reconstruct --------------------------------------------------------------------------------
+def series(out: Mapping[str, Any]) -> str:
+    """The name of a result's metric series: the operator, plus the method for a baseline
+    (``fourier``, ``fourier-tv``)."""
+    return out["operator"] if out["method"] == "diffusion" else f"{out['operator']}-{out['method']}"
+
+
+def _tuning_volumes(cfg: Config) -> list[str]:
+    """Prepared validation volumes (``tune_slices`` central slices each) on which baselines'
+    ``lam`` is chosen; never the test split."""
+    d = cfg.data
+    volumes = tasks.list_volumes(str(d.manifest), str(d.data_root), d.val_split, verify=True)
+    if not volumes:
+        raise ValueError(f"baselines with lam: null need validation volumes to choose lam on, "
+                         f"but split {d.val_split!r} of {d.manifest} has none; set lam")
+    volumes = volumes[: cfg.reconstruct.tune_volumes]
+    data = d.model_copy(update={"max_slices": cfg.reconstruct.tune_slices})
+    prepare = _with_storage(tasks.prepare_volume, cfg)
+    return [cached_call(prepare, volume=v, data=data, out_dir=str(d.cache_dir)) for v in volumes]
+
+
+def tuned_baselines(cfg: Config, run: Run, operators: list[OperatorConfig],
+                    baselines: list[BaselineConfig]) -> dict[tuple[str, str], BaselineConfig]:
+    """``{(operator, baseline): BaselineConfig with lam}``: a ``lam`` left null is chosen per
+    operator on the validation split (cached task) and logged as ``lam/<operator>-<baseline>``."""
+    out, val = {}, None
+    for op in operators:
+        for b in baselines:
+            if b.lam is None:
+                val = _tuning_volumes(cfg) if val is None else val
+                r = cached_call(_with_storage(tasks.tune_baseline, cfg), prepared=val, operator=op,
+                                baseline=b, sigma_y=cfg.reconstruct.sigma_y, seed=cfg.reconstruct.seed)
+                run.log_metrics({f"lam/{_key(op.name)}-{b.name}": r["lam"]})
+                print(f"{b.name} for {op.name}: lam = {r['lam']:.4g}, chosen on {r['slices']} "
+                      f"validation slices of {r['volumes']} volumes (mean PSNR "
+                      f"{max(r['scores'].values()):.2f} dB)")
+                b = b.model_copy(update={"params": {**b.params, "lam": r["lam"]}})
+            out[(op.name, b.name)] = b
+    return out
+
+
 def _reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str,
-                     operators: list[OperatorConfig] | None = None, subdir: str = "") -> list[dict]:
-    """Every prepared volume x operator through the cached ``reconstruct-volume`` task."""
+                     operators: list[OperatorConfig] | None = None, subdir: str = "",
+                     diffusion: bool = True,
+                     baselines: list[BaselineConfig] | None = None) -> list[dict]:
+    """Every prepared volume x operator through the cached ``reconstruct-volume`` task: with
+    the diffusion sampler (``diffusion``) and each baseline (default ``reconstruct.baselines``)
+    on the same measurement."""
     prior = cfg.prior.model_copy(update={"checkpoint": Path(checkpoint)})
+    operators = operators or cfg.reconstruct.operators
+    baselines = cfg.reconstruct.baselines if baselines is None else baselines
+    tuned = tuned_baselines(cfg, run, operators, baselines)
     task = _with_storage(tasks.reconstruct_volume, cfg)
     outputs = []
     for p in prepared:
-        for op in operators or cfg.reconstruct.operators:
-            out_dir = run_dir(cfg, run) / subdir / PreparedVolume.open(p).name / op.name
-            out = cached_call(task, prepared=p, operator=op, settings=cfg.reconstruct,
-                              prior=prior, out_dir=str(out_dir), progress=cfg.reconstruct.progress)
-            outputs.append(out)
+        name = PreparedVolume.open(p).name
+        for op in operators:
+            methods = ([(op.name, None)] if diffusion else []) + \
+                [(f"{op.name}-{b.name}", tuned[(op.name, b.name)]) for b in baselines]
+            for folder, baseline in methods:
+                out_dir = run_dir(cfg, run) / subdir / name / folder
+                outputs.append(cached_call(task, prepared=p, operator=op, settings=cfg.reconstruct,
+                                           prior=prior, out_dir=str(out_dir), baseline=baseline,
+                                           progress=cfg.reconstruct.progress))
     return outputs
 
 
@@ -228,12 +279,12 @@ def reconstruct(config: str | dict[str, Any] | Config = DEFAULT_CONFIG, override
         t0 = time.perf_counter()
         outputs = _reconstruct_all(cfg, run, data["prepared"], checkpoint)
         for out in outputs:
-            key = f"{_key(out['operator'])}/{_key(out['volume'])}"
+            key = f"{_key(series(out))}/{_key(out['volume'])}"
             run.log_metrics({f"nfe/{key}": out["nfe"], f"seconds/{key}": out["seconds"],
                              f"slices_per_s/{key}": out["slices_per_s"]})
             tasks.log_artifacts(tracking_uri(cfg), run.run_id,
                                 {k: out[k] for k in ("recon", "naive", "std", "stacks", "summary")},
-                                f"nifti/{_key(out['volume'])}/{_key(out['operator'])}")
+                                f"nifti/{_key(out['volume'])}/{_key(series(out))}")
         total = sum(o["slices"] for o in outputs)
         compute = sum(o["seconds"] for o in outputs)
         run.log_metrics({"nfe": outputs[0]["nfe"] if outputs else 0, "slices": total,
@@ -248,28 +299,28 @@ def _evaluate_outputs(cfg: Config, run: Run, outputs: list[dict]) -> list[dict]:
     evaluate_task = _with_storage(tasks.evaluate_volume, cfg)
     for out in outputs:
         m = cached_call(evaluate_task, stacks=out["stacks"])
-        key = f"{_key(out['operator'])}/{_key(out['volume'])}"
+        key = f"{_key(series(out))}/{_key(out['volume'])}"
         run.log_metrics({f"{name}/{key}": m[name] for name in VOLUME_METRICS})
-        for series in SLICE_METRICS:
-            run.log_series(f"{series}_slice/{key}", m[f"{series}_slices"], steps=m["indices"])
-        title = (f"{out['volume']} | {out['operator']} ({out['guidance']}, {out['integrator']}, "
-                 f"{out['steps']} steps) | PSNR {m['psnr']:.2f} dB vs naive {m['psnr_naive']:.2f}")
+        for metric in SLICE_METRICS:
+            run.log_series(f"{metric}_slice/{key}", m[f"{metric}_slices"], steps=m["indices"])
+        title = (f"{out['volume']} | {out['operator']} ({out['label']}) | PSNR {m['psnr']:.2f} dB "
+                 f"vs naive {m['psnr_naive']:.2f}")
         tasks.log_volume_figure(tracking_uri(cfg), run.run_id, out["stacks"], m, title,
-                                f"figures/{_key(out['volume'])}_{_key(out['operator'])}.png")
-        rows.append({**{k: out[k] for k in ("volume", "operator", "guidance", "integrator",
-                                             "steps", "nfe", "slices")},
+                                f"figures/{_key(out['volume'])}_{_key(series(out))}.png")
+        rows.append({**{k: out[k] for k in ("volume", "operator", "method", "label", "guidance",
+                                             "integrator", "steps", "nfe", "vjp", "slices")},
                      **{name: m[name] for name in VOLUME_METRICS},
                      "seconds": out["seconds"], "slices_per_s": out["slices_per_s"]})
     return rows
 
 
 def _operator_means(rows: list[dict]) -> dict[str, float]:
-    """Mean PSNR/SSIM/gain per operator over volumes (headline metrics)."""
+    """Mean PSNR/SSIM/gain per operator (and baseline) over volumes (headline metrics)."""
     out: dict[str, float] = {}
-    for op in dict.fromkeys(r["operator"] for r in rows):
-        sel = [r for r in rows if r["operator"] == op]
+    for name in dict.fromkeys(series(r) for r in rows):
+        sel = [r for r in rows if series(r) == name]
         for k in VOLUME_METRICS:
-            out[f"{k}/{_key(op)}"] = sum(r[k] for r in sel) / len(sel)
+            out[f"{k}/{_key(name)}"] = sum(r[k] for r in sel) / len(sel)
     return out
 
 
@@ -310,66 +361,78 @@ def pipeline(config: str | dict[str, Any] | Config = DEFAULT_CONFIG,
                                            "reconstruct": rec["run_id"], "evaluate": ev["run_id"]}}
 
 
-# -- compare_integrators ------------------------------------------------------------------------
-@flow(name="compare_integrators", log_prints=True)
-def compare_integrators(config: str | dict[str, Any] | Config = DEFAULT_CONFIG,
-                        overrides: list[str] | None = None, data: dict[str, Any] | None = None,
-                        checkpoint: str | None = None,
-                        parent_run_id: str | None = None) -> dict[str, Any]:
-    """One parent MLflow run, one child per (integrator, steps) on the same data, seed and
-    measurement (``compare.operator``); the parent holds the comparison table and a PSNR-vs-NFE
-    plot. Returns ``{"run_id", "rows", "children"}``."""
-    cfg = start(config, overrides, "compare_integrators", parent_run_id)
-    with run_context(cfg, "compare_integrators", parent_run_id,
-                     tags=_tags("compare_integrators")) as parent:
+# -- compare ----------------------------------------------------------------------------------
+COMPARE_COLUMNS = ("method", "kind", "nfe", "vjp", "psnr", "ssim", "seconds", "slices_per_s",
+                   "psnr_naive", "gain_db")
+
+
+@flow(name="compare", log_prints=True)
+def compare(config: str | dict[str, Any] | Config = DEFAULT_CONFIG,
+            overrides: list[str] | None = None, data: dict[str, Any] | None = None,
+            checkpoint: str | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Compare methods on the same data, seed and measurement (``compare.operator``): the
+    diffusion settings (``compare.integrators`` x ``compare.steps``, then the diffusion rows of
+    ``compare.methods``) and the classical baselines (``lam`` chosen on the validation split).
+    One parent MLflow run, one child per method with PSNR, SSIM, NFE, VJP, seconds and
+    slices/s; the parent holds the table and the PSNR-vs-seconds frontier. Returns
+    ``{"run_id", "rows", "children"}``."""
+    cfg = start(config, overrides, "compare", parent_run_id)
+    with run_context(cfg, "compare", parent_run_id, tags=_tags("compare")) as parent:
         checkpoint = checkpoint or str(cfg.prior.checkpoint)
         _preflight(cfg, checkpoint)
         if data is None:
             data = load_data(cfg, parent_run_id=parent.run_id)
         prepared = data["prepared"][: cfg.compare.max_volumes]
         op = cfg.compare_operator
+        methods = cfg.compare.rows()
+        baselines = [m.baseline for m in methods if m.baseline is not None]
+        tuned = tuned_baselines(cfg, parent, [op], baselines)
         rows, children = [], []
-        for integrator in cfg.compare.integrators:
-            for steps in cfg.compare.steps:
-                label = f"{integrator.label}-{steps}"
-                setting = _setting(cfg, integrator, steps)
-                child = create_run(setting, label, parent.run_id,
-                                   tags={**_tags("compare_integrators"), "compare.integrator":
-                                         integrator.label, "compare.steps": steps})
-                children.append(child.run_id)
-                try:
-                    child.log_params(setting.resolved())
-                    outs = _reconstruct_all(setting, child, prepared, checkpoint, [op])
-                    ev = _evaluate_outputs(setting, child, outs)
-                    row = {"integrator": integrator.label, "steps": steps, "nfe": outs[0]["nfe"],
-                           "psnr": _mean(ev, "psnr"), "ssim": _mean(ev, "ssim"),
-                           "seconds": sum(o["seconds"] for o in outs),
-                           "psnr_naive": _mean(ev, "psnr_naive"), "gain_db": _mean(ev, "gain_db"),
-                           "run_id": child.run_id}
-                    child.log_metrics({k: row[k] for k in ("nfe", "psnr", "ssim", "seconds",
-                                                           "psnr_naive", "gain_db")})
-                    child.finish()
-                except BaseException as err:
-                    child.fail(err)
-                    raise
-                rows.append(row)
-                print(f"{label}: NFE {row['nfe']}, PSNR {row['psnr']:.2f} dB, "
-                      f"SSIM {row['ssim']:.3f}, {row['seconds']:.1f} s")
-        table = [{k: r[k] for k in ("integrator", "steps", "nfe", "psnr", "ssim", "seconds",
-                                    "psnr_naive", "gain_db")} for r in rows]
+        for method in methods:
+            setting = cfg.model_copy(update={"reconstruct": method.setting(cfg.reconstruct)})
+            op = next(o for o in setting.reconstruct.operators if o.name == op.name)
+            if method.baseline is not None:
+                b = tuned[(op.name, method.baseline.name)]
+                label, family, kind = b.label, b.name, "baseline"
+                tags = {"compare.method": label, "compare.baseline": b.name}
+            else:
+                rs = setting.reconstruct
+                g = rs.guidance_for(op)
+                label = f"{g.label} {rs.integrator.label} x{rs.steps}"
+                family, kind = f"{g.label} {rs.integrator.label}", "diffusion"
+                tags = {"compare.method": label, "compare.guidance": g.label,
+                        "compare.integrator": rs.integrator.label, "compare.steps": rs.steps}
+            child = create_run(setting, label, parent.run_id, tags={**_tags("compare"), **tags})
+            children.append(child.run_id)
+            try:
+                child.log_params(setting.resolved())
+                outs = _reconstruct_all(setting, child, prepared, checkpoint, [op],
+                                        diffusion=method.baseline is None,
+                                        baselines=[] if method.baseline is None else [b])
+                ev = _evaluate_outputs(setting, child, outs)
+                seconds = sum(o["seconds"] for o in outs)
+                slices = sum(o["slices"] for o in outs)
+                row = {"method": label, "kind": kind, "family": family, "nfe": outs[0]["nfe"],
+                       "vjp": outs[0]["vjp"], "psnr": _mean(ev, "psnr"), "ssim": _mean(ev, "ssim"),
+                       "seconds": seconds, "slices_per_s": slices / seconds if seconds > 0 else 0.0,
+                       "psnr_naive": _mean(ev, "psnr_naive"), "gain_db": _mean(ev, "gain_db"),
+                       "run_id": child.run_id}
+                child.log_metrics({k: row[k] for k in COMPARE_COLUMNS if k not in ("method", "kind")})
+                child.finish()
+            except BaseException as err:
+                child.fail(err)
+                raise
+            rows.append(row)
+            print(f"{label}: NFE {row['nfe']}, VJP {row['vjp']}, PSNR {row['psnr']:.2f} dB, "
+                  f"SSIM {row['ssim']:.3f}, {row['seconds']:.1f} s")
+        table = [{k: r[k] for k in COMPARE_COLUMNS} for r in rows]
         parent.log_table(table, "comparison.json")
-        parent.log_figure(psnr_vs_nfe(rows, f"{op.name}: PSNR vs NFE"), "psnr_vs_nfe.png")
+        parent.log_figure(quality_cost(rows, f"{op.name}: PSNR vs seconds, {len(prepared)} "
+                                             f"volume(s)"), "psnr_vs_seconds.png")
         best = max(rows, key=lambda r: r["psnr"])
         parent.log_metrics({"best_psnr": best["psnr"], "settings": len(rows)})
-        parent.set_tags({"compare.best": f"{best['integrator']}-{best['steps']}",
-                         "compare.operator": op.name})
+        parent.set_tags({"compare.best": best["method"], "compare.operator": op.name})
         return {"run_id": parent.run_id, "rows": table, "children": children}
-
-
-def _setting(cfg: Config, integrator: IntegratorConfig, steps: int) -> Config:
-    """``cfg`` with one (integrator, steps) setting (both already validated)."""
-    return cfg.model_copy(update={"reconstruct": cfg.reconstruct.model_copy(
-        update={"integrator": integrator, "steps": steps})})
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -377,4 +440,4 @@ def _mean(rows: list[dict], key: str) -> float:
 
 
 FLOWS = {"load_data": load_data, "train_prior": train_prior, "reconstruct": reconstruct,
-         "evaluate": evaluate, "pipeline": pipeline, "compare_integrators": compare_integrators}
+         "evaluate": evaluate, "pipeline": pipeline, "compare": compare}

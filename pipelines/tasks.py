@@ -28,11 +28,12 @@ from pydantic import BaseModel
 from pipelines import services
 from pipelines.figures import volume_figure
 from pipelines.tracking import Run
-from recon.config import DataConfig, OperatorConfig, PriorSection, ReconstructSection
+from recon.config import BaselineConfig, DataConfig, OperatorConfig, PriorSection, ReconstructSection
 from recon.data.nifti import atomic_write_bytes
 from recon.metrics import evaluate_stacks
 from recon.prior_config import PriorConfig
 from recon.reconstruction import reconstruct_prepared
+from recon.reconstruction import tune_baseline as tune
 from recon.volumes import prepare_volume as prepare
 from recon.volumes import read_stacks
 
@@ -169,10 +170,21 @@ def train_prior(prior: PriorConfig, data_root: str, manifest: str, out_dir: str,
 # -- reconstruction -----------------------------------------------------------------------------
 @task(name="reconstruct-volume", **EXPENSIVE)
 def reconstruct_volume(prepared: str, operator: OperatorConfig, settings: ReconstructSection,
-                       prior: PriorSection, out_dir: str, progress: bool = True) -> dict:
-    """Slice-batched streaming reconstruction of one prepared volume with one operator:
-    NIfTI ``truth``, ``naive``, ``recon``, ``std`` in ``out_dir`` plus ``summary.json``."""
-    return reconstruct_prepared(prepared, operator, settings, prior, out_dir, progress=progress)
+                       prior: PriorSection, out_dir: str, progress: bool = True,
+                       baseline: BaselineConfig | None = None) -> dict:
+    """Slice-batched streaming reconstruction of one prepared volume with one operator, by the
+    diffusion sampler or a classical ``baseline``: NIfTI ``truth``, ``naive``, ``recon``,
+    ``std`` in ``out_dir`` plus ``summary.json``."""
+    return reconstruct_prepared(prepared, operator, settings, prior, out_dir, progress=progress,
+                                baseline=baseline)
+
+
+@task(name="tune-baseline", **EXPENSIVE)
+def tune_baseline(prepared: list[str], operator: OperatorConfig, baseline: BaselineConfig,
+                  sigma_y: float, seed: int) -> dict:
+    """Choose a baseline's ``lam`` for one operator on validation volumes
+    (``recon.reconstruction.tune_baseline``): ``{"lam", "scores", "slices", "volumes"}``."""
+    return tune(prepared, operator, baseline, sigma_y, seed)
 
 
 @task(name="evaluate-volume", **EXPENSIVE)

@@ -1,5 +1,5 @@
 """The project's configuration: one validated pydantic (v2) schema for data, prior, training,
-reconstruction, integrator comparison and tracking.
+reconstruction (sampler and classical baselines), method comparison and tracking.
 
     cfg = load_config("configs/demo.yaml", ["reconstruct.steps=32", "reconstruct.operators=[fourier]"])
     cfg.reconstruct.integrator.name      # "heun"
@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from recon.baselines import BASELINES, Baseline
 from recon.guidance import GUIDANCES, Guidance
 from recon.integrator import INTEGRATORS, Integrator
 from recon.operators import OPERATORS, Operator
@@ -47,6 +48,13 @@ def _check_name(kind: str, name: str, valid: Iterable[str]) -> str:
 def _named(value: Any) -> Any:
     """Allow the short form ``heun`` for ``{name: heun}``."""
     return {"name": value} if isinstance(value, str) else value
+
+
+def _named_list(value: Any) -> Any:
+    """A list of components from one item or a list, each in short form or not."""
+    if isinstance(value, str | dict):
+        value = [value]
+    return [_named(o) for o in value] if isinstance(value, list) else value
 
 
 def _check_params(kind: str, name: str, cls: type, params: Mapping[str, Any],
@@ -185,6 +193,14 @@ class OperatorConfig(_Component):
                                         sigma_y=sigma_y, seed=seed)
 
 
+def _label(name: str, params: Mapping[str, Any]) -> str:
+    """``ddim`` or ``ddim(eta=1.0)``: short and unique per setting."""
+    if not params:
+        return name
+    return name + "(" + ",".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in sorted(params.items())) + ")"
+
+
 class GuidanceConfig(_Component):
     """Posterior guidance from ``recon.guidance.GUIDANCES`` and its keyword arguments."""
 
@@ -195,6 +211,35 @@ class GuidanceConfig(_Component):
 
     def build(self) -> Guidance:
         return super().build()
+
+    @property
+    def label(self) -> str:
+        return _label(self.name, self.params)
+
+
+class BaselineConfig(_Component):
+    """A classical reconstruction from ``recon.baselines.BASELINES`` (``tv``, ``l1_wavelet``)
+    and its keyword arguments: ``lam`` (null: chosen on the validation split for each
+    operator, ``recon.reconstruction.tune_baseline``) and ``iterations``."""
+
+    KIND = "baseline"
+    REGISTRY = BASELINES
+    RESERVED = ("operator",)
+
+    def _trial(self) -> Any:
+        return self.build(OPERATORS["mask"]((8, 8), keep=0.5, sigma_y=0.01, seed=0))
+
+    def build(self, operator: Operator) -> Baseline:
+        """The baseline for this operator."""
+        return self.REGISTRY[self.name](operator, **self.params)
+
+    @property
+    def lam(self) -> float | None:
+        return self.params.get("lam")
+
+    @property
+    def label(self) -> str:
+        return _label(self.name, self.params)
 
 
 class IntegratorConfig(_Component):
@@ -211,9 +256,7 @@ class IntegratorConfig(_Component):
     @property
     def label(self) -> str:
         """``ddim`` or ``ddim(eta=1.0)``: short and unique per setting."""
-        if not self.params:
-            return self.name
-        return self.name + "(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
+        return _label(self.name, self.params)
 
 
 class TimerConfig(_Component):
@@ -247,6 +290,13 @@ class ReconstructSection(_Section):
         None, description="keep every guided x0 estimate finite and inside [lo, hi] (image "
         "units); e.g. [0, 1.5] for foreground-normalised slices. null: no guard")
     steps: int = Field(32, ge=1, le=10_000)
+    baselines: list[BaselineConfig] = Field(
+        default_factory=list, description="classical reconstructions of the same y, rows of the "
+        "same tables (e.g. [tv, l1_wavelet]); lam null: chosen on the validation split")
+    tune_slices: int = Field(2, ge=1, le=64, description="central slices per validation volume "
+                             "on which a baseline's lam is chosen")
+    tune_volumes: int | None = Field(None, ge=1, description="validation volumes used to choose "
+                                     "lam (None: every T1-weighted one of data.val_split)")
     n_samples: int = Field(2, ge=1, le=64, description="posterior samples per slice (mean, std)")
     batch_size: int = Field(8, ge=1, description="slices per batch (memory bound)")
     seed: int = Field(0, ge=0)
@@ -255,12 +305,10 @@ class ReconstructSection(_Section):
                                     "default); 1 avoids oversubscription on shared CPUs")
     progress: bool = True
 
-    @field_validator("operators", mode="before")
+    @field_validator("operators", "baselines", mode="before")
     @classmethod
-    def _short_operators(cls, v: Any) -> Any:
-        if isinstance(v, str | dict):
-            v = [v]
-        return [_named(o) for o in v] if isinstance(v, list) else v
+    def _short_lists(cls, v: Any) -> Any:
+        return _named_list(v)
 
     @field_validator("guidance", "integrator", "timer", mode="before")
     @classmethod
@@ -287,28 +335,69 @@ class ReconstructSection(_Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"operators listed more than once: {dup} (outputs are named by operator)")
+        names = [b.name for b in self.baselines]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"baselines listed more than once: {dup} (outputs are named by method)")
         return self
 
     def guidance_for(self, op: OperatorConfig) -> GuidanceConfig:
         return op.guidance or self.guidance
 
 
+class MethodConfig(_Section):
+    """One row of a comparison: the diffusion sampler of ``reconstruct`` with some of
+    ``guidance`` / ``integrator`` / ``steps`` changed, or a classical ``baseline``. Short forms:
+    ``tv`` (a baseline name) and ``{baseline: l1_wavelet, ...}``."""
+
+    baseline: BaselineConfig | None = None
+    guidance: GuidanceConfig | None = None
+    integrator: IntegratorConfig | None = None
+    steps: int | None = Field(None, ge=1, le=10_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {"baseline": {"name": v}} if v in BASELINES else {"guidance": {"name": v}}
+        if isinstance(v, dict):
+            v = {k: (_named(x) if k in ("baseline", "guidance", "integrator") else x)
+                 for k, x in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> MethodConfig:
+        if self.baseline is not None and (self.guidance or self.integrator or self.steps):
+            raise ValueError("a method is either a baseline or a diffusion setting (guidance, "
+                             "integrator, steps), not both")
+        return self
+
+    def setting(self, rs: ReconstructSection) -> ReconstructSection:
+        """``reconstruct`` with this method's diffusion fields (unchanged for a baseline)."""
+        update = {k: v for k, v in (("guidance", self.guidance), ("integrator", self.integrator),
+                                    ("steps", self.steps)) if v is not None}
+        if self.guidance is not None:  # one guidance for every operator in the comparison
+            update["operators"] = [o.model_copy(update={"guidance": None}) for o in rs.operators]
+        return rs.model_copy(update=update)
+
+
 class CompareSection(_Section):
-    """Integrator comparison: same data, seed and measurement; one child run per setting."""
+    """Method comparison, same data, seed and measurement, one child run per method: the grid
+    ``integrators`` x ``steps`` (with ``reconstruct.guidance``) followed by ``methods``."""
 
     integrators: list[IntegratorConfig] = Field(
-        default_factory=lambda: [IntegratorConfig(name=n) for n in ("euler", "heun", "dpmpp2s", "ddim")],
-        min_length=1)
+        default_factory=lambda: [IntegratorConfig(name=n) for n in ("euler", "heun", "dpmpp2s", "ddim")])
     steps: list[int] = Field(default_factory=lambda: [16], min_length=1)
+    methods: list[MethodConfig] = Field(
+        default_factory=list, description="further rows: diffusion settings and baselines, e.g. "
+        "[{guidance: dps, steps: 16}, tv, l1_wavelet]")
     operator: str | None = Field(None, description="operator name (default: the first one)")
     max_volumes: int = Field(1, ge=1)
 
     @field_validator("integrators", mode="before")
     @classmethod
     def _short(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [v]
-        return [_named(o) for o in v] if isinstance(v, list) else v
+        return _named_list(v)
 
     @field_validator("steps")
     @classmethod
@@ -321,6 +410,17 @@ class CompareSection(_Section):
     @classmethod
     def _operator(cls, v: str | None) -> str | None:
         return None if v is None else _check_name("operator", v, OPERATORS)
+
+    @model_validator(mode="after")
+    def _rows(self) -> CompareSection:
+        if not self.integrators and not self.methods:
+            raise ValueError("nothing to compare: give integrators or methods")
+        return self
+
+    def rows(self) -> list[MethodConfig]:
+        """Every method compared: the integrator x steps grid, then ``methods``."""
+        grid = [MethodConfig(integrator=i, steps=n) for i in self.integrators for n in self.steps]
+        return grid + list(self.methods)
 
 
 class TrackingSection(_Section):

@@ -4,7 +4,9 @@ A volume ``(S, H, W)`` is processed ``batch_size`` slices at a time: each slice 
 ``y = A x + sigma_y n`` (noise seeded per slice, so the measurement of a slice does not depend
 on the batch it falls in), the naive baseline is ``A^+ y`` (``operator.pseudo_inverse``), and
 ``n_samples`` posterior samples ``x0 ~ p(x0 | y)`` are drawn with a ``CondDenoiser``; the
-reconstruction is their mean, the uncertainty their pixel-wise std. Only one batch is in memory
+reconstruction is their mean, the uncertainty their pixel-wise std. A classical baseline
+(``recon.baselines``: TV, L1-wavelet) takes the sampler's place on the same ``y``; its ``lam``
+is chosen on validation volumes by ``tune_baseline``. Only one batch is in memory
 at a time: results stream into a ``recon.volumes.VolumeBuffer`` and become NIfTI files at the
 end (``recon.volumes.write_outputs``).
 
@@ -25,11 +27,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recon.baselines import select_lambda
 from recon.cond_denoiser import CondDenoiser
-from recon.config import OperatorConfig, PriorSection, ReconstructSection
+from recon.config import BaselineConfig, OperatorConfig, PriorSection, ReconstructSection
 from recon.data.nifti import atomic_write_bytes
 from recon.guidance import Guidance
 from recon.integrator import Integrator
+from recon.metrics import psnr
 from recon.network import EpsNetwork, load_prior, resolve_device
 from recon.operators import Operator
 from recon.timer import Timer
@@ -71,34 +75,53 @@ def slice_seed(seed: int, index: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + index * 7_919 + salt * 104_729) % (2**63 - 1)
 
 
+def measure_slices(operator: Operator, x: Tensor, indices: Sequence[int], seed: int) -> Tensor:
+    """``y = A x + sigma_y n`` for each slice ``(B, 1, H, W)``, the noise drawn from the slice's
+    own seed (``slice_seed(seed, index, salt=1)``), so ``y`` does not depend on the batching nor
+    on the method that reconstructs it."""
+    ys = [operator.measure(x[i: i + 1], generator=torch.Generator(x.device).manual_seed(
+        slice_seed(seed, idx, salt=1))) for i, idx in enumerate(indices)]
+    return torch.cat(ys)
+
+
 class SliceReconstructor:
     """Measure and reconstruct batches of slices ``(B, 1, H, W)`` with a fixed operator.
 
-    ``measure_seed`` fixes the measurement noise (per slice), ``seed`` the sampler's noise, so
-    two reconstructors that differ only in integrator/steps see the same ``y``.
+    ``sampler`` has ``sample(y, n_samples, generator, progress, keep_samples) -> Posterior``
+    and ``nfe``: a ``CondDenoiser`` (``SliceReconstructor.diffusion``) or a classical
+    ``recon.baselines.Baseline``. ``measure_seed`` fixes the measurement noise (per slice),
+    ``seed`` the sampler's noise, so two reconstructors that differ only in the method see the
+    same ``y``.
     """
 
-    def __init__(self, network: EpsNetwork, diffusion, operator: Operator, guidance: Guidance,
-                 integrator: Integrator, timer: Timer, n_samples: int = 2, seed: int = 0,
+    def __init__(self, operator: Operator, sampler, n_samples: int = 2, seed: int = 0,
                  measure_seed: int | None = None, device: str | torch.device = "cpu",
-                 progress: bool = False, x0_range: tuple[float, float] | None = None):
+                 progress: bool = False):
         self.device = torch.device(device)
         self.operator = operator.to(self.device)
-        self.sampler = CondDenoiser(diffusion, network, integrator, timer, self.operator, guidance,
-                                    x0_range=x0_range)
+        self.sampler = sampler
         self.n_samples, self.seed = int(n_samples), int(seed)
         self.measure_seed = self.seed if measure_seed is None else int(measure_seed)
         self.progress = progress
+
+    @classmethod
+    def diffusion(cls, network: EpsNetwork, diffusion, operator: Operator, guidance: Guidance,
+                  integrator: Integrator, timer: Timer,
+                  x0_range: tuple[float, float] | None = None, **kwargs) -> SliceReconstructor:
+        """Posterior sampling with the prior ``network`` (a ``CondDenoiser``)."""
+        device = torch.device(kwargs.get("device", "cpu"))
+        operator = operator.to(device)
+        sampler = CondDenoiser(diffusion, network, integrator, timer, operator, guidance,
+                               x0_range=x0_range)
+        return cls(operator, sampler, **kwargs)
 
     @property
     def nfe(self) -> int:
         return self.sampler.nfe
 
     def measure(self, x: Tensor, indices: Sequence[int]) -> Tensor:
-        """``y`` for each slice, noise drawn from the slice's own seed."""
-        ys = [self.operator.measure(x[i: i + 1], generator=torch.Generator(self.device).manual_seed(
-            slice_seed(self.measure_seed, idx, salt=1))) for i, idx in enumerate(indices)]
-        return torch.cat(ys)
+        """``y`` for each slice (``measure_slices``)."""
+        return measure_slices(self.operator, x, indices, self.measure_seed)
 
     def __call__(self, x: Tensor, indices: Sequence[int]) -> SliceResult:
         start = time.perf_counter()
@@ -138,24 +161,35 @@ def batched(volume_slices: Callable[[Sequence[int]], Tensor], indices: Sequence[
 
 def reconstruct_prepared(prepared: str | Path, operator: OperatorConfig,
                          settings: ReconstructSection, prior: PriorSection, out_dir: str | Path,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, baseline: BaselineConfig | None = None) -> dict:
     """Reconstruct every slice of a prepared volume with one operator, ``batch_size`` slices at
     a time, streaming into NIfTI ``truth``/``naive``/``recon``/``std`` in ``out_dir``.
 
-    ``settings``' own ``operators`` list is ignored. Returns the output paths and ``nfe``,
-    ``seconds``, ``slices``, ``slices_per_s``; also written to ``summary.json``.
+    The method is the diffusion sampler of ``settings`` or, with ``baseline`` (its ``lam``
+    set, e.g. by ``tune_baseline``), that classical reconstruction of the same ``y``.
+    ``settings``' own ``operators`` list is ignored. Returns the output paths and ``method``,
+    ``label``, ``nfe``, ``vjp``, ``seconds``, ``slices``, ``slices_per_s``; also written to
+    ``summary.json``.
     """
     vol = PreparedVolume.open(prepared)
     device = resolve_device(settings.device)
     if settings.num_threads is not None and device.type == "cpu":
         torch.set_num_threads(settings.num_threads)
-    network, diffusion = load_network(prior, device)
-    guidance_cfg = settings.guidance_for(operator)
-    reconstructor = SliceReconstructor(
-        network, diffusion, operator.build(vol.shape, settings.sigma_y, settings.seed),
-        guidance_cfg.build(), settings.integrator.build(), settings.timer.build(settings.steps),
-        n_samples=settings.n_samples, seed=settings.seed, device=device, progress=False,
-        x0_range=settings.x0_range)
+    op = operator.build(vol.shape, settings.sigma_y, settings.seed)
+    common = {"n_samples": settings.n_samples, "seed": settings.seed, "device": device}
+    if baseline is not None:
+        reconstructor = SliceReconstructor(op, baseline.build(op), **common)
+        method = {"method": baseline.name, "label": baseline.label, "guidance": "-",
+                  "integrator": "-", "steps": baseline.build(op).iterations}
+    else:
+        network, diffusion = load_network(prior, device)
+        guidance_cfg = settings.guidance_for(operator)
+        reconstructor = SliceReconstructor.diffusion(
+            network, diffusion, op, guidance_cfg.build(), settings.integrator.build(),
+            settings.timer.build(settings.steps), x0_range=settings.x0_range, **common)
+        method = {"method": "diffusion", "guidance": guidance_cfg.name,
+                  "label": f"{guidance_cfg.label} {settings.integrator.label} x{settings.steps}",
+                  "integrator": settings.integrator.label, "steps": settings.steps}
     out_dir = Path(out_dir)
     n = len(vol.indices)
     rank = {idx: r for r, idx in enumerate(vol.indices)}
@@ -173,10 +207,34 @@ def reconstruct_prepared(prepared: str | Path, operator: OperatorConfig,
         paths = write_outputs(buffer, vol, out_dir)
     finally:
         buffer.close()
-    summary = {"volume": vol.name, "operator": operator.name, "guidance": guidance_cfg.name,
-               "integrator": settings.integrator.label, "steps": settings.steps, "nfe": reconstructor.nfe,
-               "n_samples": settings.n_samples, "slices": n, "seconds": seconds,
+    summary = {"volume": vol.name, "operator": operator.name, **method, "nfe": reconstructor.nfe,
+               "vjp": reconstructor.sampler.vjp, "n_samples": settings.n_samples, "slices": n,
+               "seconds": seconds,
                "slices_per_s": n / seconds if seconds > 0 else float("nan"),
                "device": str(device)}
     summary_path = atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=1).encode())
     return {**paths, **summary, "summary": str(summary_path)}
+
+
+def tune_baseline(prepared: Sequence[str | Path], operator: OperatorConfig, baseline: BaselineConfig,
+                  sigma_y: float, seed: int = 0) -> dict:
+    """Choose a baseline's ``lam`` on validation volumes (``recon.baselines.select_lambda`` over
+    ``LAMBDA_GRID``): every slice of ``prepared`` is measured as a test slice would be (same
+    operator config, ``sigma_y`` and ``seed``) and reconstructed for each candidate; the best mean
+    PSNR wins. Returns ``{"lam", "scores": {lam: mean PSNR}, "slices", "volumes"}``."""
+    problems = []
+    for p in prepared:
+        vol = PreparedVolume.open(p)
+        op = operator.build(vol.shape, sigma_y, seed)
+        x = vol.read(list(range(len(vol.indices))))
+        problems.append((x, measure_slices(op, x, vol.indices, seed), baseline.build(op)))
+    if not problems:
+        raise ValueError(f"no validation volume to choose lam for {baseline.name!r} on")
+
+    def mean_psnr(lam: float) -> float:
+        scores = [v for x, y, solver in problems for v in psnr(solver.solve(y, lam), x).tolist()]
+        return sum(scores) / len(scores)
+
+    lam, scores = select_lambda(mean_psnr)
+    return {"lam": lam, "scores": {f"{k:.4g}": v for k, v in scores.items()},
+            "slices": sum(x.shape[0] for x, _, _ in problems), "volumes": len(problems)}

@@ -90,7 +90,7 @@ def test_failed_flow_exits_1_with_the_reason(tmp_path, monkeypatch):
     def broken(config, overrides=None):
         raise ValueError("checkpoint does not match")
 
-    monkeypatch.setattr(flows, "compare_integrators", broken)
+    monkeypatch.setattr(flows, "compare", broken)
     out = runner.invoke(cli.app, ["compare", "demo", "--set", f"work_dir={tmp_path}"])
     assert out.exit_code == 1 and "checkpoint does not match" in out.output
 

@@ -80,6 +80,14 @@ def test_resolved_is_flat_and_complete():
     ("tracking.uri=file:///tmp/mlruns", "file: tracking stores are refused"),
     ("compare.operator=blur", "compare.operator 'blur' is not among reconstruct.operators"),
     ("data.axis=3", "data.axis: Input should be 0, 1 or 2"),
+    ("reconstruct.baselines=[cs]", "unknown baseline 'cs'; valid baselines: l1_wavelet, tv"),
+    ("reconstruct.baselines=[{name: tv, params: {lam: -1}}]", "lam must be a finite number >= 0"),
+    ("reconstruct.baselines=[{name: tv, params: {iterations: 0}}]", "iterations must be an integer"),
+    ("reconstruct.baselines=[{name: tv, params: {mu: 1}}]", "unknown parameter(s) ['mu'] for baseline"),
+    ("reconstruct.baselines=[tv, tv]", "baselines listed more than once"),
+    ("compare.methods=[{baseline: tv, steps: 4}]", "either a baseline or a diffusion setting"),
+    ("compare.methods=[{guidance: dps, steps: 0}]", "compare.methods.0.steps"),
+    ("compare.integrators=[]", "nothing to compare"),
 ])
 def test_invalid_values_give_clear_errors(override, fragment):
     overrides = [override]
@@ -88,6 +96,21 @@ def test_invalid_values_give_clear_errors(override, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert fragment in str(info.value)
+
+
+def test_methods_short_forms_and_settings():
+    cfg = load_config(None, ["compare.methods=[tv, {baseline: {name: l1_wavelet, params: {lam: 0.01}}}, "
+                             "{guidance: dps, steps: 8}]", "compare.integrators=[euler]",
+                             "compare.steps=[4]", "reconstruct.baselines=l1_wavelet"])
+    rows = cfg.compare.rows()
+    assert [(m.integrator.name if m.integrator else None, m.steps) for m in rows][0] == ("euler", 4)
+    assert rows[1].baseline.name == "tv" and rows[2].baseline.lam == 0.01
+    assert rows[2].baseline.label == "l1_wavelet(lam=0.01)"
+    dps = rows[3].setting(cfg.reconstruct)
+    assert dps.guidance.name == "dps" and dps.steps == 8 and dps.integrator == cfg.reconstruct.integrator
+    assert all(o.guidance is None for o in dps.operators)  # one guidance for every operator
+    assert rows[1].setting(cfg.reconstruct) == cfg.reconstruct
+    assert [b.name for b in cfg.reconstruct.baselines] == ["l1_wavelet"]
 
 
 def test_every_problem_is_reported_at_once():

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from pipelines import tasks, tracking  # noqa: E402
-from pipelines.figures import psnr_vs_nfe, volume_figure  # noqa: E402
+from pipelines.figures import quality_cost, volume_figure  # noqa: E402
 from recon.config import ConfigError, load_config  # noqa: E402
 from recon.network import (  # noqa: E402
     CHECKPOINT_FORMAT,
@@ -51,11 +51,12 @@ def head(shape=(28, 32, 8), seed=0) -> np.ndarray:
 
 
 def write_dataset(root: Path, corrupt: bool = False) -> Path:
-    """A manifest with one train and one test volume under ``root/data``."""
+    """A manifest with one train, one validation and one test volume under ``root/data``."""
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
     entries = []
-    for vid, split, seed in (("train_head", "train", 1), ("test_head", "test", 2)):
+    for vid, split, seed in (("train_head", "train", 1), ("val_head", "val", 3),
+                             ("test_head", "test", 2)):
         path = data / f"{vid}.nii.gz"
         affine = np.array([[2.0, 0, 0, -30], [0, 2.0, 0, -34], [0, 0, 3.0, -12], [0, 0, 0, 1]])
         nib.save(nib.Nifti1Image(head(seed=seed), affine), path)
@@ -177,9 +178,16 @@ def test_figures_are_built_without_a_display():
     a = rng.random((5, 16, 16))
     fig = volume_figure(a, a * 0.5, a * 0.9, a * 0.1, "t", psnr={"naive": [1.0] * 5, "recon": [2.0] * 5})
     assert len(fig.axes) == 3 * 5 + 3 * 2  # + colour bars of the error and std columns
-    fig = psnr_vs_nfe([{"integrator": "euler", "nfe": 5, "psnr": 20.0, "psnr_naive": 15.0},
-                       {"integrator": "euler", "nfe": 9, "psnr": 22.0, "psnr_naive": 15.0}])
-    assert fig.axes[0].get_xlabel().startswith("network evaluations")
+    rows = [{"family": "dc ddim", "seconds": 5.0, "psnr": 20.0, "psnr_naive": 15.0},
+            {"family": "dc ddim", "seconds": 9.0, "psnr": 22.0, "psnr_naive": 15.0},
+            {"family": "tv", "seconds": 1.0, "psnr": 19.0, "psnr_naive": 15.0},
+            {"family": "dps ddim", "seconds": 20.0, "psnr": 21.0, "psnr_naive": 15.0}]
+    fig = quality_cost(rows)
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("seconds")
+    front = next(line for line in ax.get_lines() if line.get_label() == "frontier")
+    # the frontier: tv (fastest), then dc at 5 s and 9 s; dps is slower and worse than dc 9 s
+    assert list(front.get_xdata()) == [1.0, 5.0, 9.0] and list(front.get_ydata()) == [19.0, 20.0, 22.0]
 
 
 def test_tasks_fn_prepare_reconstruct_evaluate(workspace, tmp_path):
@@ -262,30 +270,69 @@ def test_reconstruct_is_cached_across_runs(workspace, harness):
     assert third["outputs"][0]["recon"] != first["outputs"][0]["recon"]
 
 
-def test_compare_integrators_parent_and_children(workspace, harness):
-    from pipelines.flows import compare_integrators
+def test_baselines_are_rows_of_the_same_tables(workspace, harness):
+    """``reconstruct.baselines``: TV with lam chosen on the validation volume and L1-wavelet at a
+    given lam run on the same y as the sampler, write the same NIfTI outputs and metrics, and
+    appear as rows of the evaluate table."""
+    from pipelines.flows import evaluate
 
-    cfg = workspace["config"]
-    out = compare_integrators(cfg.to_dict())
+    cfg = load_config(None, [*workspace["overrides"], "reconstruct.operators=[fourier]",
+                             "reconstruct.baselines=[tv, {name: l1_wavelet, params: {lam: 0.001}}]"])
+    out = evaluate(cfg.to_dict())
+    rows = {r["method"]: r for r in out["rows"]}
+    assert set(rows) == {"diffusion", "tv", "l1_wavelet"}
+    assert len({round(r["psnr_naive"], 9) for r in rows.values()}) == 1  # the same y
+    assert rows["tv"]["nfe"] == 0 and rows["l1_wavelet"]["label"] == "l1_wavelet(lam=0.001)"
+    assert rows["tv"]["psnr"] > rows["tv"]["psnr_naive"]
+    c = mlflow_client(cfg)
+    ev = c.get_run(out["run_id"])
+    assert {"psnr/fourier-tv/test_head", "psnr/fourier-l1_wavelet/test_head",
+            "psnr/fourier/test_head", "psnr/fourier-tv"} <= set(ev.data.metrics)
+    rec = next(r for r in tracking.child_runs(cfg, out["run_id"])
+               if r.data.tags["mlflow.runName"] == "reconstruct")
+    assert "lam/fourier-tv" in rec.data.metrics and "lam/fourier-l1_wavelet" not in rec.data.metrics
+    arts = set(artifact_paths(cfg, rec.info.run_id))
+    assert {"nifti/test_head/fourier-tv/recon.nii.gz", "nifti/test_head/fourier/recon.nii.gz"} <= arts
+    assert "figures/test_head_fourier-l1_wavelet.png" in artifact_paths(cfg, ev.info.run_id)
+
+
+def test_compare_methods_parent_and_children(workspace, harness):
+    """Integrators x steps, a DPS setting and a TV baseline whose lam is chosen on the
+    validation volume: one child run each on the same measurement, the table and the
+    quality-cost figure on the parent."""
+    from pipelines.flows import compare
+
+    cfg = load_config(None, [*workspace["overrides"], "compare.methods=[{guidance: dps, steps: 2}, tv]",
+                             "compare.integrators=[euler, ddim]", "compare.steps=[2, 3]"])
+    out = compare(cfg.to_dict())
     nested = tracking.child_runs(cfg, out["run_id"])
     assert [r.data.tags["mlflow.runName"] for r in nested].count("load_data") == 1
-    children = [r for r in nested if "compare.integrator" in r.data.tags]
-    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    children = [r for r in nested if "compare.method" in r.data.tags]
+    assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children)
     assert sorted(r.info.run_id for r in children) == sorted(out["children"])
-    labels = {(r.data.tags["compare.integrator"], r.data.tags["compare.steps"]) for r in children}
-    assert labels == {("euler", "2"), ("euler", "3"), ("ddim", "2"), ("ddim", "3")}
-    nfe = {r.data.tags["compare.integrator"] + r.data.tags["compare.steps"]: r.data.metrics["nfe"]
-           for r in children}
-    assert nfe == {"euler2": 3, "euler3": 4, "ddim2": 3, "ddim3": 4}
+    grid = {(r.data.tags["compare.integrator"], r.data.tags["compare.steps"]) for r in children
+            if "compare.integrator" in r.data.tags}
+    assert grid == {("euler", "2"), ("euler", "3"), ("ddim", "2"), ("ddim", "3"), ("heun", "2")}
+    by = {r.data.tags["compare.method"]: r.data.metrics for r in children}
+    assert by["data_consistency euler x2"]["nfe"] == 3 and by["data_consistency ddim x3"]["nfe"] == 4
+    assert by["dps heun x2"]["nfe"] == 5 and by["dps heun x2"]["vjp"] == 5
+    assert by["data_consistency euler x2"]["vjp"] == 0
+    tv = next(m for label, m in by.items() if label.startswith("tv(lam="))
+    assert tv["nfe"] == 0 and tv["vjp"] == 0 and tv["slices_per_s"] > 0
+    lam = mlflow_client(cfg).get_run(out["run_id"]).data.metrics["lam/fourier-tv"]
+    from recon.baselines import LAMBDA_GRID
+    assert lam in LAMBDA_GRID
     # same data, seed and measurement: the naive baseline is identical in every child
-    assert len({round(r.data.metrics["psnr_naive"], 9) for r in children}) == 1
-    assert {"comparison.json", "comparison.csv", "psnr_vs_nfe.png"} <= set(
+    assert len({round(m["psnr_naive"], 9) for m in by.values()}) == 1
+    assert {"comparison.json", "comparison.csv", "psnr_vs_seconds.png"} <= set(
         artifact_paths(cfg, out["run_id"]))
     for child in children:  # each child shows its own reconstruction next to the others
-        assert "figures/test_head_fourier.png" in artifact_paths(cfg, child.info.run_id)
+        paths = artifact_paths(cfg, child.info.run_id)
+        assert {"figures/test_head_fourier.png", "figures/test_head_fourier-tv.png"} & set(paths)
     table = json.loads(Path(mlflow_client(cfg).download_artifacts(
         out["run_id"], "comparison.json", str(workspace["root"] / "dl2"))).read_text())
-    assert table["columns"][:6] == ["integrator", "steps", "nfe", "psnr", "ssim", "seconds"]
+    assert table["columns"][:7] == ["method", "kind", "nfe", "vjp", "psnr", "ssim", "seconds"]
+    assert [r[1] for r in table["data"]].count("baseline") == 1
 
 
 def test_io_tasks_retry_transient_errors_only(harness, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 
 def volume_figure(gt: np.ndarray, naive: np.ndarray, recon: np.ndarray, std: np.ndarray,
@@ -73,6 +74,9 @@ def quality_cost(rows: Sequence[Mapping[str, object]], title: str = "PSNR vs sec
     if naive:
         ax.axhline(naive[0], color="gray", linestyle="--", label="naive")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("seconds (whole comparison set, this machine)")
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(title, fontsize=9)

@@ -202,7 +202,29 @@ def print_reconstruction(cfg, rows: list[dict]) -> bool:
         mark = "[green]beats[/]" if good else "[bold red]does NOT beat[/]"
         console.print(f"  {op:8s} reconstruction {mark} the naive pseudo-inverse by "
                       f"{gain:+.2f} dB (worst volume)", highlight=False)
+    classical = baseline_margins(rows)
+    if classical:
+        names = ", ".join(sorted({r["method"] for r in rows} - {"diffusion"}))
+        console.print(f"PSNR margins over the best classical baseline ({names}):")
+        for op, gain in classical.items():
+            word = "leads" if gain > 0 else "[bold]trails[/]"
+            console.print(f"  {op:8s} reconstruction {word} it by {gain:+.2f} dB (worst volume)",
+                          highlight=False)
     return ok
+
+
+def baseline_margins(rows: list[dict]) -> dict[str, float]:
+    """Per operator, the smallest (over volumes) PSNR of the diffusion row minus the best
+    baseline row of the same volume; empty without baseline rows."""
+    out: dict[str, float] = {}
+    for r in rows:
+        if r.get("method", "diffusion") != "diffusion":
+            continue
+        others = [o["psnr"] for o in rows if o["volume"] == r["volume"]
+                  and o["operator"] == r["operator"] and o.get("method", "diffusion") != "diffusion"]
+        if others:
+            out[r["operator"]] = min(out.get(r["operator"], float("inf")), r["psnr"] - max(others))
+    return out
 
 
 # -- commands -----------------------------------------------------------------------------------

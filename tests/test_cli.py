@@ -69,18 +69,21 @@ def test_pipeline_command_prints_tables_margins_and_where(tmp_path, monkeypatch)
 
     def fake_pipeline(config, overrides=None):
         seen["config"] = config
-        return {"run_id": "x", "rows": [
-            {"volume": "v", "operator": "fourier", "guidance": "data_consistency",
-             "integrator": "heun", "steps": 2, "nfe": 5, "slices": 2, "psnr": 30.0,
-             "psnr_naive": 25.0, "gain_db": 5.0, "ssim": 0.9, "ssim_naive": 0.8, "seconds": 1.0,
-             "slices_per_s": 2.0}]}
+        row = {"volume": "v", "operator": "fourier", "method": "diffusion", "label": "dc heun x2",
+               "nfe": 5, "slices": 2, "psnr": 30.0, "psnr_naive": 25.0, "gain_db": 5.0,
+               "ssim": 0.9, "ssim_naive": 0.8, "seconds": 1.0, "slices_per_s": 2.0}
+        tv = {**row, "method": "tv", "label": "tv(lam=0.01)", "nfe": 0, "psnr": 31.5,
+              "gain_db": 6.5}
+        return {"run_id": "x", "rows": [row, tv]}
 
     monkeypatch.setattr(flows, "pipeline", fake_pipeline)
     out = runner.invoke(cli.app, ["pipeline", "demo", "--set", f"work_dir={tmp_path}",
                                   "--set", "reconstruct.steps=2"])
     assert out.exit_code == 0, out.output
     assert seen["config"].reconstruct.steps == 2
-    assert "PSNR recon" in out.output and "+5.00 dB" in out.output
+    assert "PSNR recon" in out.output and "+5.00 dB" in out.output and "tv(lam=0.01)" in out.output
+    # the margin counts the diffusion rows; the baseline is measured against, not counted
+    assert "best classical baseline (tv)" in out.output and "trails it by -1.50 dB" in out.output
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out.output.replace("\n", "")
 
 

@@ -23,11 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from recon.config import Config, ConfigError, apply_override, parse_override, validate_config
+from recon.yaml_io import read_yaml
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
@@ -225,9 +225,9 @@ def fallback_config(config: Any, overrides: list[str] | None = None) -> Config:
         raw = dict(config)
     elif isinstance(config, str | Path) and Path(config).is_file():
         try:
-            loaded = yaml.safe_load(Path(config).read_text())
+            loaded = read_yaml(config, "config")
             raw = loaded if isinstance(loaded, dict) else {}
-        except yaml.YAMLError:
+        except (OSError, ValueError):
             raw = {}
     for o in overrides or []:
         try:

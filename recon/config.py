@@ -29,6 +29,7 @@ from recon.integrator import INTEGRATORS, Integrator
 from recon.operators import OPERATORS, Operator
 from recon.prior_config import CheckpointError, PriorConfig, SliceSource, load_prior_config
 from recon.timer import TIMERS, Timer
+from recon.yaml_io import YamlError, parse_yaml, read_yaml
 
 NOMINAL_NATIVE = 256
 """Slice size the operators are trial-built at when ``data.image_size`` is null (native)."""
@@ -289,19 +290,23 @@ class ReconstructSection(_Section):
     x0_range: tuple[float, float] | None = Field(
         None, description="keep every guided x0 estimate finite and inside [lo, hi] (image "
         "units); e.g. [0, 1.5] for foreground-normalised slices. null: no guard")
-    steps: int = Field(32, ge=1, le=10_000)
+    steps: int = Field(32, ge=1, le=10_000, strict=True)
     baselines: list[BaselineConfig] = Field(
         default_factory=list, description="classical reconstructions of the same y, rows of the "
         "same tables (e.g. [tv, l1_wavelet]); lam null: chosen on the validation split")
-    tune_slices: int = Field(2, ge=1, le=64, description="central slices per validation volume "
+    tune_slices: int = Field(2, ge=1, le=64, strict=True, description="central slices per validation volume "
                              "on which a baseline's lam is chosen")
     tune_volumes: int | None = Field(None, ge=1, description="validation volumes used to choose "
                                      "lam (None: every T1-weighted one of data.val_split)")
-    n_samples: int = Field(2, ge=1, le=64, description="posterior samples per slice (mean, std)")
-    batch_size: int = Field(8, ge=1, description="slices per batch (memory bound)")
-    seed: int = Field(0, ge=0)
+    n_samples: int = Field(2, ge=1, le=64, strict=True,
+                           description="posterior samples per slice (mean, std)")
+    batch_size: int = Field(8, ge=1, le=1024, strict=True, description="slices per batch "
+                            "(memory bound; n_samples x batch_size chains run at once)")
+    seed: int = Field(0, ge=0, le=2**63 - 1, strict=True, description="measurement and "
+                      "sampler seed (below 2^63: torch generators take 64-bit seeds)")
     device: str = "auto"
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's "
+    num_threads: int | None = Field(None, ge=1, le=1024, strict=True,
+                                    description="torch CPU threads (None: torch's "
                                     "default); 1 avoids oversubscription on shared CPUs")
     progress: bool = True
 
@@ -528,9 +533,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value "
                           f"(e.g. reconstruct.steps=32)")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from None
+        parsed = parse_yaml(value, "value") if value.strip() else ""
+    except YamlError as err:
+        raise ConfigError(f"override {key}=...: {err}") from None
     return key.split("."), parsed
 
 
@@ -607,9 +612,11 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] | Mappi
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            loaded = read_yaml(path, "config")
+        except YamlError as err:
+            raise ConfigError(str(err)) from None
+        except OSError as err:
+            raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -130,8 +130,9 @@ class TweedieCovariance(Guidance):
     name = "tweedie_covariance"
 
     def __init__(self, cg_steps: int = 1):
-        if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
-            raise ValueError(f"cg_steps must be a positive integer, got {cg_steps!r}")
+        if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or not 1 <= cg_steps <= 100:
+            raise ValueError(f"cg_steps must be an integer in [1, 100] (each is one VJP per "
+                             f"evaluation), got {cg_steps!r}")
         self.cg_steps = cg_steps
 
     @property

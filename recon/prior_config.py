@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recon.diffusion import DIFFUSIONS, DiffusionModel
+from recon.yaml_io import read_yaml
 
 
 class CheckpointError(ValueError):
@@ -176,6 +176,5 @@ class PriorConfig(_Strict):
 
 def load_prior_config(path: str | Path) -> PriorConfig:
     """Read and validate a prior config from YAML."""
-    with open(path) as fh:
-        raw = yaml.safe_load(fh) or {}
+    raw = read_yaml(path, "prior config") or {}
     return PriorConfig.model_validate(raw)

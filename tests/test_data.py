@@ -142,8 +142,8 @@ def test_manifest_file_errors(tmp_path):
 
 def test_resolve_refuses_escapes(tmp_path, root):
     m = load_manifest(write_manifest(tmp_path, [entry("in", "d/in.nii", "0" * 64),
-                                                entry("out", "link.nii", "0" * 64),
-                                                entry("dir", "ldir/x.nii", "0" * 64)]))
+                                                entry("out", "link.nii", "1" * 64),
+                                                entry("dir", "ldir/x.nii", "2" * 64)]))
     assert resolve(m.volume("in"), root) == (root / "d/in.nii").resolve()
     outside = tmp_path / "secret.nii"
     outside.write_bytes(b"x")
@@ -188,7 +188,7 @@ def test_verify_ok_and_every_bad_case(tmp_path, root):
 
     cases = [
         (entry("miss", "absent.nii.gz", "0" * 64), "'miss': missing file"),
-        (entry("sum", "good.nii.gz", "0" * 64), "'sum': checksum mismatch"),
+        (entry("sum", "good.nii.gz", "1" * 64), "'sum': checksum mismatch"),
         (entry("cor", "corrupt.nii.gz", sha256_file(corrupt)), "'cor': unreadable NIfTI"),
         (entry("gar", "garbage.nii", sha256_file(garbage)), "'gar': unreadable NIfTI"),
         (entry("four", "four.nii.gz", sha256_file(four)),

@@ -69,7 +69,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from recon.data.manifest import DataError, Manifest, load_manifest, resolve
-from recon.data.nifti import write_nifti
+from recon.data.nifti import affine_problem, write_nifti
 
 __all__ = [
     "AXES",
@@ -396,6 +396,13 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 def _preprocess(ds: Dataset, i: int, label: str, path: Path) -> dict[str, Any]:
+    try:  # the file's own affine: MONAI replaces a degenerate one by the identity, silently
+        problem = affine_problem(nib.load(path).affine)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the transforms below
+        problem = None
+    if problem:
+        raise DataError(f"volume {label!r}: {problem} in {path}: the volume has no usable "
+                        f"geometry (outputs would not overlay it)")
     try:
         return ds[i]
     except Exception as err:  # MONAI wraps transform errors in RuntimeError

@@ -32,7 +32,6 @@ from typing import Annotated, Any, Literal
 
 import nibabel as nib
 import numpy as np
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -42,6 +41,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from recon.data.nifti import affine_problem
+from recon.yaml_io import YamlError, read_yaml
 
 __all__ = [
     "SPLITS",
@@ -185,6 +187,15 @@ class Manifest(_Strict):
             for v in self.entries:
                 seen[key(v)] += 1
             problems += [f"duplicate {what} {k!r}" for k, n in seen.items() if n > 1]
+        same_file: dict[str, list[VolumeEntry]] = defaultdict(list)
+        for v in self.entries:
+            same_file[v.sha256].append(v)
+        for sha, vs in same_file.items():
+            if len(vs) > 1:
+                where = ", ".join(f"{v.id!r} ({v.split}: {v.path})" for v in vs)
+                leak = " - a leak between splits" if len({v.split for v in vs}) > 1 else ""
+                problems.append(f"the same file (sha256 {sha[:12]}...) is listed more than "
+                                f"once: {where}{leak}")
         splits: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         for v in self.entries:
             splits[v.subject][v.split].append(v.id)
@@ -233,11 +244,11 @@ def load_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest YAML file; ``ManifestError`` says what is wrong and where."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path, "manifest")
     except OSError as err:
         raise ManifestError(f"cannot read manifest {path}: {err}") from None
-    except yaml.YAMLError as err:
-        raise ManifestError(f"manifest {path} is not valid YAML: {err}") from None
+    except YamlError as err:
+        raise ManifestError(str(err)) from None
     if not isinstance(raw, dict):
         raise ManifestError(f"manifest {path}: expected a mapping at the top level, "
                             f"got {type(raw).__name__}")
@@ -368,6 +379,9 @@ def verify_volume(volume: VolumeEntry, data_root: str | Path, *, checksum: bool 
         if bad:
             raise DataError(f"volume {volume.id!r}: {bad} non-finite (NaN/Inf) voxels in {path}")
     zooms = tuple(round(float(z), 4) for z in img.header.get_zooms()[:3])
+    problem = affine_problem(img.affine)
+    if problem:
+        raise DataError(f"volume {volume.id!r}: {problem} in {path}")
     axcodes = "".join(nib.aff2axcodes(img.affine))
     if volume.shape is not None and tuple(volume.shape) != shape:
         raise DataError(f"volume {volume.id!r}: shape {shape} differs from the manifest's "

@@ -75,6 +75,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def affine_problem(affine) -> str | None:
+    """Why a voxel-to-world affine cannot place a volume (``None`` if it can): not a finite
+    4x4 matrix, a last row other than ``[0, 0, 0, 1]``, or a singular 3x3 part (zero or
+    collinear voxel axes: no orientation, and outputs written with it would not overlay)."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        return f"the affine has shape {a.shape}, not 4x4"
+    if not np.isfinite(a).all():
+        return "the affine holds NaN/Inf values"
+    if not np.allclose(a[3], [0.0, 0.0, 0.0, 1.0]):
+        return f"the affine's last row is {a[3].tolist()}, not [0, 0, 0, 1]"
+    m = a[:3, :3]
+    scale = max(float(np.abs(m).max()), 1e-300)
+    if abs(float(np.linalg.det(m / scale))) < 1e-9:
+        return "the affine's 3x3 part is singular (zero or collinear voxel axes)"
+    return None
+
+
 def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     """``(data, affine, header)``: voxels as float32 (scl_slope/inter applied), the 4x4 affine
     nibabel chooses (sform if set, else qform), and a copy of the header."""

@@ -36,6 +36,9 @@ from recon.operators.base import (
 )
 
 _DIMS = (-2, -1)
+MAX_COILS = 64
+"""The most simulated coils (receive arrays have up to 64 channels; 64 maps of a 512 x 512 slice
+in complex64 are 128 MiB)."""
 
 
 def fft2c(x: Tensor) -> Tensor:
@@ -327,7 +330,7 @@ def build_fourier(shape: Sequence[int], acceleration: float = 4.0, center_fracti
                          "variable_density")
     maps = None
     if coils is not None:
-        if isinstance(coils, bool) or not isinstance(coils, int) or coils < 1:
-            raise ValueError(f"coils must be a positive integer or null, got {coils!r}")
+        if isinstance(coils, bool) or not isinstance(coils, int) or not 1 <= coils <= MAX_COILS:
+            raise ValueError(f"coils must be an integer in [1, {MAX_COILS}] or null, got {coils!r}")
         maps = birdcage_maps(shape, coils)  # normalised: sum_c |S_c|^2 = 1
     return UndersampledFourier(m, coil_maps=maps, sigma_y=sigma_y, real_output=True)

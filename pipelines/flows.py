@@ -397,10 +397,8 @@ def compare(config: str | dict[str, Any] | Config = DEFAULT_CONFIG,
                 tags = {"compare.method": label, "compare.baseline": b.name}
             else:
                 rs = setting.reconstruct
-                g = rs.guidance_for(op)
-                label = f"{g.label} {rs.integrator.label} x{rs.steps}"
-                family, kind = f"{g.label} {rs.integrator.label}", "diffusion"
-                tags = {"compare.method": label, "compare.guidance": g.label,
+                label, family, kind = rs.label(op), rs.family(op), "diffusion"
+                tags = {"compare.method": label, "compare.guidance": rs.guidance_for(op).label,
                         "compare.integrator": rs.integrator.label, "compare.steps": rs.steps}
             child = create_run(setting, label, parent.run_id, tags={**_tags("compare"), **tags})
             children.append(child.run_id)

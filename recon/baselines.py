@@ -83,6 +83,9 @@ class Baseline:
 
     #: default iterations: enough for the objective to settle on 256 x 256 slices
     iterations: int = 100
+    #: network evaluations and vector-Jacobian products: none (the sampler API's counters)
+    nfe: int = 0
+    vjp: int = 0
 
     def __init__(self, operator, lam: float | None = None, iterations: int | None = None):
         iterations = type(self).iterations if iterations is None else iterations
@@ -98,9 +101,6 @@ class Baseline:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(lam={self.lam}, iterations={self.iterations})"
-
-    nfe = 0
-    vjp = 0
 
     def problem(self, ishape: tuple[int, ...], lam: float) -> dict:
         """``LinearLeastSquares`` keywords for the regulariser on images of ``ishape``:
@@ -138,7 +138,7 @@ class Baseline:
         self.operator.check_measurement(y)
         x = self.solve(y)
         return Posterior(mean=x, std=torch.zeros_like(x), samples=x[None] if keep_samples else None,
-                         nfe=0, vjp=0, seconds=time.perf_counter() - start)
+                         nfe=self.nfe, vjp=self.vjp, seconds=time.perf_counter() - start)
 
 
 class TotalVariation(Baseline):

@@ -349,6 +349,14 @@ class ReconstructSection(_Section):
     def guidance_for(self, op: OperatorConfig) -> GuidanceConfig:
         return op.guidance or self.guidance
 
+    def family(self, op: OperatorConfig) -> str:
+        """The sampler for ``op`` without its step count: ``dps ddim(eta=1.0)``."""
+        return f"{self.guidance_for(op).label} {self.integrator.label}"
+
+    def label(self, op: OperatorConfig) -> str:
+        """The sampler for ``op``, as tables and run names show it: ``dps ddim(eta=1.0) x16``."""
+        return f"{self.family(op)} x{self.steps}"
+
 
 class MethodConfig(_Section):
     """One row of a comparison: the diffusion sampler of ``reconstruct`` with some of

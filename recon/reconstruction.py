@@ -178,9 +178,10 @@ def reconstruct_prepared(prepared: str | Path, operator: OperatorConfig,
     op = operator.build(vol.shape, settings.sigma_y, settings.seed)
     common = {"n_samples": settings.n_samples, "seed": settings.seed, "device": device}
     if baseline is not None:
-        reconstructor = SliceReconstructor(op, baseline.build(op), **common)
+        solver = baseline.build(op)
+        reconstructor = SliceReconstructor(op, solver, **common)
         method = {"method": baseline.name, "label": baseline.label, "guidance": "-",
-                  "integrator": "-", "steps": baseline.build(op).iterations}
+                  "integrator": "-", "steps": solver.iterations}
     else:
         network, diffusion = load_network(prior, device)
         guidance_cfg = settings.guidance_for(operator)
@@ -188,8 +189,8 @@ def reconstruct_prepared(prepared: str | Path, operator: OperatorConfig,
             network, diffusion, op, guidance_cfg.build(), settings.integrator.build(),
             settings.timer.build(settings.steps), x0_range=settings.x0_range, **common)
         method = {"method": "diffusion", "guidance": guidance_cfg.name,
-                  "label": f"{guidance_cfg.label} {settings.integrator.label} x{settings.steps}",
-                  "integrator": settings.integrator.label, "steps": settings.steps}
+                  "label": settings.label(operator), "integrator": settings.integrator.label,
+                  "steps": settings.steps}
     out_dir = Path(out_dir)
     n = len(vol.indices)
     rank = {idx: r for r, idx in enumerate(vol.indices)}

@@ -38,6 +38,7 @@ from recon.config import Config, ConfigError, load_config
 from recon.data.manifest import DataError, describe_file, load_manifest, verify
 from recon.data.public import materialise as build_public_data
 from recon.demo import mixture_table
+from recon.metrics import worst_margins
 from recon.prior_config import load_prior_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -178,15 +179,6 @@ COMPARE_COLUMNS = [("method", "method"), ("nfe", "NFE"), ("vjp", "VJP"), ("psnr"
                    ("gain_db", "gain over naive dB")]
 
 
-def margins(rows: list[dict]) -> dict[str, float]:
-    """Smallest PSNR gain over the naive pseudo-inverse per operator (diffusion rows)."""
-    out: dict[str, float] = {}
-    for r in rows:
-        if r.get("method", "diffusion") == "diffusion":
-            out[r["operator"]] = min(out.get(r["operator"], float("inf")), r["gain_db"])
-    return out
-
-
 def print_reconstruction(cfg, rows: list[dict]) -> bool:
     """The held-out PSNR/SSIM table and each operator's margin over the naive pseudo-inverse;
     True when every operator beats it."""
@@ -196,35 +188,22 @@ def print_reconstruction(cfg, rows: list[dict]) -> bool:
                 rows, RECON_COLUMNS)
     console.print("PSNR margins over the naive pseudo-inverse:")
     ok = True
-    for op, gain in margins(rows).items():
+    for op, gain in worst_margins(rows, "diffusion").items():
         good = gain > 0
         ok &= good
         mark = "[green]beats[/]" if good else "[bold red]does NOT beat[/]"
         console.print(f"  {op:8s} reconstruction {mark} the naive pseudo-inverse by "
                       f"{gain:+.2f} dB (worst volume)", highlight=False)
-    classical = baseline_margins(rows)
+    baselines = sorted({r["method"] for r in rows} - {"diffusion"})
+    classical = worst_margins(rows, "diffusion", baselines)
     if classical:
-        names = ", ".join(sorted({r["method"] for r in rows} - {"diffusion"}))
+        names = ", ".join(baselines)
         console.print(f"PSNR margins over the best classical baseline ({names}):")
         for op, gain in classical.items():
             word = "leads" if gain > 0 else "[bold]trails[/]"
             console.print(f"  {op:8s} reconstruction {word} it by {gain:+.2f} dB (worst volume)",
                           highlight=False)
     return ok
-
-
-def baseline_margins(rows: list[dict]) -> dict[str, float]:
-    """Per operator, the smallest (over volumes) PSNR of the diffusion row minus the best
-    baseline row of the same volume; empty without baseline rows."""
-    out: dict[str, float] = {}
-    for r in rows:
-        if r.get("method", "diffusion") != "diffusion":
-            continue
-        others = [o["psnr"] for o in rows if o["volume"] == r["volume"]
-                  and o["operator"] == r["operator"] and o.get("method", "diffusion") != "diffusion"]
-        if others:
-            out[r["operator"]] = min(out.get(r["operator"], float("inf")), r["psnr"] - max(others))
-    return out
 
 
 # -- commands -----------------------------------------------------------------------------------

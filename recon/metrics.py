@@ -30,6 +30,9 @@ lines below compute both exactly in float64 (local means with ``avg_pool``), on 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -157,3 +160,29 @@ def evaluate_stacks(truth: np.ndarray, naive: np.ndarray, recon: np.ndarray,
         "ssim": float(np.mean(out["ssim"])), "ssim_naive": float(np.mean(out["ssim_naive"])),
         "gain_db": float(vol["recon"] - vol["naive"]), "data_range": r,
     }
+
+
+def worst_margins(rows: Iterable[Mapping[str, Any]], method: str,
+                  over: Iterable[str] | None = None, key: str = "method") -> dict[str, float]:
+    """Per operator, the worst volume's PSNR margin of the rows whose ``key`` is ``method``:
+    over the best PSNR of the rows whose ``key`` is in ``over`` (same volume and operator), or,
+    with ``over=None``, over the row's own naive reconstruction (``gain_db``). Rows are
+    ``{"volume", "operator", key, "psnr", "gain_db", ...}``; an operator without rows of both
+    sides is left out."""
+    rows = list(rows)
+    others = None if over is None else set(over)
+    out: dict[str, float] = {}
+    for r in rows:
+        if r[key] != method:
+            continue
+        if others is None:
+            margin = r["gain_db"]
+        else:
+            rivals = [o["psnr"] for o in rows if o[key] in others and o["volume"] == r["volume"]
+                      and o["operator"] == r["operator"]]
+            if not rivals:
+                continue
+            margin = r["psnr"] - max(rivals)
+        out[r["operator"]] = min(out.get(r["operator"], float("inf")), margin)
+    return out
+

@@ -136,3 +136,19 @@ def test_bad_inputs_are_named():
         ssim(x, x, data_range=torch.ones(3))
     with pytest.raises(ValueError, match="data_range"):
         psnr(x, x, data_range=-1.0)
+
+
+def test_worst_margins_per_operator_over_naive_and_over_rivals():
+    from recon.metrics import worst_margins
+
+    def row(vol, op, method, psnr, naive):
+        return {"volume": vol, "operator": op, "method": method, "psnr": psnr,
+                "gain_db": psnr - naive}
+
+    rows = [row("a", "mask", "diffusion", 30.0, 20.0), row("a", "mask", "tv", 31.0, 20.0),
+            row("a", "mask", "l1", 29.0, 20.0), row("b", "mask", "diffusion", 25.0, 22.0),
+            row("b", "mask", "tv", 24.0, 22.0), row("a", "blur", "diffusion", 28.0, 27.0)]
+    assert worst_margins(rows, "diffusion") == {"mask": 3.0, "blur": 1.0}
+    # volume a: 30 - max(31, 29) = -1; volume b: 25 - 24 = +1; blur has no rival: left out
+    assert worst_margins(rows, "diffusion", ["tv", "l1"]) == {"mask": -1.0}
+    assert worst_margins(rows, "diffusion", ["l1"]) == {"mask": 1.0}

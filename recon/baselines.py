@@ -46,12 +46,14 @@ class OperatorLinop(sp.linop.Linop):
     """A ``recon.operators`` operator as a sigpy ``Linop`` on real numpy arrays.
 
     ``forward``: real image ``(B, 1, H, W)`` -> ``A x`` (complex as trailing real pairs);
-    ``adjoint``: ``v -> Re(A^H v)``, the adjoint for the real inner product.
+    ``adjoint``: ``v -> Re(A^H v)``, the adjoint for the real inner product. The operator
+    computes on ``device`` (where its mask/kernel live); arrays cross to it and back.
     """
 
-    def __init__(self, operator, ishape: Sequence[int], adjoint: bool = False):
-        self.operator = operator
-        probe = operator.forward(torch.zeros(tuple(ishape)))
+    def __init__(self, operator, ishape: Sequence[int], adjoint: bool = False,
+                 device: torch.device | str = "cpu"):
+        self.operator, self.device = operator, torch.device(device)
+        probe = operator.forward(torch.zeros(tuple(ishape), device=self.device))
         self.complex = probe.is_complex()
         yshape = tuple(probe.shape) + ((2,) if self.complex else ())
         self.is_adjoint = adjoint
@@ -59,7 +61,7 @@ class OperatorLinop(sp.linop.Linop):
         super().__init__(oshape, ishape)
 
     def _apply(self, input):
-        v = torch.from_numpy(np.ascontiguousarray(input))
+        v = torch.from_numpy(np.ascontiguousarray(input)).to(self.device)
         with torch.no_grad():
             if self.is_adjoint:
                 if self.complex:
@@ -69,11 +71,11 @@ class OperatorLinop(sp.linop.Linop):
                 out = self.operator.forward(v)
                 if out.is_complex():
                     out = torch.view_as_real(out)
-        return out.numpy().astype(input.dtype, copy=False)
+        return out.cpu().numpy().astype(input.dtype, copy=False)
 
     def _adjoint_linop(self):
         image = self.oshape if self.is_adjoint else self.ishape
-        return OperatorLinop(self.operator, image, adjoint=not self.is_adjoint)
+        return OperatorLinop(self.operator, image, adjoint=not self.is_adjoint, device=self.device)
 
 
 class Baseline:
@@ -115,10 +117,8 @@ class Baseline:
                              f"(recon.baselines.select_lambda)")
         with torch.no_grad():
             x_like = real_adjoint(self.operator, y)
-        device, dtype = x_like.device, x_like.dtype
-        op = self.operator.to("cpu")
         ishape = tuple(x_like.shape)
-        A = OperatorLinop(op, ishape)
+        A = OperatorLinop(self.operator, ishape, device=x_like.device)
         y_np = (torch.view_as_real(y) if y.is_complex() else y).detach().cpu().numpy()
         x = np.zeros(ishape, dtype=y_np.dtype)
         app = sp.app.LinearLeastSquares(A, y_np, x=x, max_iter=self.iterations, show_pbar=False,
@@ -128,8 +128,7 @@ class Baseline:
             out = torch.from_numpy(np.asarray(app.run()).real.copy())
         if not torch.isfinite(out).all():
             raise FloatingPointError(f"{self!r} produced non-finite values")
-        self.operator.to(device)
-        return out.to(device, dtype)
+        return out.to(x_like.device, x_like.dtype)
 
     def sample(self, y: Tensor, n_samples: int = 1, generator: torch.Generator | None = None,
                progress: bool = False, keep_samples: bool = True) -> Posterior:

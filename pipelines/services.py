@@ -29,7 +29,7 @@ def materialise(manifest: str | Path, data_root: str | Path) -> Path:
 
 def manifest_volumes(manifest: str | Path, data_root: str | Path, split: str,
                      verify: bool = True, ids: Sequence[str] | None = None) -> list[dict[str, str]]:
-    """``[{"id", "path"}]`` of the ``split`` volumes (only ``ids``, in that order, when given)
+    """``[{"id", "path", "kind"}]`` of the ``split`` volumes (only ``ids``, in that order, when given)
     present under ``data_root``; ``verify`` checks each one (checksum, readable 3-D NIfTI,
     finite voxels) and raises ``DataError`` naming the bad volume before anything is computed."""
     m = load_manifest(manifest)
@@ -47,7 +47,7 @@ def manifest_volumes(manifest: str | Path, data_root: str | Path, split: str,
         entries = [v for v in entries if v.id in ok]
     else:
         entries = [v for v in entries if resolve(v, data_root).is_file()]
-    return [{"id": v.id, "path": str(resolve(v, data_root))} for v in entries]
+    return [{"id": v.id, "path": str(resolve(v, data_root)), "kind": v.kind} for v in entries]
 
 
 # -- training ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from recon.config import BaselineConfig, DataConfig, OperatorConfig, PriorSectio
 from recon.data.nifti import atomic_write_bytes
 from recon.metrics import evaluate_stacks
 from recon.prior_config import PriorConfig
+from recon.raw import is_scan, prepare_scan, reconstruct_scan, tune_scans
 from recon.reconstruction import reconstruct_prepared
 from recon.reconstruction import tune_baseline as tune
 from recon.volumes import prepare_volume as prepare
@@ -145,8 +146,11 @@ def list_volumes(manifest: str, data_root: str, split: str, verify: bool = True,
 
 @task(name="prepare-volume", **EXPENSIVE, **IO_RETRIES)
 def prepare_volume(volume: dict, data: DataConfig, out_dir: str) -> str:
-    """Preprocess one volume (``{"id", "path"}``) into slices on disk
-    (``recon.volumes.prepare_volume``); returns the prepared directory."""
+    """Preprocess one volume (``{"id", "path", "kind"}``) into slices on disk
+    (``recon.volumes.prepare_volume``; raw k-space: ``recon.raw.prepare_scan``); returns the
+    prepared directory."""
+    if volume.get("kind") == "kspace":
+        return str(prepare_scan(volume["path"], out_dir, data.max_slices, name=volume["id"]))
     return str(prepare(volume["path"], data, out_dir, data.max_slices, name=volume["id"]))
 
 
@@ -174,16 +178,19 @@ def reconstruct_volume(prepared: str, operator: OperatorConfig, settings: Recons
                        baseline: BaselineConfig | None = None) -> dict:
     """Slice-batched streaming reconstruction of one prepared volume with one operator, by the
     diffusion sampler or a classical ``baseline``: NIfTI ``truth``, ``naive``, ``recon``,
-    ``std`` in ``out_dir`` plus ``summary.json``."""
-    return reconstruct_prepared(prepared, operator, settings, prior, out_dir, progress=progress,
-                                baseline=baseline)
+    ``std`` in ``out_dir`` plus ``summary.json`` (raw k-space: ``recon.raw.reconstruct_scan``)."""
+    run = reconstruct_scan if is_scan(prepared) else reconstruct_prepared
+    return run(prepared, operator, settings, prior, out_dir, progress=progress, baseline=baseline)
 
 
 @task(name="tune-baseline", **EXPENSIVE)
 def tune_baseline(prepared: list[str], operator: OperatorConfig, baseline: BaselineConfig,
                   sigma_y: float, seed: int) -> dict:
     """Choose a baseline's ``lam`` for one operator on validation volumes
-    (``recon.reconstruction.tune_baseline``): ``{"lam", "scores", "slices", "volumes"}``."""
+    (``recon.reconstruction.tune_baseline``; raw k-space: ``recon.raw.tune_scans``):
+    ``{"lam", "scores", "slices", "volumes"}``."""
+    if prepared and all(is_scan(p) for p in prepared):
+        return tune_scans(prepared, operator, baseline, seed)
     return tune(prepared, operator, baseline, sigma_y, seed)
 
 

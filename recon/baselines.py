@@ -12,11 +12,18 @@ Both solve, for a batch of real slices and any operator of ``recon.operators``,
   redundant frame), so the soft-threshold is the usual approximation of the prox; an
   orthonormal periodic wavelet measured 0.2-0.7 dB worse on validation slices.
 
-Both run through ``sigpy.app.LinearLeastSquares``, with the operator wrapped as a sigpy
-``Linop`` over real arrays: complex measurements (k-space) are seen as pairs of real numbers,
-so ``A`` maps real images to ``R^{2M}`` with adjoint ``Re(A^H v)``, and the solution is real
-as the images are. Each baseline has the sampler's ``sample(y, n_samples)`` API and returns a
-``Posterior`` with zero spread and no network evaluation, so it runs wherever a sampler does.
+- ``sense``: ``R(x) = ||x||^2 / 2`` (Tikhonov), conjugate gradient: SENSE for multi-coil
+  k-space, regularised least squares otherwise.
+
+On images they run through ``sigpy.app.LinearLeastSquares``, with the operator wrapped as a
+sigpy ``Linop`` over real arrays: complex measurements (k-space) are seen as pairs of real
+numbers, so ``A`` maps real images to ``R^{2M}`` with adjoint ``Re(A^H v)``, and the solution is
+real as the images are. On raw multi-coil k-space (an ``UndersampledFourier`` with coil maps
+and complex images, ``recon.raw``) they are what MRI researchers run: ``sigpy.mri.app``'s
+``SenseRecon``, ``TotalVariationRecon`` and ``L1WaveletRecon`` with the operator's maps and
+sampling mask, over complex images, of which the magnitude is returned. Each baseline has the
+sampler's ``sample(y, n_samples)`` API and returns a ``Posterior`` with zero spread and no
+network evaluation, so it runs wherever a sampler does.
 
 ``lam`` is chosen on validation slices, never on test data (``select_lambda``): the value of
 ``LAMBDA_GRID`` (log-spaced) with the best mean PSNR.
@@ -109,12 +116,18 @@ class Baseline:
         ``proxg``, ``G``, solver."""
         raise NotImplementedError
 
+    #: the ``sigpy.mri.app`` class for multi-coil k-space
+    mri_app: str = ""
+
     def solve(self, y: Tensor, lam: float | None = None) -> Tensor:
-        """The minimiser for a batch of measurements ``y`` (real images like ``Re(A^H y)``)."""
+        """The minimiser for a batch of measurements ``y`` (real images like ``Re(A^H y)``; the
+        magnitude of the complex image for multi-coil k-space)."""
         lam = self.lam if lam is None else lam
         if lam is None:
             raise ValueError(f"{self.name}: lam is not set; choose it on validation slices "
                              f"(recon.baselines.select_lambda)")
+        if _multicoil_complex(self.operator):
+            return self._solve_mri(y, lam)
         with torch.no_grad():
             x_like = real_adjoint(self.operator, y)
         ishape = tuple(x_like.shape)
@@ -130,6 +143,26 @@ class Baseline:
             raise FloatingPointError(f"{self!r} produced non-finite values")
         return out.to(x_like.device, x_like.dtype)
 
+    def _solve_mri(self, y: Tensor, lam: float) -> Tensor:
+        """``sigpy.mri.app.<mri_app>`` per measurement of the batch ``y (*B, C, H, W)``:
+        returns ``|x|`` of shape ``(*B, H, W)``."""
+        import sigpy.mri as mr
+
+        maps = self.operator.coil_maps.detach().cpu().numpy()
+        weights = self.operator.mask.detach().cpu().numpy().astype(np.float32)
+        ys = y.detach().cpu().reshape(-1, *y.shape[-3:]).numpy()
+        out = []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+            for yb in ys:
+                app = getattr(mr.app, self.mri_app)(yb, maps, lam, weights=weights,
+                                                    max_iter=self.iterations, show_pbar=False)
+                out.append(np.abs(np.asarray(app.run())))
+        x = torch.from_numpy(np.stack(out).astype(np.float32)).reshape(*y.shape[:-3], *y.shape[-2:])
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"{self!r} produced non-finite values")
+        return x.to(y.device)
+
     def sample(self, y: Tensor, n_samples: int = 1, generator: torch.Generator | None = None,
                progress: bool = False, keep_samples: bool = True) -> Posterior:
         """The deterministic solution as a ``Posterior`` (std 0, no network evaluations)."""
@@ -140,6 +173,25 @@ class Baseline:
                          nfe=self.nfe, vjp=self.vjp, seconds=time.perf_counter() - start)
 
 
+def _multicoil_complex(operator) -> bool:
+    """Raw multi-coil k-space: coil maps and complex images (``recon.raw``)."""
+    return getattr(operator, "num_coils", None) is not None and \
+        not getattr(operator, "real_output", True)
+
+
+class Sense(Baseline):
+    """``R(x) = ||x||^2 / 2``: Tikhonov-regularised least squares by conjugate gradient (CG
+    stopped after ``iterations``: more iterations amplify noise where the coils overlap);
+    ``sigpy.mri.app.SenseRecon`` on multi-coil k-space."""
+
+    name = "sense"
+    iterations = 30
+    mri_app = "SenseRecon"
+
+    def problem(self, ishape, lam):
+        return {"lamda": lam, "solver": "ConjugateGradient"}
+
+
 class TotalVariation(Baseline):
     """``R(x) = ||D x||_1`` (circular finite differences over H and W), primal-dual hybrid
     gradient with dual step 0.1 and primal step ``1 / (0.1 ||[A; D]||^2)``: sigpy's default
@@ -147,6 +199,7 @@ class TotalVariation(Baseline):
 
     name = "tv"
     iterations = 300
+    mri_app = "TotalVariationRecon"
 
     def problem(self, ishape, lam):
         D = sp.linop.FiniteDifference(ishape, axes=(-2, -1))
@@ -160,6 +213,7 @@ class L1Wavelet(Baseline):
 
     name = "l1_wavelet"
     iterations = 150
+    mri_app = "L1WaveletRecon"
 
     def problem(self, ishape, lam):
         W = sp.linop.Wavelet(ishape, axes=(-2, -1), wave_name="db4")
@@ -167,7 +221,8 @@ class L1Wavelet(Baseline):
                 "solver": "GradientMethod", "accelerate": True}
 
 
-BASELINES: dict[str, type[Baseline]] = {"tv": TotalVariation, "l1_wavelet": L1Wavelet}
+BASELINES: dict[str, type[Baseline]] = {"sense": Sense, "tv": TotalVariation,
+                                         "l1_wavelet": L1Wavelet}
 
 
 def select_lambda(score: Callable[[float], float],

@@ -212,13 +212,13 @@ def data(config: ConfigArg = "default", overrides: SetOpt = None, verbose: Verbo
     """Materialise the offline public data, verify the manifest and prepare the test slices."""
     cfg = prepare(config, overrides, verbose)
     from pipelines.flows import load_data
-    from recon.volumes import PreparedVolume
+    from recon.raw import open_prepared
 
     out = run_flow(load_data, cfg)
 
     rows = []
     for v, p in zip(out["volumes"], out["prepared"], strict=True):
-        pv = PreparedVolume.open(p)
+        pv = open_prepared(p)
         rows.append({"volume": v["id"], "slices": len(pv.indices), "shape": "x".join(map(str, pv.shape)),
                      "file": v["path"]})
     print_table("test volumes", rows, [("volume", "volume"), ("slices", "slices"),

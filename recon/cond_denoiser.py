@@ -96,17 +96,25 @@ class CondDenoiser(Denoiser):
         With ``x0_range = (lo, hi)`` the guided estimate ``x0_y = (x - sigma eps_y)/s`` is kept
         finite and inside ``[lo, hi]`` (``nan_to_num``, then ``clamp``) and ``eps_y`` recomputed
         from it: a guidance step that would blow up (an out-of-distribution scan, a step size too
-        large) moves the chain to the edge of the range instead of to infinity."""
+        large) moves the chain to the edge of the range instead of to infinity. Where the
+        operator has a ``support`` (e.g. the coil maps' support), ``x0_y`` is zero outside it:
+        no measurement constrains those pixels, and a patch prior would otherwise fill them
+        with tissue."""
+        support = getattr(self.operator, "support", None)
 
         def eps_fn(x: Tensor, t: float) -> Tensor:
             eps = self.guidance.eps(x, t, y, eps_fn=self.eps, diffusion=self.diffusion,
                                     operator=self.operator)
-            if self.x0_range is None:
+            if self.x0_range is None and support is None:
                 return eps
-            lo, hi = self.x0_range
             s, sigma = scales(self.diffusion, t)
-            x0 = torch.nan_to_num(tweedie(x, eps, s, sigma), nan=0.5 * (lo + hi), posinf=hi,
-                                  neginf=lo).clamp(lo, hi)
+            x0 = tweedie(x, eps, s, sigma)
+            if self.x0_range is not None:
+                lo, hi = self.x0_range
+                x0 = torch.nan_to_num(x0, nan=0.5 * (lo + hi), posinf=hi, neginf=lo).clamp(lo, hi)
+            if support is not None:
+                x0 = torch.where(support.to(x0.device), x0, torch.zeros((), dtype=x0.dtype,
+                                                                        device=x0.device))
             return eps_from_x0(x, x0, s, sigma)
 
         return eps_fn

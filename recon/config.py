@@ -239,6 +239,10 @@ class BaselineConfig(_Component):
         return self.params.get("lam")
 
     @property
+    def iterations(self) -> int:
+        return self.params.get("iterations") or self.REGISTRY[self.name].iterations
+
+    @property
     def label(self) -> str:
         return _label(self.name, self.params)
 
@@ -472,6 +476,8 @@ class Config(_Section):
                              f"reconstruct.operators {names}")
         size = (self.data.image_size or NOMINAL_NATIVE,) * 2  # native: trial-build at a common size
         for i, op in enumerate(self.reconstruct.operators):
+            if op.name == "acquired":  # sampled as the raw k-space was: built from the data
+                continue
             _try_build(f"reconstruct.operators.{i}: operator", op.name, lambda op=op: op.build(
                 size, self.reconstruct.sigma_y, self.reconstruct.seed))
         return self

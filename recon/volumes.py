@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -24,7 +23,7 @@ from torch import Tensor
 
 from recon.data.loading import SliceConfig, SliceGeometry, load_volume
 from recon.data.manifest import DataError
-from recon.data.nifti import atomic_path, write_nifti
+from recon.data.nifti import atomic_dir, atomic_path, write_nifti
 from recon.prior_config import SliceSource
 
 STACKS = ("truth", "naive", "recon", "std")
@@ -130,19 +129,11 @@ def prepare_volume(path: str | Path, data: SliceSource, out_dir: str | Path, max
     if not indices:
         raise DataError(f"volume {name!r}: no slice has enough foreground to reconstruct "
                         f"({path})")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
+    with atomic_dir(final) as tmp:
         np.save(tmp / "slices.npy", vol.slices[indices].numpy().astype(np.float32))
         (tmp / "meta.json").write_text(json.dumps({
             "name": name, "source": str(path.resolve()), "indices": indices,
             "geometry": vol.geometry.to_dict(), "slice_config": cfg.key()}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

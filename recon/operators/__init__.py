@@ -14,6 +14,7 @@ from recon.operators.blur import Blur, build_blur, gaussian_kernel
 from recon.operators.fourier import (
     UndersampledFourier,
     birdcage_maps,
+    build_acquired,
     build_fourier,
     cartesian_mask,
     fft2c,
@@ -29,8 +30,9 @@ from recon.operators.mask import (
 )
 
 OPERATORS: dict[str, Callable[..., Operator]] = {
-    "mask": build_mask, "blur": build_blur, "fourier": build_fourier}
-"""Operator name -> builder ``(shape, **params, sigma_y=, seed=) -> Operator``."""
+    "mask": build_mask, "blur": build_blur, "fourier": build_fourier, "acquired": build_acquired}
+"""Operator name -> builder ``(shape, **params, sigma_y=, seed=) -> Operator``; ``acquired``
+(raw k-space as measured) takes its sampling from the data (``recon.raw``)."""
 
 __all__ = [
     "OPERATORS",
@@ -41,6 +43,7 @@ __all__ = [
     "as_generator",
     "birdcage_maps",
     "box_mask",
+    "build_acquired",
     "build_blur",
     "build_fourier",
     "build_mask",

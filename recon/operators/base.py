@@ -115,6 +115,14 @@ class Operator(nn.Module, ABC):
     def _check_y_shape(self, y: Tensor) -> None:
         """Raise ValueError if y's (trailing) shape cannot be a measurement of this operator."""
 
+    @property
+    def support(self) -> Tensor | None:
+        """Boolean image-domain mask (broadcastable to x) of the pixels the measurement model
+        can hold signal in, or None for every pixel. Pixels outside are zero by the model
+        itself (e.g. outside the coil maps of a multi-coil acquisition, which no coil sees),
+        so samplers keep them at zero rather than leave them to the prior."""
+        return None
+
     def normal(self, x: Tensor) -> Tensor:
         """``A^H A x``."""
         return self.adjoint(self.forward(x))

@@ -248,6 +248,15 @@ class UndersampledFourier(Operator):
         return None if self.coil_maps_real is None else self.coil_maps_real.shape[0]
 
     @property
+    def support(self) -> Tensor | None:
+        """Where at least one coil map is non-zero (None: single coil, or maps non-zero
+        everywhere). ESPIRiT maps are zero outside the object; the image is zero there."""
+        if self.coil_maps_real is None:
+            return None
+        seen = (self.coil_maps_real != 0).any(dim=-1).any(dim=-3)
+        return None if bool(seen.all()) else seen
+
+    @property
     def acceleration(self) -> float:
         """Nominal acceleration ``numel(mask) / sum(mask)``."""
         return self.mask.numel() / max(int(self.mask.sum()), 1)
@@ -305,9 +314,17 @@ class UndersampledFourier(Operator):
         """Single coil, closed form in k-space: ``(y + lam F x0) / (1 + lam)`` on sampled
         locations, ``F x0`` elsewhere, then ``F^H`` (the real part for ``real_output``: exact
         when the mask is symmetric under ``k -> -k``, else its projection onto real images).
-        Multi-coil: ``steps`` CG iterations (``Operator.prox``)."""
+        Multi-coil: ``steps`` CG iterations (``Operator.prox``), over real images with
+        ``real_output`` (the exact real prox), else over complex images; a real ``x0`` (a
+        magnitude image, e.g. from a real-valued prior, whose phase the coil maps carry) then
+        gets the *magnitude* of the complex solution back. That is the robust choice on measured
+        data: the phase a low-resolution estimate misses (fat-water shift, vessels) stays in the
+        data fit instead of aliasing into the image (measured on real 13-coil brain k-space:
+        27.8 dB against 26.5 dB for the real part, the same on simulated data)."""
         if self.coil_maps_real is not None:
-            return super().prox(x0, y, lam, steps)
+            if self.real_output or x0.is_complex():
+                return super().prox(x0, y, lam, steps)
+            return super().prox(x0.to(complex_dtype(x0.dtype)), y, lam, steps).abs()
         k0 = fft2c(x0.to(complex_dtype(x0.dtype)))
         x = ifft2c(torch.where(self.mask, (y + lam * k0) / (1.0 + lam), k0))
         return x.real if self.real_output or not x0.is_complex() else x
@@ -334,3 +351,11 @@ def build_fourier(shape: Sequence[int], acceleration: float = 4.0, center_fracti
             raise ValueError(f"coils must be an integer in [1, {MAX_COILS}] or null, got {coils!r}")
         maps = birdcage_maps(shape, coils)  # normalised: sum_c |S_c|^2 = 1
     return UndersampledFourier(m, coil_maps=maps, sigma_y=sigma_y, real_output=True)
+
+
+def build_acquired(shape: Sequence[int], *, sigma_y: float = 0.0, seed: int = 0) -> UndersampledFourier:
+    """The sampling of raw k-space as it was acquired (``recon.raw``): it comes from the
+    data, so there is nothing to build for an image volume."""
+    raise ValueError("operator 'acquired' reconstructs raw k-space as it was measured: it "
+                     "applies to manifest entries of kind: kspace only (use fourier to simulate "
+                     "undersampled k-space from images)")

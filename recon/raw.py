@@ -1,0 +1,465 @@
+r"""Raw multi-coil k-space volumes: prepared once, reconstructed slice by slice, NIfTI out.
+
+    prepared = prepare_scan("meas.h5", "work/cache", max_slices=4)         # a folder
+    out = reconstruct_scan(prepared, OperatorConfig(name="acquired"), settings, prior, "out/")
+
+**Preparation** (``prepare_scan``, cached per file): ``recon.data.kspace.read_kspace``, the
+``max_slices`` central slices, then
+
+1. noise: with noise scans (ISMRMRD) the k-space is *whitened*, ``k -> W k`` with
+   ``W = L^{-1}``, ``L L^H = Psi`` (the noise covariance of the scans), so the noise is white
+   with unit variance per complex entry; without them (fastMRI) it is left as it is and the
+   noise variance is estimated from the k-space corners (``recon.coils``);
+2. the readout oversampling is removed (``remove_readout_oversampling``);
+3. the reference: the file's ``reconstruction_rss`` when given (and the data were not
+   whitened), else the root-sum-of-squares of the fully sampled coil images, else none
+   (an undersampled acquisition: reconstructed, not scored).
+
+**One operator** (``ScanProblem``): the sampling is the acquired lines (operator
+``acquired``) or, retrospectively, those lines times a mask of the ``fourier`` operator's
+generator (``recon.operators.build_fourier``: fastMRI-style Cartesian lines or a 2-D variable
+density, seeded). Everything that depends on the sampling is computed from the undersampled
+data only, as for a real accelerated scan:
+
+- intensity scale: the head's median of the zero-filled root-sum-of-squares over the volume
+  is mapped to 0.5 (the prior's foreground normalisation), ``y -> y / scale``;
+- coil maps: ESPIRiT on the fully sampled centre of each slice (``recon.coils.espirit_maps``,
+  calibration width = the largest centred fully sampled square, at most 24);
+- phase: the low-resolution phase of the coil-combined calibration image is absorbed into the
+  maps (``recon.coils.absorb_phase``), so the image the real-valued prior models is the
+  (non-negative) magnitude; the data consistency solves over complex images and keeps the
+  real part (``UndersampledFourier.prox``), so the phase the low-resolution estimate misses
+  goes to the imaginary part (``benchmarks/kspace.py --phase`` measures the alternatives);
+- the image is zero outside the maps' support (``UndersampledFourier.support``).
+
+The prior sees each slice in the viewer layout it was trained on (``ViewTransform``: rows
+anterior to posterior, columns along the patient's right-left axis, from the header's
+directions). Outputs: the magnitude of the posterior mean, the pixel-wise std over samples,
+the zero-filled root-sum-of-squares (naive) and the reference, on the reconstructed grid
+(readout oversampling removed, phase field of view cropped to ``reconSpace``), as NIfTI with
+the affine from the header (``KSpaceScan.affine``) in the file's units (whitened units for
+ISMRMRD files with noise scans), plus ``slices.npz`` for the metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from recon import coils
+from recon.cond_denoiser import CondDenoiser
+from recon.config import BaselineConfig, OperatorConfig, PriorSection, ReconstructSection
+from recon.data.kspace import LPS_TO_RAS, read_kspace
+from recon.data.loading import FOREGROUND_MEDIAN
+from recon.data.manifest import DataError
+from recon.data.nifti import atomic_dir, atomic_path, atomic_write_bytes, write_nifti
+from recon.data.simulate import head_median
+from recon.network import resolve_device
+from recon.operators import UndersampledFourier
+from recon.reconstruction import load_network, slice_seed
+from recon.volumes import STACKS, PreparedVolume, VolumeBuffer
+
+__all__ = ["KSPACE_OPERATORS", "PHASES", "PreparedScan", "ScanProblem", "ViewOriented",
+           "ViewTransform", "is_scan", "open_prepared", "prepare_scan", "reconstruct_scan",
+           "scan_problems", "tune_scans"]
+
+KSPACE_OPERATORS = ("acquired", "fourier")
+"""Operators that apply to raw k-space: as acquired, or retrospectively undersampled."""
+PREPARE_VERSION = 1
+"""Bumped when the preparation changes, so cached prepared scans are not reused."""
+MAX_CALIBRATION = 24
+"""ESPIRiT calibration width at most (lines); at least ``MIN_CALIBRATION``."""
+MIN_CALIBRATION = 6
+PHASES = ("lowres", "sense", "none")
+"""How the image's phase is absorbed into the coil maps (``scan_problems``)."""
+
+
+# -- orientation ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ViewTransform:
+    """The flips and transpose that bring a ``(readout, phase)`` slice to the viewer layout of
+    the prior's training slices (``recon.data.loading``: for an axial slice, rows from anterior
+    to posterior and columns towards the patient's right; sagittal and coronal likewise, with
+    superior up): ``transpose`` first, then ``flip_rows`` / ``flip_cols``."""
+
+    transpose: bool = False
+    flip_rows: bool = False
+    flip_cols: bool = False
+
+    @classmethod
+    def from_directions(cls, read_dir: Sequence[float], phase_dir: Sequence[float],
+                        slice_dir: Sequence[float]) -> ViewTransform:
+        """From the unit vectors of rows, columns and slices (LPS, as in ISMRMRD headers).
+
+        The slice plane's viewer axes are the two RAS axes other than the one closest to the
+        slice normal, ``u < v``: columns must run along ``+u`` and rows along ``-v``."""
+        read, phase, normal = (LPS_TO_RAS @ np.asarray(d, float)
+                               for d in (read_dir, phase_dir, slice_dir))
+        a = int(np.argmax(np.abs(normal)))
+        u, v = (i for i in range(3) if i != a)
+        transpose = bool(abs(read[u]) > abs(read[v]))  # rows run along u: swap them
+        rows, cols = (phase, read) if transpose else (read, phase)
+        return cls(transpose, flip_rows=bool(rows[v] > 0), flip_cols=bool(cols[u] < 0))
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``(..., R, P)`` -> viewer layout."""
+        if self.transpose:
+            x = x.transpose(-1, -2)
+        dims = [d for d, f in ((-2, self.flip_rows), (-1, self.flip_cols)) if f]
+        return torch.flip(x, dims) if dims else x
+
+    def invert(self, x: Tensor) -> Tensor:
+        """Viewer layout -> ``(..., R, P)``."""
+        dims = [d for d, f in ((-2, self.flip_rows), (-1, self.flip_cols)) if f]
+        x = torch.flip(x, dims) if dims else x
+        return x.transpose(-1, -2) if self.transpose else x
+
+
+class ViewOriented(nn.Module):
+    """``network(x, t)`` evaluated in the viewer layout: ``invert(network(apply(x), t))``."""
+
+    def __init__(self, network: nn.Module, view: ViewTransform):
+        super().__init__()
+        self.network, self.view = network, view
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.view.invert(self.network(self.view.apply(x), t))
+
+
+# -- preparation --------------------------------------------------------------------------------
+def _crop_phase(image: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` columns (phase field of view of ``reconSpace``)."""
+    p = image.shape[-1]
+    start = p // 2 - size // 2
+    return image[..., start: start + size]
+
+
+@dataclass
+class PreparedScan:
+    """A prepared raw k-space volume on disk (``prepare_scan``): ``kspace.npy`` ``(S, C, R, P)``
+    complex64 (whitened when the file had noise scans, readout oversampling removed),
+    ``mask.npy`` ``(S, P)`` acquired lines, ``reference.npy`` ``(S, R, P_recon)`` when there is
+    one, and ``meta.json`` (name, source, ``sigma`` = noise std per complex entry, affine,
+    viewer transform, reconstructed matrix, the kept slice ``indices``)."""
+
+    directory: Path
+    meta: dict
+
+    @classmethod
+    def open(cls, directory: str | Path) -> PreparedScan:
+        directory = Path(directory)
+        meta = json.loads((directory / "meta.json").read_text())
+        if meta.get("kind") != "kspace":
+            raise ValueError(f"{directory} is not a prepared k-space volume")
+        return cls(directory, meta)
+
+    name = property(lambda self: self.meta["name"])
+    indices = property(lambda self: [int(i) for i in self.meta["indices"]])
+    sigma = property(lambda self: float(self.meta["sigma"]))
+    recon_matrix = property(lambda self: tuple(self.meta["recon_matrix"]))
+    affine = property(lambda self: np.asarray(self.meta["affine"], float))
+    view = property(lambda self: ViewTransform(**self.meta["view"]))
+    shape = property(lambda self: tuple(self.meta["recon_matrix"]))
+    """The reconstructed slice size ``(R, P_recon)``."""
+
+    @property
+    def kspace(self) -> np.ndarray:
+        return np.load(self.directory / "kspace.npy", mmap_mode="r")
+
+    @property
+    def mask(self) -> np.ndarray:
+        return np.load(self.directory / "mask.npy")
+
+    @property
+    def reference(self) -> np.ndarray | None:
+        path = self.directory / "reference.npy"
+        return np.load(path) if path.is_file() else None
+
+
+def open_prepared(directory: str | Path) -> PreparedVolume | PreparedScan:
+    """A prepared folder of either kind: NIfTI slices or raw k-space."""
+    return PreparedScan.open(directory) if is_scan(directory) else PreparedVolume.open(directory)
+
+
+def is_scan(directory: str | Path) -> bool:
+    """True for a folder made by ``prepare_scan``."""
+    meta = Path(directory) / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("kind") == "kspace"
+
+
+def _central(n: int, count: int | None) -> list[int]:
+    if count is None or count >= n:
+        return list(range(n))
+    start = (n - count) // 2
+    return list(range(start, start + count))
+
+
+def prepare_scan(path: str | Path, out_dir: str | Path, max_slices: int | None = None,
+                 name: str | None = None) -> Path:
+    """Prepare a raw k-space file (see the module docstring) into ``out_dir/<name>-<key>``
+    (written to a temporary folder, then renamed; reused when it exists)."""
+    path = Path(path)
+    name = name or path.stem
+    st = path.stat()
+    key = hashlib.sha256(json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, max_slices,
+                                     PREPARE_VERSION]).encode()).hexdigest()[:12]
+    final = Path(out_dir) / f"{name}-{key}"
+    if (final / "meta.json").is_file():
+        return final
+    scan = read_kspace(path)
+    indices = _central(scan.shape[0], max_slices)
+    scan = scan.select(indices)
+    k = scan.kspace
+    if scan.noise is not None:
+        k = coils.whiten(k, coils.whitening_matrix(coils.noise_covariance(scan.noise)))
+        sigma, noise = 1.0, "noise scans: whitened"
+    else:
+        sigma, noise = float(np.sqrt(coils.corner_noise_variance(k, scan.mask))), "k-space corners"
+    r, p_recon = scan.recon_matrix
+    k = coils.remove_readout_oversampling(k, r).astype(np.complex64)
+    if scan.reference is not None and scan.noise is None:
+        reference, ref_source = scan.reference, "file (reconstruction_rss)"
+    elif scan.fully_sampled:
+        reference = _crop_phase(coils.rss(coils.centered_ifft(k)), p_recon)
+        ref_source = "root-sum-of-squares of the fully sampled data"
+    else:
+        reference, ref_source = None, "none (undersampled acquisition)"
+    with atomic_dir(final) as tmp:
+        np.save(tmp / "kspace.npy", k)
+        np.save(tmp / "mask.npy", scan.mask)
+        if reference is not None:
+            np.save(tmp / "reference.npy", np.asarray(reference, np.float32))
+        view = ViewTransform.from_directions(scan.read_dir, scan.phase_dir, scan.slice_dir)
+        (tmp / "meta.json").write_text(json.dumps({
+            "kind": "kspace", "name": name, "source": str(path.resolve()), "format": scan.format,
+            "indices": indices, "sigma": sigma, "noise": noise, "reference": ref_source,
+            "recon_matrix": list(scan.recon_matrix), "encoded_matrix": list(scan.encoded_matrix),
+            "coils": int(k.shape[1]), "acceleration": scan.acceleration,
+            "affine": scan.affine().tolist(), "view": view.__dict__,
+            "version": PREPARE_VERSION}, indent=1))
+    return final
+
+
+# -- one operator -------------------------------------------------------------------------------
+def calibration_width(mask: np.ndarray) -> int:
+    """Side of the largest centred square of ``mask (R, P)`` that is fully sampled."""
+    m = np.asarray(mask, bool)
+    r, p = m.shape
+    w = 0
+    while w < min(r, p):
+        n = w + 1
+        r0, p0 = r // 2 - n // 2, p // 2 - n // 2
+        if not m[r0: r0 + n, p0: p0 + n].all():
+            break
+        w = n
+    return w
+
+
+def sampling_masks(prepared: PreparedScan, operator: OperatorConfig, seed: int) -> np.ndarray:
+    """``(S, R, P)``: the acquired lines, times the ``fourier`` operator's mask (retrospective
+    undersampling, drawn from ``seed`` as for images) unless the operator is ``acquired``."""
+    s_n, _, r, p = prepared.kspace.shape
+    acquired = np.broadcast_to(prepared.mask[:, None, :], (s_n, r, p))
+    if operator.name == "acquired":
+        return np.ascontiguousarray(acquired)
+    if operator.name != "fourier":
+        raise DataError(f"operator {operator.name!r} does not apply to raw k-space "
+                        f"({prepared.name}): use {' or '.join(KSPACE_OPERATORS)}")
+    if operator.params.get("coils") is not None:
+        raise DataError(f"{prepared.name}: the coils of raw k-space come from the data; "
+                        "remove fourier's 'coils' parameter")
+    retro = operator.build((r, p), 0.0, seed).mask.numpy()
+    return acquired & retro[None]
+
+
+@dataclass
+class ScanProblem:
+    """One slice of a prepared scan under one sampling: ``y`` ``(1, 1, C, R, P)`` in the
+    prior's units (divided by ``scale``), the operator (maps with the phase absorbed, the
+    noise level ``sigma / scale``), the zero-filled root-sum-of-squares ``naive`` and the
+    ``reference`` (or None) ``(R, P_recon)`` in the same units."""
+
+    index: int
+    y: Tensor
+    operator: UndersampledFourier
+    naive: np.ndarray
+    reference: np.ndarray | None
+    calibration: int
+
+
+def _phase_maps(maps: np.ndarray, y: np.ndarray, mask: np.ndarray, calib: int,
+                phase: str) -> np.ndarray:
+    """ESPIRiT maps with the image's phase absorbed: ``lowres`` (the coil-combined calibration
+    image's), ``sense`` (a SENSE solution's: 10 CG iterations on all the data) or ``none``."""
+    if phase == "lowres":
+        return coils.absorb_phase(maps, coils.lowres_phase(y, maps, calib))
+    if phase == "sense":
+        op = UndersampledFourier(torch.from_numpy(mask), coil_maps=torch.from_numpy(maps))
+        x = op.prox(torch.zeros(1, 1, *y.shape[-2:], dtype=torch.complex64),
+                    torch.from_numpy(y).to(torch.complex64)[None, None], 0.0, 10)
+        return coils.absorb_phase(maps, np.angle(x[0, 0].numpy()))
+    if phase == "none":
+        return maps
+    raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+
+
+def scan_problems(prepared: PreparedScan, operator: OperatorConfig, seed: int,
+                  ranks: Sequence[int] | None = None, phase: str = "lowres"):
+    """``(scale, problems)``: the volume's intensity scale and an iterator of ``ScanProblem``
+    for the slices at ``ranks`` (default all), maps estimated lazily slice by slice, the
+    image's phase absorbed into them as ``phase`` says (``PHASES``; ``_phase_maps``)."""
+    k = prepared.kspace
+    masks = sampling_masks(prepared, operator, seed)
+    ranks = list(range(k.shape[0])) if ranks is None else list(ranks)
+    p_recon = prepared.recon_matrix[1]
+    zero_filled = {i: coils.rss(coils.centered_ifft(k[i] * masks[i])) for i in ranks}
+    scale = head_median(np.stack(list(zero_filled.values()))) / FOREGROUND_MEDIAN
+    if not np.isfinite(scale) or scale <= 0:
+        raise DataError(f"{prepared.name}: the zero-filled image is empty (no signal)")
+    reference = prepared.reference
+
+    def problems():
+        for i in ranks:
+            y = k[i] * masks[i]
+            calib = min(calibration_width(masks[i]), MAX_CALIBRATION)
+            if calib < MIN_CALIBRATION:
+                raise DataError(f"{prepared.name} slice {prepared.indices[i]}: only {calib} fully "
+                                f"sampled central lines; ESPIRiT needs at least {MIN_CALIBRATION} "
+                                "(sample more autocalibration lines: center_fraction)")
+            maps = _phase_maps(coils.espirit_maps(y, calib), y, masks[i], calib, phase)
+            op = UndersampledFourier(torch.from_numpy(masks[i]), coil_maps=torch.from_numpy(maps),
+                                     sigma_y=prepared.sigma / scale, real_output=False)
+            ref = None if reference is None else reference[i] / scale
+            y_t = torch.from_numpy(y / scale).to(torch.complex64)[None, None]
+            yield ScanProblem(prepared.indices[i], y_t, op,
+                              _crop_phase(zero_filled[i], p_recon) / scale, ref, calib)
+
+    return scale, problems()
+
+
+# -- reconstruction -----------------------------------------------------------------------------
+def reconstruct_scan(prepared: str | Path, operator: OperatorConfig, settings: ReconstructSection,
+                     prior: PriorSection, out_dir: str | Path, progress: bool = True,
+                     baseline: BaselineConfig | None = None, phase: str = "lowres") -> dict:
+    """Reconstruct every slice of a prepared scan with one sampling (``operator``) by the
+    diffusion sampler of ``settings`` or a classical ``baseline`` (its ``lam`` set); writes
+    ``recon``/``naive``/``std``/``reference`` NIfTI, ``slices.npz`` and ``summary.json`` in
+    ``out_dir`` and returns what ``recon.reconstruction.reconstruct_prepared`` returns, plus
+    ``has_reference`` (whether the slices can be scored) and ``scale``."""
+    scan = PreparedScan.open(prepared)
+    device = resolve_device(settings.device)
+    if settings.num_threads is not None and device.type == "cpu":
+        torch.set_num_threads(settings.num_threads)
+    if baseline is not None:
+        method = {"method": baseline.name, "label": baseline.label, "guidance": "-",
+                  "integrator": "-", "steps": baseline.iterations}
+        network = diffusion = None
+    else:
+        network, diffusion = load_network(prior, device)
+        network = ViewOriented(network, scan.view)
+        guidance_cfg = settings.guidance_for(operator)
+        method = {"method": "diffusion", "guidance": guidance_cfg.name,
+                  "label": settings.label(operator), "integrator": settings.integrator.label,
+                  "steps": settings.steps}
+    out_dir = Path(out_dir)
+    n = len(scan.indices)
+    shape = (scan.recon_matrix[0], scan.recon_matrix[1])
+    buffer = VolumeBuffer(out_dir, scan.indices, shape)
+    has_reference = scan.reference is not None
+    start = time.perf_counter()
+    nfe = vjp = 0
+    try:
+        scale, problems = scan_problems(scan, operator, settings.seed, phase=phase)
+        with tqdm(total=n, desc=f"{scan.name} {operator.name}", unit="slice",
+                  disable=None if progress else True) as bar:
+            for problem in problems:
+                op = problem.operator.to(device)
+                if baseline is not None:
+                    sampler = baseline.build(op)
+                else:
+                    sampler = CondDenoiser(diffusion, network, settings.integrator.build(),
+                                           settings.timer.build(settings.steps), op,
+                                           settings.guidance_for(operator).build(),
+                                           x0_range=settings.x0_range)
+                gen = torch.Generator(device).manual_seed(slice_seed(settings.seed, problem.index,
+                                                                      salt=2))
+                post = sampler.sample(problem.y.to(device), settings.n_samples, generator=gen,
+                                      keep_samples=False)
+                nfe, vjp = post.nfe, post.vjp
+                p_recon = shape[1]
+                stacks = {
+                    "truth": (problem.reference if has_reference else np.zeros(shape))[None],
+                    "naive": problem.naive[None],
+                    "recon": _crop_phase(post.mean.abs()[0, 0].cpu().numpy(), p_recon)[None],
+                    "std": _crop_phase(post.std[0, 0].cpu().numpy(), p_recon)[None]}
+                buffer.write([problem.index], stacks)
+                bar.update(1)
+        seconds = time.perf_counter() - start
+        paths = _write_outputs(buffer, scan, out_dir, scale, has_reference)
+    finally:
+        buffer.close()
+    summary = {"volume": scan.name, "operator": operator.name, **method, "nfe": nfe, "vjp": vjp,
+               "n_samples": settings.n_samples, "slices": n, "seconds": seconds,
+               "slices_per_s": n / seconds if seconds > 0 else float("nan"),
+               "device": str(device), "has_reference": has_reference, "scale": scale}
+    summary_path = atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=1).encode())
+    return {**paths, **summary, "summary": str(summary_path)}
+
+
+def _write_outputs(buffer: VolumeBuffer, scan: PreparedScan, out_dir: Path, scale: float,
+                   has_reference: bool) -> dict[str, str]:
+    """``recon``/``naive``/``std`` (and ``reference``) NIfTI ``(R, P, S)`` with the header's
+    affine, in the file's units; ``slices.npz`` of the stacks in the prior's units."""
+    stacks = {name: np.asarray(a) for name, a in buffer.arrays.items()}
+    names = ("recon", "naive", "std") + (("truth",) if has_reference else ())
+    paths = {}
+    for name in names:
+        volume = np.moveaxis(stacks[name], 0, -1) * scale
+        file = "reference" if name == "truth" else name
+        paths[file] = str(write_nifti(volume, out_dir / f"{file}.nii.gz", affine=scan.affine))
+    npz = out_dir / "slices.npz"
+    with atomic_path(npz, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, indices=np.asarray(scan.indices), **{k: stacks[k] for k in STACKS})
+    paths["stacks"] = str(npz)
+    return paths
+
+
+def tune_scans(prepared: Sequence[str | Path], operator: OperatorConfig, baseline: BaselineConfig,
+               seed: int = 0) -> dict:
+    """``recon.reconstruction.tune_baseline`` for raw k-space validation volumes: the
+    baseline's ``lam`` with the best mean PSNR against each volume's reference, under the same
+    sampling as the test volumes."""
+    from recon.baselines import select_lambda
+    from recon.metrics import psnr
+
+    problems = []
+    for p in prepared:
+        scan = PreparedScan.open(p)
+        if scan.reference is None:
+            continue
+        _, slices = scan_problems(scan, operator, seed)
+        problems += [(pr, baseline.build(pr.operator)) for pr in slices]
+    if not problems:
+        raise ValueError(f"no validation k-space with a reference to choose lam for "
+                         f"{baseline.name!r} on")
+
+    def mean_psnr(lam: float) -> float:
+        scores = []
+        for pr, solver in problems:
+            x = _crop_phase(solver.solve(pr.y, lam).abs()[0, 0].numpy(), pr.reference.shape[-1])
+            scores.append(float(psnr(torch.from_numpy(x)[None, None].double(),
+                                     torch.from_numpy(pr.reference)[None, None].double())))
+        return sum(scores) / len(scores)
+
+    lam, scores = select_lambda(mean_psnr)
+    return {"lam": lam, "scores": {f"{k:.4g}": v for k, v in scores.items()},
+            "slices": len(problems), "volumes": len(prepared)}

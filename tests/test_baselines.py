@@ -112,7 +112,7 @@ def test_baselines_have_the_sampler_api_and_refuse_bad_settings():
     for bad in ({"lam": -1.0}, {"lam": float("nan")}, {"iterations": 0}, {"iterations": 2.5}):
         with pytest.raises(ValueError):
             TotalVariation(op, **bad)
-    assert set(BASELINES) == {"tv", "l1_wavelet"}
+    assert set(BASELINES) == {"sense", "tv", "l1_wavelet"}
 
 
 def test_select_lambda_takes_the_best_score_on_the_grid():

@@ -63,7 +63,7 @@ def test_resolved_is_flat_and_complete():
     ("reconstruct.integrator=rk4", "unknown integrator 'rk4'; valid integrators: ddim, dpmpp2s, "
                                    "euler, euler_maruyama, heun"),
     ("reconstruct.guidance=magic", "valid guidances: data_consistency, dps"),
-    ("reconstruct.operators=[mri]", "unknown operator 'mri'; valid operators: blur, fourier, mask"),
+    ("reconstruct.operators=[mri]", "unknown operator 'mri'; valid operators: acquired, blur, fourier, mask"),
     ("reconstruct.timer=exp", "valid timers: cosine, karras, linear"),
     ("compare.integrators=[euler, rk45]", "compare.integrators.1.name: unknown integrator 'rk45'"),
     ("reconstruct.operators=[{name: fourier, params: {accel: 4}}]",
@@ -80,7 +80,7 @@ def test_resolved_is_flat_and_complete():
     ("tracking.uri=file:///tmp/mlruns", "file: tracking stores are refused"),
     ("compare.operator=blur", "compare.operator 'blur' is not among reconstruct.operators"),
     ("data.axis=3", "data.axis: Input should be 0, 1 or 2"),
-    ("reconstruct.baselines=[cs]", "unknown baseline 'cs'; valid baselines: l1_wavelet, tv"),
+    ("reconstruct.baselines=[cs]", "unknown baseline 'cs'; valid baselines: l1_wavelet, sense, tv"),
     ("reconstruct.baselines=[{name: tv, params: {lam: -1}}]", "lam must be a finite number >= 0"),
     ("reconstruct.baselines=[{name: tv, params: {iterations: 0}}]", "iterations must be an integer"),
     ("reconstruct.baselines=[{name: tv, params: {mu: 1}}]", "unknown parameter(s) ['mu'] for baseline"),

@@ -54,6 +54,7 @@ bench: $(STAMP) data
 	$(BIN)/python benchmarks/native_quality.py
 	$(BIN)/python benchmarks/sampler_overhead.py
 	$(BIN)/python benchmarks/training_throughput.py --threads 1
+	$(BIN)/python benchmarks/kspace.py
 	$(BIN)/python benchmarks/methods.py
 
 clean:

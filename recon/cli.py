@@ -184,7 +184,8 @@ def print_reconstruction(cfg, rows: list[dict]) -> bool:
     True when every operator beats it."""
     r = cfg.reconstruct
     print_table(f"held-out reconstruction vs the naive pseudo-inverse ({r.integrator.label}, "
-                f"{r.steps} steps, {r.n_samples} posterior samples, sigma_y={r.sigma_y:g})",
+                f"{r.steps} steps, {r.n_samples} posterior samples, sigma_y={r.sigma_y:g} on images; "
+                "raw k-space keeps its measured noise)",
                 rows, RECON_COLUMNS)
     console.print("PSNR margins over the naive pseudo-inverse:")
     ok = True

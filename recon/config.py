@@ -308,6 +308,9 @@ class ReconstructSection(_Section):
                             "(memory bound; n_samples x batch_size chains run at once)")
     seed: int = Field(0, ge=0, le=2**63 - 1, strict=True, description="measurement and "
                       "sampler seed (below 2^63: torch generators take 64-bit seeds)")
+    kspace_phase: Literal["lowres", "sense", "none"] = Field(
+        "lowres", description="raw k-space: the image phase absorbed into the coil maps "
+        "(recon.raw): of the calibration image, of a SENSE solution, or none")
     device: str = "auto"
     num_threads: int | None = Field(None, ge=1, le=1024, strict=True,
                                     description="torch CPU threads (None: torch's "

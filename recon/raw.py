@@ -38,7 +38,7 @@ directions). Outputs: the magnitude of the posterior mean, the pixel-wise std ov
 the zero-filled root-sum-of-squares (naive) and the reference, on the reconstructed grid
 (readout oversampling removed, phase field of view cropped to ``reconSpace``), as NIfTI with
 the affine from the header (``KSpaceScan.affine``) in the file's units (whitened units for
-ISMRMRD files with noise scans), plus ``slices.npz`` for the metrics.
+ISMRMRD files with noise scans), plus ``slices.npz`` (viewer layout) for metrics and figures.
 """
 
 from __future__ import annotations
@@ -349,9 +349,10 @@ def scan_problems(prepared: PreparedScan, operator: OperatorConfig, seed: int,
 # -- reconstruction -----------------------------------------------------------------------------
 def reconstruct_scan(prepared: str | Path, operator: OperatorConfig, settings: ReconstructSection,
                      prior: PriorSection, out_dir: str | Path, progress: bool = True,
-                     baseline: BaselineConfig | None = None, phase: str = "lowres") -> dict:
+                     baseline: BaselineConfig | None = None, phase: str | None = None) -> dict:
     """Reconstruct every slice of a prepared scan with one sampling (``operator``) by the
-    diffusion sampler of ``settings`` or a classical ``baseline`` (its ``lam`` set); writes
+    diffusion sampler of ``settings`` or a classical ``baseline`` (its ``lam`` set), the phase
+    absorbed as ``phase`` (default ``settings.kspace_phase``) says; writes
     ``recon``/``naive``/``std``/``reference`` NIfTI, ``slices.npz`` and ``summary.json`` in
     ``out_dir`` and returns what ``recon.reconstruction.reconstruct_prepared`` returns, plus
     ``has_reference`` (whether the slices can be scored) and ``scale``."""
@@ -378,7 +379,8 @@ def reconstruct_scan(prepared: str | Path, operator: OperatorConfig, settings: R
     start = time.perf_counter()
     nfe = vjp = 0
     try:
-        scale, problems = scan_problems(scan, operator, settings.seed, phase=phase)
+        scale, problems = scan_problems(scan, operator, settings.seed,
+                                        phase=phase or settings.kspace_phase)
         with tqdm(total=n, desc=f"{scan.name} {operator.name}", unit="slice",
                   disable=None if progress else True) as bar:
             for problem in problems:
@@ -418,7 +420,8 @@ def reconstruct_scan(prepared: str | Path, operator: OperatorConfig, settings: R
 def _write_outputs(buffer: VolumeBuffer, scan: PreparedScan, out_dir: Path, scale: float,
                    has_reference: bool) -> dict[str, str]:
     """``recon``/``naive``/``std`` (and ``reference``) NIfTI ``(R, P, S)`` with the header's
-    affine, in the file's units; ``slices.npz`` of the stacks in the prior's units."""
+    affine, in the file's units; ``slices.npz`` of the stacks in the prior's units, turned to
+    the viewer layout (``ViewTransform``) for the figures."""
     stacks = {name: np.asarray(a) for name, a in buffer.arrays.items()}
     names = ("recon", "naive", "std") + (("truth",) if has_reference else ())
     paths = {}
@@ -426,9 +429,10 @@ def _write_outputs(buffer: VolumeBuffer, scan: PreparedScan, out_dir: Path, scal
         volume = np.moveaxis(stacks[name], 0, -1) * scale
         file = "reference" if name == "truth" else name
         paths[file] = str(write_nifti(volume, out_dir / f"{file}.nii.gz", affine=scan.affine))
-    npz = out_dir / "slices.npz"
+    npz = out_dir / "slices.npz"  # in the viewer layout, for figures (metrics do not mind)
+    viewed = {k: scan.view.apply(torch.from_numpy(stacks[k])).numpy() for k in STACKS}
     with atomic_path(npz, suffix=".npz") as tmp:
-        np.savez_compressed(tmp, indices=np.asarray(scan.indices), **{k: stacks[k] for k in STACKS})
+        np.savez_compressed(tmp, indices=np.asarray(scan.indices), **viewed)
     paths["stacks"] = str(npz)
     return paths
 

@@ -382,8 +382,10 @@ def test_reconstruct_scan_writes_nifti_with_the_header_affine(prepared, tmp_path
     ref = nib.load(out["reference"]).get_fdata()
     np.testing.assert_allclose(np.moveaxis(ref, -1, 0), prepared.reference, rtol=1e-4,
                                atol=1e-4 * ref.max())
-    stacks = np.load(out["stacks"])
-    assert stacks["truth"].shape == (3, *prepared.recon_matrix) and out["has_reference"]
+    stacks = np.load(out["stacks"])  # the prior's units, viewer layout
+    np.testing.assert_allclose(stacks["truth"], prepared.view.apply(torch.from_numpy(
+        prepared.reference / out["scale"])).numpy(), rtol=1e-5)
+    assert out["has_reference"]
     assert out["method"] == "sense" and out["slices"] == 3
 
 

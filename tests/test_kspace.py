@@ -407,7 +407,7 @@ def real_scan(tmp_path_factory):
         cache = tmp_path_factory.mktemp("downloads")
     try:
         archive = public.fetch_source("pyqmri", manifest.sources["pyqmri"], cache,
-                                      members=[entry.provenance.member], echo=None)
+                                      members=[entry.provenance.member], echo=lambda _msg: None)
     except DataError as err:  # PyPI unreachable: nothing real to test against
         pytest.skip(f"PyQMRI's sdist could not be fetched: {err}")
     data = public._produce(entry, archive)

@@ -95,10 +95,12 @@ class DataConfig(SliceSource, _Section):
     data_root: Path = Path("data/public")
     materialise: bool = Field(True, description="materialise the offline public data when missing")
     test_split: str = "test"
-    max_slices: int | None = Field(16, ge=1, description="central slices kept per test volume")
+    max_slices: int | None = Field(16, ge=1, le=4096, strict=True,
+                                   description="central slices kept per test volume")
     volumes: list[str] | None = Field(None, description="ids of the test volumes to reconstruct "
                                       "(None: every volume of test_split)")
-    max_volumes: int | None = Field(None, ge=1, description="test volumes reconstructed (None: all)")
+    max_volumes: int | None = Field(None, ge=1, le=100_000, strict=True,
+                                    description="test volumes reconstructed (None: all)")
 
 
 # -- prior and training -----------------------------------------------------------------------
@@ -126,9 +128,10 @@ class TrainSection(_Section):
     """Training the prior (``recon.training.train_prior``); disabled: the shipped checkpoint."""
 
     enabled: bool = False
-    steps: int | None = Field(None, ge=1, description="override the prior config's steps")
-    batch_size: int | None = Field(None, ge=1)
-    lr: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, ge=1, le=10_000_000, strict=True,
+                              description="override the prior config's steps")
+    batch_size: int | None = Field(None, ge=1, le=4096, strict=True)
+    lr: float | None = Field(None, gt=0, le=1.0)
     resume: bool = True
     skip_if_matching: bool = Field(True, description="skip training when the checkpoint already "
                                                      "holds weights trained with this config")
@@ -286,8 +289,9 @@ class ReconstructSection(_Section):
     """Posterior sampling of every test volume, slice-batched, for each operator."""
 
     operators: list[OperatorConfig] = Field(
-        default_factory=lambda: [OperatorConfig(name="fourier")], min_length=1)
-    sigma_y: float = Field(0.01, ge=0, description="measurement noise std (image units [0, 1])")
+        default_factory=lambda: [OperatorConfig(name="fourier")], min_length=1, max_length=64)
+    sigma_y: float = Field(0.01, ge=0, le=100.0,
+                           description="measurement noise std (image units [0, 1])")
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
     integrator: IntegratorConfig = Field(default_factory=IntegratorConfig)
     timer: TimerConfig = Field(default_factory=TimerConfig)
@@ -296,11 +300,12 @@ class ReconstructSection(_Section):
         "units); e.g. [0, 1.5] for foreground-normalised slices. null: no guard")
     steps: int = Field(32, ge=1, le=10_000, strict=True)
     baselines: list[BaselineConfig] = Field(
-        default_factory=list, description="classical reconstructions of the same y, rows of the "
+        default_factory=list, max_length=64, description="classical reconstructions of the same y, rows of the "
         "same tables (e.g. [tv, l1_wavelet]); lam null: chosen on the validation split")
     tune_slices: int = Field(2, ge=1, le=64, strict=True, description="central slices per validation volume "
                              "on which a baseline's lam is chosen")
-    tune_volumes: int | None = Field(None, ge=1, description="validation volumes used to choose "
+    tune_volumes: int | None = Field(None, ge=1, le=1000, strict=True,
+                                     description="validation volumes used to choose "
                                      "lam (None: every T1-weighted one of data.val_split)")
     n_samples: int = Field(2, ge=1, le=64, strict=True,
                            description="posterior samples per slice (mean, std)")
@@ -406,13 +411,14 @@ class CompareSection(_Section):
     ``integrators`` x ``steps`` (with ``reconstruct.guidance``) followed by ``methods``."""
 
     integrators: list[IntegratorConfig] = Field(
-        default_factory=lambda: [IntegratorConfig(name=n) for n in ("euler", "heun", "dpmpp2s", "ddim")])
-    steps: list[int] = Field(default_factory=lambda: [16], min_length=1)
+        default_factory=lambda: [IntegratorConfig(name=n) for n in ("euler", "heun", "dpmpp2s", "ddim")],
+        max_length=64)
+    steps: list[int] = Field(default_factory=lambda: [16], min_length=1, max_length=64)
     methods: list[MethodConfig] = Field(
-        default_factory=list, description="further rows: diffusion settings and baselines, e.g. "
+        default_factory=list, max_length=64, description="further rows: diffusion settings and baselines, e.g. "
         "[{guidance: dps, steps: 16}, tv, l1_wavelet]")
     operator: str | None = Field(None, description="operator name (default: the first one)")
-    max_volumes: int = Field(1, ge=1)
+    max_volumes: int = Field(1, ge=1, le=100_000, strict=True)
 
     @field_validator("integrators", mode="before")
     @classmethod
@@ -422,8 +428,8 @@ class CompareSection(_Section):
     @field_validator("steps")
     @classmethod
     def _steps(cls, v: list[int]) -> list[int]:
-        if any(s < 1 for s in v):
-            raise ValueError(f"steps must be positive integers, got {v}")
+        if any(not 1 <= s <= 10_000 for s in v):
+            raise ValueError(f"steps must be integers in [1, 10000], got {v}")
         return v
 
     @field_validator("operator")

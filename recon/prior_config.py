@@ -85,28 +85,28 @@ class DiffusionConfig(_Strict):
 class TrainingConfig(_Strict):
     """Optimisation, noise-level sampling, EMA, augmentation, logging and checkpointing."""
 
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    steps: int = Field(2000, ge=1, le=10_000_000, strict=True)
+    batch_size: int = Field(16, ge=1, le=4096, strict=True)
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(100, ge=0, le=10_000_000, strict=True)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, le=1e6)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     ema_warmup: bool = True
-    t_eps: float = Field(1e-3, gt=0)
+    t_eps: float = Field(1e-3, gt=0, lt=1)
     t_max: float | None = None
     flip_prob: float = Field(0.0, ge=0, le=1)
     flip_dims: tuple[int, ...] = (-1,)
     amp: Literal["none", "bf16", "fp16"] = "bf16"
     device: str = "auto"
     seed: int = Field(0, ge=0, lt=2**31)
-    log_every: int = Field(10, ge=1)
-    val_every: int = Field(250, ge=1)
-    val_size: int = Field(64, ge=1)
-    checkpoint_every: int = Field(250, ge=1)
+    log_every: int = Field(10, ge=1, le=10_000_000, strict=True)
+    val_every: int = Field(250, ge=1, le=10_000_000, strict=True)
+    val_size: int = Field(64, ge=1, le=4096, strict=True)
+    checkpoint_every: int = Field(250, ge=1, le=10_000_000, strict=True)
 
 
 class SliceSource(_Strict):

@@ -168,8 +168,110 @@ def test_a_nifti_without_usable_geometry_is_refused(tmp_path, affine, fragment):
     ("reconstruct.steps=true", "reconstruct.steps: Input should be a valid integer"),
     ("reconstruct.n_samples=2.5", "reconstruct.n_samples: Input should be a valid integer"),
     (f"reconstruct.seed={2**70}", "reconstruct.seed: Input should be less than or equal to"),
+    ("data.max_slices=100000", "data.max_slices: Input should be less than or equal to 4096"),
+    ("data.max_volumes=10000000", "data.max_volumes: Input should be less than or equal to"),
+    ("train.steps=1000000000", "train.steps: Input should be less than or equal to 10000000"),
+    ("train.batch_size=100000", "train.batch_size: Input should be less than or equal to 4096"),
+    ("train.lr=5", "train.lr: Input should be less than or equal to 1"),
+    ("reconstruct.tune_volumes=5000", "reconstruct.tune_volumes: Input should be less than"),
+    ("compare.steps=[100000]", "steps must be integers in [1, 10000]"),
+    ("compare.max_volumes=10000000", "compare.max_volumes: Input should be less than or equal"),
+    ("reconstruct.baselines=[" + ", ".join(["tv"] * 65) + "]", "at most 64 items"),
 ])
 def test_numbers_out_of_bounds_are_refused_on_load_in_under_a_second(override, fragment):
     """Values that would allocate gigabytes, run for ever or be silently coerced (true -> 1) are
     refused by the config schema, naming the field, before anything is built."""
     assert fragment in _quick(load_config, None, [override])
+
+
+def test_an_unwritable_work_dir_is_one_line_and_exit_2(tmp_path):
+    """A work_dir that cannot be written (here: below a file) is refused before Prefect or
+    MLflow are touched, with the reason, not a PermissionError/NotADirectoryError traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = runner.invoke(cli.app, ["data", "demo", "--set", f"work_dir={blocker / 'work'}"])
+    assert out.exit_code == 2, out.output
+    assert "work_dir" in out.output and "not a writable folder" in out.output
+    assert "Traceback" not in out.output and not (blocker / "work").exists()
+
+
+KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+from pipelines import tracking
+from recon.config import load_config
+from recon.volumes import VolumeBuffer
+work = Path(sys.argv[1])
+cfg = load_config(None, [f"work_dir={work}", "tracking.experiment=kill"])
+with tracking.run_context(cfg, "evaluate") as parent:
+    with tracking.run_context(cfg, "reconstruct", parent.run_id) as run:
+        VolumeBuffer(work / "runs" / run.run_id / "vol" / "fourier", [0, 1], (4, 4))
+        print(parent.run_id, run.run_id, flush=True)
+        time.sleep(120)
+"""
+
+
+def test_runs_of_a_killed_process_are_marked_killed_and_their_scratch_removed(tmp_path):
+    """A real process holding two nested RUNNING runs and a streaming scratch folder gets
+    SIGKILL: the next use of the store marks both KILLED with the reason and removes the
+    scratch; a live process's runs are left alone."""
+    import signal
+    import subprocess
+    import sys
+
+    from pipelines import tracking
+
+    work = tmp_path / "work"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(work)],
+                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        ids = child.stdout.readline().split()
+        assert len(ids) == 2, "the child did not start its runs"
+        assert list((work / "runs" / ids[1]).rglob(".stream-*"))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    cfg = load_config(None, [f"work_dir={work}", "tracking.experiment=kill"])
+    c = tracking.client(cfg)
+    assert {c.get_run(i).info.status for i in ids} == {"RUNNING"}
+    tracking._REAPED.discard(tracking.tracking_uri(cfg))
+    with tracking.run_context(cfg, "rerun") as live:
+        assert c.get_run(live.run_id).info.status == "RUNNING"
+        assert tracking.reap_stale_runs(cfg) == []  # this live process's run stays
+    for i in ids:
+        run = c.get_run(i)
+        assert run.info.status == "KILLED"
+        assert f"pid {child.pid}" in run.data.tags["error"] and run.data.tags["error_type"] == "Killed"
+    assert not list((work / "runs").rglob(".stream-*"))
+    assert c.get_run(live.run_id).info.status == "FINISHED"
+
+
+FIRST_RUN = """
+import sys
+from pipelines import tracking
+from recon.config import load_config
+cfg = load_config(None, [f"work_dir={sys.argv[1]}", "tracking.experiment=race"])
+with tracking.run_context(cfg, "first") as run:
+    pass
+print(run.run_id, flush=True)
+"""
+
+
+def test_two_processes_may_start_on_a_new_store_at_once(tmp_path):
+    """Both processes create and migrate the same new sqlite store at the same time: the
+    store's first use is serialised by a lock file, so both runs exist and finished (without
+    it one crashed in MLflow's migration with 'duplicate column name' or an alembic error)."""
+    import subprocess
+    import sys
+
+    from pipelines import tracking
+
+    work = tmp_path / "work"
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_RUN, str(work)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    cfg = load_config(None, [f"work_dir={work}", "tracking.experiment=race"])
+    c = tracking.client(cfg)
+    assert {c.get_run(out.strip()).info.status for out, _ in outs} == {"FINISHED"}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -90,8 +91,25 @@ def prepare(config: str, overrides: list[str] | None, verbose: bool = False,
     """Validate the config (exit 2 with the reasons if invalid) and set up Prefect's settings
     for its work dir *before* Prefect is imported."""
     cfg = load(config, overrides, record=True, base_dir=base_dir)
+    problem = unwritable(cfg.work_dir)
+    if problem:
+        console.print(f"[bold red]invalid configuration[/]\n  work_dir: {problem}",
+                      highlight=False)
+        raise typer.Exit(2)
     setup_prefect(cfg, verbose)
     return cfg
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why nothing can be written under ``folder`` (created if missing), or None."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return (f"{folder} is not a writable folder ({err.strerror or type(err).__name__}); "
+                "set work_dir to one you can write to")
+    return None
 
 
 def setup_prefect(cfg, verbose: bool = False) -> None:

@@ -12,9 +12,12 @@ relative to the current directory.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import shutil
+import socket
 import time
 import traceback
 import warnings
@@ -54,8 +57,30 @@ def ui_command(cfg: Config) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+_READY: set[str] = set()
+
+
+def ready(uri: str) -> str:
+    """``uri``, its store created and migrated. For a local sqlite store the first use in a
+    process holds an exclusive lock (``<db>.lock``): MLflow creates and migrates a new store
+    on first contact, and two processes doing it at once crash (``duplicate column name``,
+    alembic's ``Online migration expected to match one row``)."""
+    if uri in _READY or not uri.startswith("sqlite:///"):
+        return uri
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY.add(uri)
+    return uri
+
+
 def client(cfg: Config):
-    return MlflowClient(tracking_uri=tracking_uri(cfg))
+    return MlflowClient(tracking_uri=ready(tracking_uri(cfg)))
 
 
 def experiment_id(cfg: Config, name: str | None = None) -> str:
@@ -90,7 +115,7 @@ class Run:
 
     def __init__(self, tracking: str, run_id: str):
         self.tracking_uri, self.run_id = tracking, run_id
-        self.client = MlflowClient(tracking_uri=tracking)
+        self.client = MlflowClient(tracking_uri=ready(tracking))
 
     def __repr__(self) -> str:
         return f"Run({self.run_id})"
@@ -176,11 +201,80 @@ def _csv_cell(v: Any) -> str:
     return f'"{s}"' if "," in s else s
 
 
+# -- runs whose process died -----------------------------------------------------------------
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat``, field 22), so a
+    reused pid is not mistaken for the process that created a run; "" where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _owner_tags() -> dict[str, str]:
+    """Who runs this run: host, pid and the pid's start time (``reap_stale_runs``)."""
+    pid = os.getpid()
+    return {"recon.host": socket.gethostname(), "recon.pid": str(pid),
+            "recon.pid_start": _start_time(pid)}
+
+
+def _alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return not start or _start_time(pid) in ("", start)
+
+
+_REAPED: set[str] = set()
+
+
+def reap_stale_runs(cfg: Config) -> list[str]:
+    """Mark KILLED, with the reason, every RUNNING run of the store created on this host by a
+    process that no longer exists (``kill -9``, a crash, a lost node), and remove the streaming
+    scratch (``.stream-*``) it left under its run folder. Returns their ids. Runs of live
+    processes and of other hosts are left alone. Done once per process and store, when the
+    first run is created."""
+    c = client(cfg)
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    reaped = []
+    for run in (c.search_runs(experiments, filter_string="attributes.status = 'RUNNING'",
+                              max_results=10_000) if experiments else []):
+        t = run.data.tags
+        if t.get("recon.host") != host or not t.get("recon.pid", "").isdigit():
+            continue
+        pid = int(t["recon.pid"])
+        if _alive(pid, t.get("recon.pid_start", "")):
+            continue
+        reason = (f"the process that ran it (pid {pid} on {host}) ended without closing it: "
+                  "killed (e.g. kill -9) or crashed; marked when the store was next used")
+        c.set_tag(run.info.run_id, "error", reason, synchronous=True)
+        c.set_tag(run.info.run_id, "error_type", "Killed", synchronous=True)
+        c.set_terminated(run.info.run_id, "KILLED")
+        work = run.data.params.get("work_dir")
+        if work:
+            for scratch in (Path(work) / "runs" / run.info.run_id).rglob(".stream-*"):
+                shutil.rmtree(scratch, ignore_errors=True)
+        reaped.append(run.info.run_id)
+    return reaped
+
+
 def create_run(cfg: Config, run_name: str, parent_run_id: str | None = None,
                tags: Mapping[str, Any] | None = None, experiment: str | None = None) -> Run:
-    """A new RUNNING run; nested under ``parent_run_id`` (``mlflow.parentRunId`` tag) when given."""
+    """A new RUNNING run; nested under ``parent_run_id`` (``mlflow.parentRunId`` tag) when given.
+    It carries its host and pid, so that a later process can tell it was killed
+    (``reap_stale_runs``, run once per process and store here)."""
+    uri = tracking_uri(cfg)
+    if uri not in _REAPED:
+        _REAPED.add(uri)
+        reap_stale_runs(cfg)
     c = client(cfg)
-    all_tags = {RUN_NAME_TAG: run_name, "recon.config_name": cfg.name, **(tags or {})}
+    all_tags = {RUN_NAME_TAG: run_name, "recon.config_name": cfg.name, **_owner_tags(),
+                **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = c.create_run(experiment_id(cfg, experiment), run_name=run_name,

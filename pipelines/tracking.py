@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import time
 import traceback
@@ -33,6 +34,8 @@ from recon.config import Config, ConfigError, apply_override, parse_override, va
 from recon.yaml_io import read_yaml
 
 PARENT_TAG = "mlflow.parentRunId"
+FAILED_RUN_NOTE = "failed MLflow run:"
+"""Prefix of the note a failing ``run_context`` adds to the exception (the run that failed)."""
 RUN_NAME_TAG = "mlflow.runName"
 MAX_PARAM_LEN = 6000
 
@@ -182,7 +185,7 @@ class Run:
 
     def fail(self, error: BaseException | str) -> None:
         """Mark FAILED with the reason as tags (``error``, ``error_type``) and a traceback file."""
-        reason = str(error) if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        reason = describe(error)
         tags = {"error": reason[:5000],
                 "error_type": "str" if isinstance(error, str) else type(error).__name__}
         try:
@@ -194,6 +197,20 @@ class Run:
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
+
+
+def describe(error: BaseException | str) -> str:
+    """``Type: message``; a termination signal without a message says which signal."""
+    if isinstance(error, str):
+        return error
+    text = str(error)
+    number = getattr(error, "signal", None)
+    if isinstance(number, int) and text in ("", str(number)):
+        try:
+            text = f"terminated by {signal.Signals(number).name}"
+        except ValueError:
+            text = f"terminated by signal {number}"
+    return f"{type(error).__name__}: {text or 'no message'}"
 
 
 def _csv_cell(v: Any) -> str:
@@ -296,6 +313,8 @@ def run_context(cfg: Config, run_name: str, parent_run_id: str | None = None,
         yield run
     except BaseException as err:
         run.fail(err)
+        if not any(n.startswith(FAILED_RUN_NOTE) for n in getattr(err, "__notes__", [])):
+            err.add_note(f"{FAILED_RUN_NOTE} {run.run_id} ({run_name})")  # the innermost run
         raise
     else:
         run.finish()

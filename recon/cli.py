@@ -23,6 +23,7 @@ MONAI/torch modules only for the commands that compute, so ``recon config`` stay
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -112,8 +113,14 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
+VERBOSE = False
+"""``--verbose``: Prefect's INFO logs and the traceback of a failure."""
+
+
 def setup_prefect(cfg, verbose: bool = False) -> None:
     """Quiet Prefect's INFO logs unless ``verbose``; its state under ``cfg.work_dir``."""
+    global VERBOSE
+    VERBOSE = verbose
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     use_work_dir(cfg.work_dir)
@@ -147,16 +154,46 @@ def _record_config_failure(config: str, overrides: list[str] | None, err: Except
         pass
 
 
+class _NoTracebacks(logging.Filter):
+    """Keeps Prefect's console quiet about a failure the CLI reports in one line: drops its
+    ``Encountered exception`` records (with their tracebacks) and ``Finished in state Failed``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        return record.exc_info is None and not record.getMessage().startswith(
+            ("Encountered exception", "Finished in state Failed", "Crash detected"))
+
+
+def _quiet_failures() -> None:
+    """``_NoTracebacks`` on the console handlers Prefect put on the root logger when it was
+    imported (its API log shipping, on the flow and task run loggers, keeps everything)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, _NoTracebacks) for f in handler.filters):
+            handler.addFilter(_NoTracebacks())
+
+
 def run_flow(fn, *args, **kwargs) -> Any:
-    """Run a flow; a failure prints the reason and exits 1 (the MLflow run is already FAILED)."""
+    """Run a flow; a failure prints one line (the reason and the FAILED MLflow run, whose
+    ``error.txt`` holds the traceback) and exits 1; ``--verbose`` also prints the traceback."""
+    if not VERBOSE:
+        _quiet_failures()
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
         raise typer.Exit(130) from None
     except Exception as err:  # noqa: BLE001 - the flow's error, shown plainly
-        console.print(f"[bold red]{fn.__name__} failed:[/] {type(err).__name__}: {err}",
-                      highlight=False)
+        from pipelines.tracking import FAILED_RUN_NOTE, describe
+
+        if VERBOSE:
+            console.print_exception()
+        reason = describe(err).splitlines()[0] if str(err) else describe(err)
+        notes = [n for n in getattr(err, "__notes__", []) if n.startswith(FAILED_RUN_NOTE)]
+        where_ = f" ({notes[0]}; its error.txt has the traceback)" if notes else ""
+        console.print(f"[bold red]{fn.__name__} failed:[/] {reason[:500]}{where_}",
+                      highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

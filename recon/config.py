@@ -300,8 +300,9 @@ class ReconstructSection(_Section):
         "units); e.g. [0, 1.5] for foreground-normalised slices. null: no guard")
     steps: int = Field(32, ge=1, le=10_000, strict=True)
     baselines: list[BaselineConfig] = Field(
-        default_factory=list, max_length=64, description="classical reconstructions of the same y, rows of the "
-        "same tables (e.g. [tv, l1_wavelet]); lam null: chosen on the validation split")
+        default_factory=list, max_length=64, description="classical reconstructions of the same "
+        "y, rows of the same tables (e.g. [tv, l1_wavelet]); lam null: chosen on the validation "
+        "split")
     tune_slices: int = Field(2, ge=1, le=64, strict=True, description="central slices per validation volume "
                              "on which a baseline's lam is chosen")
     tune_volumes: int | None = Field(None, ge=1, le=1000, strict=True,
@@ -415,8 +416,8 @@ class CompareSection(_Section):
         max_length=64)
     steps: list[int] = Field(default_factory=lambda: [16], min_length=1, max_length=64)
     methods: list[MethodConfig] = Field(
-        default_factory=list, max_length=64, description="further rows: diffusion settings and baselines, e.g. "
-        "[{guidance: dps, steps: 16}, tv, l1_wavelet]")
+        default_factory=list, max_length=64, description="further rows: diffusion settings and "
+        "baselines, e.g. [{guidance: dps, steps: 16}, tv, l1_wavelet]")
     operator: str | None = Field(None, description="operator name (default: the first one)")
     max_volumes: int = Field(1, ge=1, le=100_000, strict=True)
 

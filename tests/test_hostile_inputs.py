@@ -275,3 +275,47 @@ def test_two_processes_may_start_on_a_new_store_at_once(tmp_path):
     cfg = load_config(None, [f"work_dir={work}", "tracking.experiment=race"])
     c = tracking.client(cfg)
     assert {c.get_run(out.strip()).info.status for out, _ in outs} == {"FINISHED"}
+
+
+def test_a_runtime_failure_prints_one_message_with_its_failed_run(tmp_path):
+    """A corrupt checkpoint found while the flows run: one message naming the error and the
+    FAILED MLflow run (whose error.txt holds the traceback), exit 1, no Prefect traceback;
+    ``--verbose`` prints the traceback too."""
+    import subprocess
+    import sys
+
+    from pipelines import tracking
+
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    work = tmp_path / "work"
+    args = [sys.executable, "-m", "recon", "reconstruct", "demo", "--set",
+            f"prior.checkpoint={bad}", "--set", f"work_dir={work}"]
+    env = {**os.environ, "COLUMNS": "400"}
+    quiet = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env,
+                           cwd=Path(__file__).parents[1])
+    out = quiet.stdout + quiet.stderr
+    assert quiet.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and "Encountered exception" not in out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and "failed: CheckpointError: could not read checkpoint" in out
+    run_id = out.split("failed MLflow run: ")[1].split()[0]
+    c = tracking.client(load_config(None, [f"work_dir={work}"]))
+    run = c.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["error_type"] == "CheckpointError"
+    assert "error.txt" in [a.path for a in c.list_artifacts(run_id)]
+    loud = subprocess.run([*args, "--verbose"], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=Path(__file__).parents[1])
+    assert loud.returncode == 1 and "Traceback" in loud.stdout + loud.stderr
+
+
+def test_a_termination_signal_is_named_in_the_failed_run():
+    """Prefect raises TerminationSignal (no message) on SIGTERM: the FAILED run says which."""
+    import signal
+
+    from prefect.exceptions import TerminationSignal
+
+    from pipelines.tracking import describe
+
+    assert describe(TerminationSignal(signal.SIGTERM)) == "TerminationSignal: terminated by SIGTERM"
+    assert describe(RuntimeError()) == "RuntimeError: no message"

@@ -31,7 +31,15 @@ from recon import coils
 from recon.config import BaselineConfig, OperatorConfig, load_config
 from recon.data.manifest import DataError, load_manifest, resolve, verify
 from recon.metrics import evaluate_stacks, psnr, worst_margins
-from recon.raw import PHASES, PreparedScan, prepare_scan, reconstruct_scan, scan_problems, tune_scans
+from recon.raw import (
+    PHASES,
+    PreparedScan,
+    crop_phase,
+    prepare_scan,
+    reconstruct_scan,
+    scan_problems,
+    tune_scans,
+)
 from recon.volumes import read_stacks
 
 ACCELERATIONS = {"4x": {"acceleration": 4, "center_fraction": 0.08},
@@ -55,8 +63,8 @@ def _ceiling(prepared: Path, op: OperatorConfig, seed: int) -> float:
     scores = []
     for rank, pr in enumerate(problems):
         full = coils.centered_ifft(scan.kspace[rank]) / scale
-        x = np.abs(np.sum(np.conj(pr.operator.coil_maps.numpy()) * full, 0))
-        x = x[..., x.shape[-1] // 2 - pr.reference.shape[-1] // 2:][..., : pr.reference.shape[-1]]
+        x = crop_phase(np.abs(np.sum(np.conj(pr.operator.coil_maps.numpy()) * full, 0)),
+                       pr.reference.shape[-1])
         scores.append(float(psnr(torch.from_numpy(x)[None, None].double(),
                                  torch.from_numpy(pr.reference)[None, None].double())))
     return sum(scores) / len(scores)

@@ -28,8 +28,8 @@ data only, as for a real accelerated scan:
 - phase: the low-resolution phase of the coil-combined calibration image is absorbed into the
   maps (``recon.coils.absorb_phase``), so the image the real-valued prior models is the
   (non-negative) magnitude; the data consistency solves over complex images and keeps the
-  real part (``UndersampledFourier.prox``), so the phase the low-resolution estimate misses
-  goes to the imaginary part (``benchmarks/kspace.py --phase`` measures the alternatives);
+  magnitude (``UndersampledFourier.prox``), so the phase the low-resolution estimate misses
+  stays in the data fit (``benchmarks/kspace.py --phase`` measures the alternatives);
 - the image is zero outside the maps' support (``UndersampledFourier.support``).
 
 The prior sees each slice in the viewer layout it was trained on (``ViewTransform``: rows
@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +66,11 @@ from recon.data.nifti import atomic_dir, atomic_path, atomic_write_bytes, write_
 from recon.data.simulate import head_median
 from recon.network import resolve_device
 from recon.operators import UndersampledFourier
-from recon.reconstruction import load_network, slice_seed
+from recon.reconstruction import load_network, method_summary, slice_seed
 from recon.volumes import STACKS, PreparedVolume, VolumeBuffer
 
 __all__ = ["KSPACE_OPERATORS", "PHASES", "PreparedScan", "ScanProblem", "ViewOriented",
-           "ViewTransform", "is_scan", "open_prepared", "prepare_scan", "reconstruct_scan",
+           "ViewTransform", "crop_phase", "is_scan", "open_prepared", "prepare_scan", "reconstruct_scan",
            "scan_problems", "tune_scans"]
 
 KSPACE_OPERATORS = ("acquired", "fourier")
@@ -79,8 +80,9 @@ PREPARE_VERSION = 1
 MAX_CALIBRATION = 24
 """ESPIRiT calibration width at most (lines); at least ``MIN_CALIBRATION``."""
 MIN_CALIBRATION = 6
-PHASES = ("lowres", "sense", "none")
-"""How the image's phase is absorbed into the coil maps (``scan_problems``)."""
+PHASES = typing.get_args(ReconstructSection.model_fields["kspace_phase"].annotation)
+"""How the image's phase is absorbed into the coil maps (``scan_problems``): the values
+``reconstruct.kspace_phase`` takes."""
 
 
 # -- orientation ----------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ class ViewOriented(nn.Module):
 
 
 # -- preparation --------------------------------------------------------------------------------
-def _crop_phase(image: np.ndarray, size: int) -> np.ndarray:
+def crop_phase(image: np.ndarray, size: int) -> np.ndarray:
     """The central ``size`` columns (phase field of view of ``reconSpace``)."""
     p = image.shape[-1]
     start = p // 2 - size // 2
@@ -168,8 +170,8 @@ class PreparedScan:
     recon_matrix = property(lambda self: tuple(self.meta["recon_matrix"]))
     affine = property(lambda self: np.asarray(self.meta["affine"], float))
     view = property(lambda self: ViewTransform(**self.meta["view"]))
-    shape = property(lambda self: tuple(self.meta["recon_matrix"]))
-    """The reconstructed slice size ``(R, P_recon)``."""
+    shape = recon_matrix
+    """The reconstructed slice size ``(R, P_recon)``, as ``PreparedVolume.shape``."""
 
     @property
     def kspace(self) -> np.ndarray:
@@ -229,7 +231,7 @@ def prepare_scan(path: str | Path, out_dir: str | Path, max_slices: int | None =
     if scan.reference is not None and scan.noise is None:
         reference, ref_source = scan.reference, "file (reconstruction_rss)"
     elif scan.fully_sampled:
-        reference = _crop_phase(coils.rss(coils.centered_ifft(k)), p_recon)
+        reference = crop_phase(coils.rss(coils.centered_ifft(k)), p_recon)
         ref_source = "root-sum-of-squares of the fully sampled data"
     else:
         reference, ref_source = None, "none (undersampled acquisition)"
@@ -341,7 +343,7 @@ def scan_problems(prepared: PreparedScan, operator: OperatorConfig, seed: int,
             ref = None if reference is None else reference[i] / scale
             y_t = torch.from_numpy(y / scale).to(torch.complex64)[None, None]
             yield ScanProblem(prepared.indices[i], y_t, op,
-                              _crop_phase(zero_filled[i], p_recon) / scale, ref, calib)
+                              crop_phase(zero_filled[i], p_recon) / scale, ref, calib)
 
     return scale, problems()
 
@@ -361,19 +363,19 @@ def reconstruct_scan(prepared: str | Path, operator: OperatorConfig, settings: R
     if settings.num_threads is not None and device.type == "cpu":
         torch.set_num_threads(settings.num_threads)
     if baseline is not None:
-        method = {"method": baseline.name, "label": baseline.label, "guidance": "-",
-                  "integrator": "-", "steps": baseline.iterations}
-        network = diffusion = None
+        make_sampler = baseline.build
     else:
         network, diffusion = load_network(prior, device)
         network = ViewOriented(network, scan.view)
-        guidance_cfg = settings.guidance_for(operator)
-        method = {"method": "diffusion", "guidance": guidance_cfg.name,
-                  "label": settings.label(operator), "integrator": settings.integrator.label,
-                  "steps": settings.steps}
+        parts = (settings.integrator.build(), settings.timer.build(settings.steps))
+        guidance = settings.guidance_for(operator).build()
+
+        def make_sampler(op: UndersampledFourier) -> CondDenoiser:  # one per slice: its maps
+            return CondDenoiser(diffusion, network, *parts, op, guidance,
+                                x0_range=settings.x0_range)
     out_dir = Path(out_dir)
     n = len(scan.indices)
-    shape = (scan.recon_matrix[0], scan.recon_matrix[1])
+    shape = scan.shape
     buffer = VolumeBuffer(out_dir, scan.indices, shape)
     has_reference = scan.reference is not None
     start = time.perf_counter()
@@ -384,14 +386,7 @@ def reconstruct_scan(prepared: str | Path, operator: OperatorConfig, settings: R
         with tqdm(total=n, desc=f"{scan.name} {operator.name}", unit="slice",
                   disable=None if progress else True) as bar:
             for problem in problems:
-                op = problem.operator.to(device)
-                if baseline is not None:
-                    sampler = baseline.build(op)
-                else:
-                    sampler = CondDenoiser(diffusion, network, settings.integrator.build(),
-                                           settings.timer.build(settings.steps), op,
-                                           settings.guidance_for(operator).build(),
-                                           x0_range=settings.x0_range)
+                sampler = make_sampler(problem.operator.to(device))
                 gen = torch.Generator(device).manual_seed(slice_seed(settings.seed, problem.index,
                                                                       salt=2))
                 post = sampler.sample(problem.y.to(device), settings.n_samples, generator=gen,
@@ -401,15 +396,16 @@ def reconstruct_scan(prepared: str | Path, operator: OperatorConfig, settings: R
                 stacks = {
                     "truth": (problem.reference if has_reference else np.zeros(shape))[None],
                     "naive": problem.naive[None],
-                    "recon": _crop_phase(post.mean.abs()[0, 0].cpu().numpy(), p_recon)[None],
-                    "std": _crop_phase(post.std[0, 0].cpu().numpy(), p_recon)[None]}
+                    "recon": crop_phase(post.mean.abs()[0, 0].cpu().numpy(), p_recon)[None],
+                    "std": crop_phase(post.std[0, 0].cpu().numpy(), p_recon)[None]}
                 buffer.write([problem.index], stacks)
                 bar.update(1)
         seconds = time.perf_counter() - start
         paths = _write_outputs(buffer, scan, out_dir, scale, has_reference)
     finally:
         buffer.close()
-    summary = {"volume": scan.name, "operator": operator.name, **method, "nfe": nfe, "vjp": vjp,
+    summary = {"volume": scan.name, "operator": operator.name,
+               **method_summary(settings, operator, baseline), "nfe": nfe, "vjp": vjp,
                "n_samples": settings.n_samples, "slices": n, "seconds": seconds,
                "slices_per_s": n / seconds if seconds > 0 else float("nan"),
                "device": str(device), "has_reference": has_reference, "scale": scale}
@@ -459,7 +455,7 @@ def tune_scans(prepared: Sequence[str | Path], operator: OperatorConfig, baselin
     def mean_psnr(lam: float) -> float:
         scores = []
         for pr, solver in problems:
-            x = _crop_phase(solver.solve(pr.y, lam).abs()[0, 0].numpy(), pr.reference.shape[-1])
+            x = crop_phase(solver.solve(pr.y, lam).abs()[0, 0].numpy(), pr.reference.shape[-1])
             scores.append(float(psnr(torch.from_numpy(x)[None, None].double(),
                                      torch.from_numpy(pr.reference)[None, None].double())))
         return sum(scores) / len(scores)

@@ -159,6 +159,18 @@ def batched(volume_slices: Callable[[Sequence[int]], Tensor], indices: Sequence[
         yield chunk, volume_slices(chunk)
 
 
+def method_summary(settings: ReconstructSection, operator: OperatorConfig,
+                   baseline: BaselineConfig | None = None) -> dict:
+    """How a method is named in summaries and tables: ``method``, ``label``, ``guidance``,
+    ``integrator``, ``steps`` (a baseline's iterations)."""
+    if baseline is not None:
+        return {"method": baseline.name, "label": baseline.label, "guidance": "-",
+                "integrator": "-", "steps": baseline.iterations}
+    return {"method": "diffusion", "guidance": settings.guidance_for(operator).name,
+            "label": settings.label(operator), "integrator": settings.integrator.label,
+            "steps": settings.steps}
+
+
 def reconstruct_prepared(prepared: str | Path, operator: OperatorConfig,
                          settings: ReconstructSection, prior: PriorSection, out_dir: str | Path,
                          progress: bool = True, baseline: BaselineConfig | None = None) -> dict:
@@ -178,19 +190,14 @@ def reconstruct_prepared(prepared: str | Path, operator: OperatorConfig,
     op = operator.build(vol.shape, settings.sigma_y, settings.seed)
     common = {"n_samples": settings.n_samples, "seed": settings.seed, "device": device}
     if baseline is not None:
-        solver = baseline.build(op)
-        reconstructor = SliceReconstructor(op, solver, **common)
-        method = {"method": baseline.name, "label": baseline.label, "guidance": "-",
-                  "integrator": "-", "steps": solver.iterations}
+        reconstructor = SliceReconstructor(op, baseline.build(op), **common)
     else:
         network, diffusion = load_network(prior, device)
-        guidance_cfg = settings.guidance_for(operator)
         reconstructor = SliceReconstructor.diffusion(
-            network, diffusion, op, guidance_cfg.build(), settings.integrator.build(),
-            settings.timer.build(settings.steps), x0_range=settings.x0_range, **common)
-        method = {"method": "diffusion", "guidance": guidance_cfg.name,
-                  "label": settings.label(operator), "integrator": settings.integrator.label,
-                  "steps": settings.steps}
+            network, diffusion, op, settings.guidance_for(operator).build(),
+            settings.integrator.build(), settings.timer.build(settings.steps),
+            x0_range=settings.x0_range, **common)
+    method = method_summary(settings, operator, baseline)
     out_dir = Path(out_dir)
     n = len(vol.indices)
     rank = {idx: r for r, idx in enumerate(vol.indices)}

@@ -31,6 +31,7 @@ network evaluation, so it runs wherever a sampler does.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -148,6 +149,7 @@ class Baseline:
         returns ``|x|`` of shape ``(*B, H, W)``."""
         import sigpy.mri as mr
 
+        _real_soft_threshold_first()
         maps = self.operator.coil_maps.detach().cpu().numpy()
         weights = self.operator.mask.detach().cpu().numpy().astype(np.float32)
         ys = y.detach().cpu().reshape(-1, *y.shape[-3:]).numpy()
@@ -171,6 +173,18 @@ class Baseline:
         x = self.solve(y)
         return Posterior(mean=x, std=torch.zeros_like(x), samples=x[None] if keep_samples else None,
                          nfe=self.nfe, vjp=self.vjp, seconds=time.perf_counter() - start)
+
+
+@functools.cache
+def _real_soft_threshold_first() -> None:
+    """Compile sigpy's soft threshold (a lazily typed numba ufunc) for real images before any
+    complex one: once it has a complex loop, numpy hands it real input too (a safe cast) and a
+    real TV / L1-wavelet solve in the same process then fails with "Cannot cast array data
+    from dtype('complex128') to dtype('float32')"."""
+    with warnings.catch_warnings():  # 0/0 at the zero it is compiled on
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        for dtype in (np.float32, np.float64):
+            sp.thresh.soft_thresh(0.0, np.zeros(1, dtype))
 
 
 def _multicoil_complex(operator) -> bool:

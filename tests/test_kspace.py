@@ -450,3 +450,19 @@ def test_real_multicoil_brain_reads_and_calibrates(real_scan, tmp_path):
     naive = score(pr.naive)
     assert score(Sense(pr.operator, 1e-2).solve(pr.y)[0, 0].numpy()) > naive + 2
     assert score(L1Wavelet(pr.operator, 1e-3).solve(pr.y)[0, 0].numpy()) > naive + 2
+
+
+def test_image_baselines_still_run_after_a_kspace_one(prepared):
+    """sigpy's soft threshold is a lazily typed numba ufunc: after a complex L1-wavelet on coil
+    data, a real TV / L1-wavelet solve of an image in the same process must still work (it
+    failed with a complex128 -> float32 cast before the real loops were compiled first)."""
+    from recon.baselines import TotalVariation
+    from recon.operators import OPERATORS
+
+    _, problems = scan_problems(prepared, OperatorConfig(name="acquired"), seed=0)
+    pr = next(problems)
+    L1Wavelet(pr.operator, 1e-3, iterations=3).solve(pr.y)
+    op = OPERATORS["mask"]((24, 20), keep=0.4, sigma_y=0.01, seed=0)
+    y = op.measure(torch.rand(2, 1, 24, 20), generator=0)
+    for baseline in (TotalVariation(op, 1e-2, iterations=5), L1Wavelet(op, 1e-2, iterations=5)):
+        assert baseline.solve(y).dtype == torch.float32

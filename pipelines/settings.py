@@ -38,13 +38,16 @@ def default_work_dir() -> Path:
 
 
 def api_url() -> str | None:
-    """The Prefect server the flows talk to, or None for the embedded API."""
+    """The Prefect server the flows talk to, or None for the embedded API (Prefect's own, or
+    the one ``pipelines.embedded_api`` started for the CLI)."""
     if "prefect" in sys.modules:
         from prefect.settings import get_current_settings
 
         url = get_current_settings().api.url
-        return str(url) if url else None
-    return os.environ.get("PREFECT_API_URL") or None
+        url = str(url) if url else None
+    else:
+        url = os.environ.get("PREFECT_API_URL") or None
+    return None if url and url == os.environ.get("RECON_EMBEDDED_API_URL") else url
 
 
 def configure(work_dir: str | Path | None = None) -> Path:

@@ -88,16 +88,17 @@ def load(config: str, overrides: list[str] | None, record: bool = False,
 
 
 def prepare(config: str, overrides: list[str] | None, verbose: bool = False,
-            base_dir: Path | None = None) -> Config:
+            base_dir: Path | None = None, embedded_api: bool = True) -> Config:
     """Validate the config (exit 2 with the reasons if invalid) and set up Prefect's settings
-    for its work dir *before* Prefect is imported."""
+    for its work dir *before* Prefect is imported (``embedded_api``: and start Prefect's
+    embedded API as a child of this process unless ``PREFECT_API_URL`` names a server)."""
     cfg = load(config, overrides, record=True, base_dir=base_dir)
     problem = unwritable(cfg.work_dir)
     if problem:
         console.print(f"[bold red]invalid configuration[/]\n  work_dir: {problem}",
                       highlight=False)
         raise typer.Exit(2)
-    setup_prefect(cfg, verbose)
+    setup_prefect(cfg, verbose, embedded_api)
     return cfg
 
 
@@ -117,13 +118,23 @@ VERBOSE = False
 """``--verbose``: Prefect's INFO logs and the traceback of a failure."""
 
 
-def setup_prefect(cfg, verbose: bool = False) -> None:
-    """Quiet Prefect's INFO logs unless ``verbose``; its state under ``cfg.work_dir``."""
+def setup_prefect(cfg, verbose: bool = False, embedded_api: bool = True) -> None:
+    """Quiet Prefect's INFO logs unless ``verbose``; its state under ``cfg.work_dir``; its
+    embedded API started now, from this (main) thread, as a child that dies with this process
+    (``pipelines.embedded_api``), unless ``PREFECT_API_URL`` is set."""
     global VERBOSE
     VERBOSE = verbose
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     use_work_dir(cfg.work_dir)
+    if embedded_api:
+        from pipelines.embedded_api import start
+
+        try:
+            start()
+        except RuntimeError as err:
+            console.print(f"[bold red]Prefect API:[/] {err}", highlight=False)
+            raise typer.Exit(1) from None
 
 
 def use_work_dir(work_dir: str | Path) -> None:
@@ -340,7 +351,7 @@ def schedule(config: ConfigArg = "default", overrides: SetOpt = None,
              verbose: VerboseOpt = True) -> None:
     """Serve a flow with a cron schedule on a Prefect server (needs PREFECT_API_URL)."""
     path = config_path(config)
-    prepare(str(path), overrides, verbose)
+    prepare(str(path), overrides, verbose, embedded_api=False)  # needs a real server
     from pipelines.serve import ScheduleError, serve
 
     try:

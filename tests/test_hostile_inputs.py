@@ -319,3 +319,61 @@ def test_a_termination_signal_is_named_in_the_failed_run():
 
     assert describe(TerminationSignal(signal.SIGTERM)) == "TerminationSignal: terminated by SIGTERM"
     assert describe(RuntimeError()) == "RuntimeError: no message"
+
+
+CLI_WITH_SERVER = """
+import sys, time
+from recon import cli
+cfg = cli.prepare("demo", [f"work_dir={sys.argv[1]}"])
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    assert client.api_healthcheck() is None
+import os
+print(os.environ["PREFECT_API_URL"], flush=True)
+time.sleep(120)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and stat[0] != "Z" and int(stat[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+@pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM"])
+def test_no_prefect_server_outlives_the_cli(tmp_path_factory, signame):
+    """The CLI's embedded Prefect API (uvicorn) is its only child, serves the CLI's Prefect
+    client, and is gone within seconds of the CLI dying by SIGKILL or SIGTERM (before, it stayed
+    as an orphan: Prefect stops it only from atexit)."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    work = tmp_path_factory.getbasetemp() / "server-work"  # shared: Prefect migrates its db once
+    cli_proc = subprocess.Popen([sys.executable, "-c", CLI_WITH_SERVER, str(work)],
+                                stdout=subprocess.PIPE, text=True, env=env,
+                                cwd=Path(__file__).parents[1])
+    try:
+        url = cli_proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), "the CLI did not start its server"
+        (server,) = _children(cli_proc.pid)
+        assert "pipelines.embedded_api" in Path(f"/proc/{server}/cmdline").read_text()
+    finally:
+        cli_proc.send_signal(getattr(signal, signame))
+        cli_proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = Path(f"/proc/{server}").exists()
+    if alive:
+        os.kill(server, signal.SIGKILL)
+    assert not alive, f"the Prefect server outlived the CLI's {signame}"

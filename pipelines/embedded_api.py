@@ -1,0 +1,108 @@
+"""Prefect's embedded API server as a child process that cannot outlive this one.
+
+Left to itself, Prefect 3 starts its ephemeral API (uvicorn) on first use, from whichever thread
+first needs a client, and stops it only from ``atexit``: a SIGKILL of the CLI, or a SIGTERM
+(which Prefect's flow engine turns back into the default action), leaves the server running.
+
+``start`` serves the same app (``prefect.server.api.server:create_app`` in ephemeral mode: no UI,
+database under ``PREFECT_HOME``) as ``python -m pipelines.embedded_api PORT PARENT_PID``. That
+child asks the kernel for SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``, Linux), so
+it ends with the CLI whatever signal ends the CLI; ``atexit`` stops it on a normal exit. Then
+``PREFECT_API_URL`` points at it, so this process and its children (Dask workers, subprocesses)
+share one server. It must run before Prefect is imported (Prefect reads its settings once).
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+EMBEDDED_API_ENV = "RECON_EMBEDDED_API_URL"
+"""Set to ``PREFECT_API_URL`` when that URL is this module's server (not a user's server)."""
+
+PR_SET_PDEATHSIG = 1
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate the server (SIGTERM, then SIGKILL after 5 s)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start(timeout: float | None = None, attempts: int = 3) -> str | None:
+    """Start the embedded API and point ``PREFECT_API_URL`` at it; returns its URL.
+
+    Does nothing (returns None) when ``PREFECT_API_URL`` is already set (a real server, or a
+    parent's embedded one) or Prefect is already imported (its settings are fixed by then)."""
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return None
+    timeout = timeout or float(os.environ.get(STARTUP_TIMEOUT_ENV, 90))
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1"}
+    for _ in range(attempts):  # another process may take the free port before uvicorn binds it
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.embedded_api", str(port),
+                                 str(os.getpid())], env=env)
+        atexit.register(stop, proc)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _healthy(url):
+                os.environ["PREFECT_API_URL"] = os.environ[EMBEDDED_API_ENV] = url
+                return url
+            time.sleep(0.1)
+        stop(proc)
+        atexit.unregister(stop)
+        if proc.returncode not in (None, 1, 3):  # 1/3: uvicorn could not bind the port
+            break
+    raise RuntimeError(f"Prefect's embedded API did not start within {timeout:g} s "
+                       f"(last exit code {proc.returncode}); set PREFECT_API_URL to a running "
+                       "Prefect server, or raise " + STARTUP_TIMEOUT_ENV)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGTERM this process when the thread that started it dies (Linux; elsewhere a no-op),
+    and exit now if that already happened."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        sys.exit(0)
+
+
+def main(port: int, parent: int) -> None:
+    die_with_parent(parent)
+    import uvicorn
+
+    uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",
+                port=port, log_level="error", lifespan="on")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))

@@ -14,16 +14,19 @@ Every flow takes ``config`` (a YAML path or an already resolved config dict) and
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner
 
 import pipelines  # noqa: F401  (Prefect settings before anything else)
 from pipelines import services, tasks
 from pipelines.figures import quality_cost
+from pipelines.runners import task_runner
 from pipelines.tracking import (
     Run,
     create_run,
@@ -43,8 +46,8 @@ from recon.config import (
     validate_config,
 )
 from recon.metrics import SLICE_METRICS, VOLUME_METRICS
-from recon.raw import open_prepared
-from recon.reconstruction import load_network
+from recon.raw import is_scan, open_prepared
+from recon.reconstruction import load_network, slab_file, slab_ranges
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -234,28 +237,61 @@ def tuned_baselines(cfg: Config, run: Run, operators: list[OperatorConfig],
 
 def _reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str,
                      operators: list[OperatorConfig] | None = None, subdir: str = "",
-                     diffusion: bool = True,
-                     baselines: list[BaselineConfig] | None = None) -> list[dict]:
-    """Every prepared volume x operator through the cached ``reconstruct-volume`` task: with
-    the diffusion sampler (``diffusion``) and each baseline (default ``reconstruct.baselines``)
-    on the same measurement."""
+                     diffusion: bool = True, baselines: list[BaselineConfig] | None = None,
+                     runner: TaskRunner | None = None,
+                     on_volume: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every prepared volume x operator x method (the diffusion sampler when ``diffusion``, and
+    each baseline, default ``reconstruct.baselines``, on the same measurement), fanned out as
+    slabs of ``reconstruct.slab_slices`` slices (cached ``reconstruct-slab`` tasks; a raw
+    k-space scan is one ``reconstruct-volume`` task) on ``runner`` (default: a new one from
+    ``cfg.runner``). Every slab is submitted before any is awaited; each volume is assembled
+    (``assemble-volume``, atomic files) once its slabs are done and passed to ``on_volume``."""
     prior = cfg.prior.model_copy(update={"checkpoint": Path(checkpoint)})
     operators = operators or cfg.reconstruct.operators
     baselines = cfg.reconstruct.baselines if baselines is None else baselines
     tuned = tuned_baselines(cfg, run, operators, baselines)
-    task = _with_storage(tasks.reconstruct_volume, cfg)
-    outputs = []
+    settings, progress = cfg.reconstruct, cfg.reconstruct.progress
+    slab_task = _with_storage(tasks.reconstruct_slab, cfg)
+    volume_task = _with_storage(tasks.reconstruct_volume, cfg)
+    jobs = []
     for p in prepared:
         name = open_prepared(p).name
+        n = len(open_prepared(p).indices)
         for op in operators:
             methods = ([(op.name, None)] if diffusion else []) + \
                 [(f"{op.name}-{b.name}", tuned[(op.name, b.name)]) for b in baselines]
             for folder, baseline in methods:
-                out_dir = run_dir(cfg, run) / subdir / name / folder
-                outputs.append(cached_call(task, prepared=p, operator=op, settings=cfg.reconstruct,
-                                           prior=prior, out_dir=str(out_dir), baseline=baseline,
-                                           progress=cfg.reconstruct.progress))
+                out_dir = str(run_dir(cfg, run) / subdir / name / folder)
+                common = {"prepared": p, "operator": op, "settings": settings, "prior": prior,
+                          "progress": progress, "baseline": baseline}
+                if is_scan(p):  # coil maps per slice, scale per scan: one task per scan
+                    jobs.append((common, out_dir, [(volume_task, {**common, "out_dir": out_dir})]))
+                else:
+                    jobs.append((common, out_dir, [
+                        (slab_task, {**common, "span": list(span),
+                                     "out_file": str(slab_file(out_dir, span))})
+                        for span in slab_ranges(n, settings.slab_slices)]))
+    outputs = []
+    with nullcontext(runner) if runner is not None else task_runner(cfg.runner) as pool:
+        submitted = [(common, out_dir, [(t, kw, pool.submit(t, kw)) for t, kw in parts])
+                     for common, out_dir, parts in jobs]
+        for common, out_dir, parts in submitted:
+            results = [_fresh(t, kw, future.result()) for t, kw, future in parts]
+            if parts[0][0] is volume_task:
+                out = results[0]
+            else:
+                out = cached_call(_with_storage(tasks.assemble_volume, cfg), slabs=results,
+                                  out_dir=out_dir, **{k: common[k] for k in
+                                                      ("prepared", "operator", "settings", "baseline")})
+            if on_volume is not None:
+                on_volume(out)
+            outputs.append(out)
     return outputs
+
+
+def _fresh(task, kwargs: dict, result: Any) -> Any:
+    """``result`` of a submitted cached task, or recomputed here when its files were deleted."""
+    return task.with_options(refresh_cache=True)(**kwargs) if _missing(result) else result
 
 
 def _preflight(cfg: Config, checkpoint: str) -> None:
@@ -277,19 +313,23 @@ def reconstruct(config: str | dict[str, Any] | Config = DEFAULT_CONFIG, override
         if data is None:
             data = load_data(cfg, parent_run_id=run.run_id)
         t0 = time.perf_counter()
-        outputs = _reconstruct_all(cfg, run, data["prepared"], checkpoint)
-        for out in outputs:
+
+        def log_volume(out: dict) -> None:  # as each volume is assembled
             key = f"{_key(series(out))}/{_key(out['volume'])}"
             run.log_metrics({f"nfe/{key}": out["nfe"], f"seconds/{key}": out["seconds"],
                              f"slices_per_s/{key}": out["slices_per_s"]})
             tasks.log_artifacts(tracking_uri(cfg), run.run_id,
                                 {k: out[k] for k in ("recon", "naive", "std", "stacks", "summary")},
                                 f"nifti/{_key(out['volume'])}/{_key(series(out))}")
+
+        outputs = _reconstruct_all(cfg, run, data["prepared"], checkpoint, on_volume=log_volume)
         total = sum(o["slices"] for o in outputs)
         compute = sum(o["seconds"] for o in outputs)
+        wall = time.perf_counter() - t0
         run.log_metrics({"nfe": outputs[0]["nfe"] if outputs else 0, "slices": total,
-                         "seconds": compute, "wall_seconds": time.perf_counter() - t0,
-                         "slices_per_s": total / compute if compute > 0 else 0.0})
+                         "seconds": compute, "wall_seconds": wall,
+                         "slices_per_s": total / compute if compute > 0 else 0.0,
+                         "slices_per_wall_s": total / wall if wall > 0 else 0.0})
         return {"run_id": run.run_id, "outputs": outputs, "checkpoint": checkpoint}
 
 
@@ -392,41 +432,43 @@ def compare(config: str | dict[str, Any] | Config = DEFAULT_CONFIG,
         baselines = [m.baseline for m in methods if m.baseline is not None]
         tuned = tuned_baselines(cfg, parent, [op], baselines)
         rows, children = [], []
-        for method in methods:
-            setting = cfg.model_copy(update={"reconstruct": method.setting(cfg.reconstruct)})
-            op = next(o for o in setting.reconstruct.operators if o.name == op.name)
-            if method.baseline is not None:
-                b = tuned[(op.name, method.baseline.name)]
-                label, family, kind = b.label, b.name, "baseline"
-                tags = {"compare.method": label, "compare.baseline": b.name}
-            else:
-                rs = setting.reconstruct
-                label, family, kind = rs.label(op), rs.family(op), "diffusion"
-                tags = {"compare.method": label, "compare.guidance": rs.guidance_for(op).label,
-                        "compare.integrator": rs.integrator.label, "compare.steps": rs.steps}
-            child = create_run(setting, label, parent.run_id, tags={**_tags("compare"), **tags})
-            children.append(child.run_id)
-            try:
-                child.log_params(setting.resolved())
-                outs = _reconstruct_all(setting, child, prepared, checkpoint, [op],
-                                        diffusion=method.baseline is None,
-                                        baselines=[] if method.baseline is None else [b])
-                ev = _evaluate_outputs(setting, child, outs)
-                seconds = sum(o["seconds"] for o in outs)
-                slices = sum(o["slices"] for o in outs)
-                row = {"method": label, "kind": kind, "family": family, "nfe": outs[0]["nfe"],
-                       "vjp": outs[0]["vjp"], "psnr": _mean(ev, "psnr"), "ssim": _mean(ev, "ssim"),
-                       "seconds": seconds, "slices_per_s": slices / seconds if seconds > 0 else 0.0,
-                       "psnr_naive": _mean(ev, "psnr_naive"), "gain_db": _mean(ev, "gain_db"),
-                       "run_id": child.run_id}
-                child.log_metrics({k: row[k] for k in COMPARE_COLUMNS if k not in ("method", "kind")})
-                child.finish()
-            except BaseException as err:
-                child.fail(err)
-                raise
-            rows.append(row)
-            print(f"{label}: NFE {row['nfe']}, VJP {row['vjp']}, PSNR {row['psnr']:.2f} dB, "
-                  f"SSIM {row['ssim']:.3f}, {row['seconds']:.1f} s")
+        with task_runner(cfg.runner) as pool:  # one runner (cluster) for every method
+            for method in methods:
+                setting = cfg.model_copy(update={"reconstruct": method.setting(cfg.reconstruct)})
+                op = next(o for o in setting.reconstruct.operators if o.name == op.name)
+                if method.baseline is not None:
+                    b = tuned[(op.name, method.baseline.name)]
+                    label, family, kind = b.label, b.name, "baseline"
+                    tags = {"compare.method": label, "compare.baseline": b.name}
+                else:
+                    rs = setting.reconstruct
+                    label, family, kind = rs.label(op), rs.family(op), "diffusion"
+                    tags = {"compare.method": label, "compare.guidance": rs.guidance_for(op).label,
+                            "compare.integrator": rs.integrator.label, "compare.steps": rs.steps}
+                child = create_run(setting, label, parent.run_id, tags={**_tags("compare"), **tags})
+                children.append(child.run_id)
+                try:
+                    child.log_params(setting.resolved())
+                    outs = _reconstruct_all(setting, child, prepared, checkpoint, [op],
+                                            diffusion=method.baseline is None,
+                                            baselines=[] if method.baseline is None else [b],
+                                            runner=pool)
+                    ev = _evaluate_outputs(setting, child, outs)
+                    seconds = sum(o["seconds"] for o in outs)
+                    slices = sum(o["slices"] for o in outs)
+                    row = {"method": label, "kind": kind, "family": family, "nfe": outs[0]["nfe"],
+                           "vjp": outs[0]["vjp"], "psnr": _mean(ev, "psnr"), "ssim": _mean(ev, "ssim"),
+                           "seconds": seconds, "slices_per_s": slices / seconds if seconds > 0 else 0.0,
+                           "psnr_naive": _mean(ev, "psnr_naive"), "gain_db": _mean(ev, "gain_db"),
+                           "run_id": child.run_id}
+                    child.log_metrics({k: row[k] for k in COMPARE_COLUMNS if k not in ("method", "kind")})
+                    child.finish()
+                except BaseException as err:
+                    child.fail(err)
+                    raise
+                rows.append(row)
+                print(f"{label}: NFE {row['nfe']}, VJP {row['vjp']}, PSNR {row['psnr']:.2f} dB, "
+                      f"SSIM {row['ssim']:.3f}, {row['seconds']:.1f} s")
         table = [{k: r[k] for k in COMPARE_COLUMNS} for r in rows]
         parent.log_table(table, "comparison.json")
         parent.log_figure(quality_cost(rows, f"{op.name}: PSNR vs seconds, {len(prepared)} "

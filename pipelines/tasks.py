@@ -33,7 +33,9 @@ from recon.data.nifti import atomic_write_bytes
 from recon.metrics import evaluate_stacks
 from recon.prior_config import PriorConfig
 from recon.raw import is_scan, prepare_scan, reconstruct_scan, tune_scans
+from recon.reconstruction import assemble_volume as assemble
 from recon.reconstruction import reconstruct_prepared
+from recon.reconstruction import reconstruct_slab as reconstruct_span
 from recon.reconstruction import tune_baseline as tune
 from recon.volumes import prepare_volume as prepare
 from recon.volumes import read_stacks
@@ -102,7 +104,7 @@ class FileContents(CachePolicy):
         return h.hexdigest()
 
 
-_IGNORED = ("out_dir", "run_id", "tracking_uri", "progress")
+_IGNORED = ("out_dir", "out_file", "run_id", "tracking_uri", "progress")
 """Arguments that say where to write or whom to tell, not what to compute."""
 _INPUTS = INPUTS
 for _name in _IGNORED:
@@ -181,6 +183,26 @@ def reconstruct_volume(prepared: str, operator: OperatorConfig, settings: Recons
     ``std`` in ``out_dir`` plus ``summary.json`` (raw k-space: ``recon.raw.reconstruct_scan``)."""
     run = reconstruct_scan if is_scan(prepared) else reconstruct_prepared
     return run(prepared, operator, settings, prior, out_dir, progress=progress, baseline=baseline)
+
+
+@task(name="reconstruct-slab", **EXPENSIVE)
+def reconstruct_slab(prepared: str, operator: OperatorConfig, settings: ReconstructSection,
+                     prior: PriorSection, span: list[int], out_file: str, progress: bool = True,
+                     baseline: BaselineConfig | None = None) -> dict:
+    """One slab (slice positions ``span = [start, stop)``) of a prepared volume, reconstructed by
+    the diffusion sampler or a classical ``baseline`` into ``out_file``
+    (``recon.reconstruction.reconstruct_slab``). Cached: a re-run skips finished slabs."""
+    return reconstruct_span(prepared, operator, settings, prior, out_file, span,
+                            progress=progress, baseline=baseline)
+
+
+@task(name="assemble-volume", **EXPENSIVE)
+def assemble_volume(prepared: str, slabs: list[dict], operator: OperatorConfig,
+                    settings: ReconstructSection, out_dir: str,
+                    baseline: BaselineConfig | None = None) -> dict:
+    """A volume's NIfTI outputs, ``slices.npz`` and ``summary.json`` from its finished slabs
+    (``recon.reconstruction.assemble_volume``; each file written atomically)."""
+    return assemble(prepared, slabs, operator, settings, out_dir, baseline)
 
 
 @task(name="tune-baseline", **EXPENSIVE)

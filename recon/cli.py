@@ -126,6 +126,7 @@ def setup_prefect(cfg, verbose: bool = False, embedded_api: bool = True) -> None
     VERBOSE = verbose
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # a local cluster's chatter
     use_work_dir(cfg.work_dir)
     if embedded_api:
         from pipelines.embedded_api import start

@@ -312,6 +312,9 @@ class ReconstructSection(_Section):
                            description="posterior samples per slice (mean, std)")
     batch_size: int = Field(8, ge=1, le=1024, strict=True, description="slices per batch "
                             "(memory bound; n_samples x batch_size chains run at once)")
+    slab_slices: int | None = Field(32, ge=1, le=100_000, strict=True, description="slices per "
+                                    "slab, the unit of work the task runner spreads over workers "
+                                    "and that a re-run skips once done (None: a volume per slab)")
     seed: int = Field(0, ge=0, le=2**63 - 1, strict=True, description="measurement and "
                       "sampler seed (below 2^63: torch generators take 64-bit seeds)")
     kspace_phase: Literal["lowres", "sense", "none"] = Field(
@@ -450,6 +453,37 @@ class CompareSection(_Section):
         return grid + list(self.methods)
 
 
+class RunnerSection(_Section):
+    """Where the slabs of a reconstruction run (``pipelines.runners``): ``local`` = Prefect's
+    thread pool in the flow's process (``workers`` at a time); ``dask`` = ``prefect-dask`` on a
+    new local ``dask.distributed`` cluster (``workers`` processes x ``threads_per_worker``), on
+    the running cluster at ``address``, or on one ``cluster_class`` makes (e.g.
+    ``dask_jobqueue.SLURMCluster``) with ``cluster_kwargs``, scaled by ``adapt_kwargs``."""
+
+    kind: Literal["local", "dask"] = "local"
+    workers: int = Field(1, ge=1, le=1024, strict=True, description="slabs at once (local: "
+                         "threads; dask: worker processes of a new local cluster)")
+    threads_per_worker: int = Field(1, ge=1, le=256, strict=True,
+                                    description="dask local cluster: threads per worker")
+    address: str | None = Field(None, description="dask: scheduler of a running cluster, "
+                                "e.g. tcp://scheduler:8786")
+    cluster_class: str | None = Field(None, description="dask: import path of a cluster class, "
+                                      "e.g. dask_jobqueue.SLURMCluster")
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict)
+    adapt_kwargs: dict[str, Any] = Field(default_factory=dict, description="dask: "
+                                         "cluster.adapt(**adapt_kwargs), e.g. {minimum: 0, maximum: 8}")
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> RunnerSection:
+        if self.kind != "dask" and (self.address or self.cluster_class or self.cluster_kwargs
+                                    or self.adapt_kwargs):
+            raise ValueError("address, cluster_class, cluster_kwargs and adapt_kwargs need kind: dask")
+        if self.address and (self.cluster_class or self.cluster_kwargs or self.adapt_kwargs):
+            raise ValueError("give either address (a running cluster) or cluster_class/"
+                             "cluster_kwargs/adapt_kwargs (a new one), not both")
+        return self
+
+
 class TrackingSection(_Section):
     """MLflow: ``uri`` None -> ``sqlite:///<work_dir>/mlflow.db`` unless MLFLOW_TRACKING_URI is set."""
 
@@ -476,6 +510,7 @@ class Config(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     reconstruct: ReconstructSection = Field(default_factory=ReconstructSection)
     compare: CompareSection = Field(default_factory=CompareSection)
+    runner: RunnerSection = Field(default_factory=RunnerSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")

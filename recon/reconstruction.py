@@ -1,14 +1,15 @@
-r"""Slice-batched, streaming posterior reconstruction of one prepared volume with one operator.
+r"""Posterior reconstruction of one prepared volume with one operator, slab by slab.
 
-A volume ``(S, H, W)`` is processed ``batch_size`` slices at a time: each slice ``x`` is measured
-``y = A x + sigma_y n`` (noise seeded per slice, so the measurement of a slice does not depend
-on the batch it falls in), the naive baseline is ``A^+ y`` (``operator.pseudo_inverse``), and
-``n_samples`` posterior samples ``x0 ~ p(x0 | y)`` are drawn with a ``CondDenoiser``; the
-reconstruction is their mean, the uncertainty their pixel-wise std. A classical baseline
-(``recon.baselines``: TV, L1-wavelet) takes the sampler's place on the same ``y``; its ``lam``
-is chosen on validation volumes by ``tune_baseline``. Only one batch is in memory
-at a time: results stream into a ``recon.volumes.VolumeBuffer`` and become NIfTI files at the
-end (``recon.volumes.write_outputs``).
+A volume ``(S, H, W)`` is cut into slabs of consecutive slices (``slab_ranges``), each
+reconstructed on its own (``reconstruct_slab``: in this process, or as a task on any worker)
+``batch_size`` slices at a time: each slice ``x`` is measured ``y = A x + sigma_y n`` (noise
+seeded per slice, so neither ``y`` nor the sample depends on the batch or slab it falls in), the
+naive baseline is ``A^+ y`` (``operator.pseudo_inverse``), and ``n_samples`` posterior samples
+``x0 ~ p(x0 | y)`` are drawn with a ``CondDenoiser``; the reconstruction is their mean, the
+uncertainty their pixel-wise std. A classical baseline (``recon.baselines``: TV, L1-wavelet)
+takes the sampler's place on the same ``y``; its ``lam`` is chosen on validation volumes by
+``tune_baseline``. ``assemble_volume`` turns the slab files into NIfTI outputs on the source's
+grid (``recon.volumes.write_outputs``), one volume-sized array in memory at a time.
 
 The config sections build the parts (``OperatorConfig.build``, ``GuidanceConfig.build``, ...);
 ``load_network`` loads the prior a ``PriorSection`` names.
@@ -17,6 +18,8 @@ The config sections build the parts (``OperatorConfig.build``, ``GuidanceConfig.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,25 +33,35 @@ from tqdm.auto import tqdm
 from recon.baselines import select_lambda
 from recon.cond_denoiser import CondDenoiser
 from recon.config import BaselineConfig, OperatorConfig, PriorSection, ReconstructSection
-from recon.data.nifti import atomic_write_bytes
+from recon.data.nifti import atomic_path, atomic_write_bytes
 from recon.guidance import Guidance
 from recon.integrator import Integrator
 from recon.metrics import psnr
 from recon.network import EpsNetwork, load_prior, resolve_device
 from recon.operators import Operator
 from recon.timer import Timer
-from recon.volumes import PreparedVolume, VolumeBuffer, write_outputs
+from recon.volumes import STACKS, PreparedVolume, write_outputs
+
+_NETWORKS: dict[tuple, tuple] = {}
 
 
 def load_network(prior: PriorSection, device: str | torch.device = "auto"):
     """``(network, diffusion)`` of ``prior.checkpoint``; with ``prior.config`` the checkpoint
-    must match that network and diffusion config (``CheckpointError`` otherwise)."""
-    expected = prior.expected()
-    network, diffusion, _ = load_prior(
-        prior.checkpoint, resolve_device(device),
-        network_cfg=None if expected is None else expected.network,
-        diffusion_cfg=None if expected is None else expected.diffusion, weights=prior.weights)
-    return network, diffusion
+    must match that network and diffusion config (``CheckpointError`` otherwise). Kept per
+    process for the last checkpoint (keyed on its path, size and mtime), so the slabs a worker
+    runs load it once."""
+    device = resolve_device(device)
+    st = Path(prior.checkpoint).stat() if Path(prior.checkpoint).is_file() else None
+    key = (prior.model_dump_json(), str(device), st and (st.st_size, st.st_mtime_ns))
+    if key not in _NETWORKS:
+        expected = prior.expected()
+        network, diffusion, _ = load_prior(
+            prior.checkpoint, device,
+            network_cfg=None if expected is None else expected.network,
+            diffusion_cfg=None if expected is None else expected.diffusion, weights=prior.weights)
+        _NETWORKS.clear()
+        _NETWORKS[key] = (network, diffusion)
+    return _NETWORKS[key]
 
 
 # -- one batch of slices ------------------------------------------------------------------------
@@ -171,57 +184,132 @@ def method_summary(settings: ReconstructSection, operator: OperatorConfig,
             "steps": settings.steps}
 
 
-def reconstruct_prepared(prepared: str | Path, operator: OperatorConfig,
-                         settings: ReconstructSection, prior: PriorSection, out_dir: str | Path,
-                         progress: bool = True, baseline: BaselineConfig | None = None) -> dict:
-    """Reconstruct every slice of a prepared volume with one operator, ``batch_size`` slices at
-    a time, streaming into NIfTI ``truth``/``naive``/``recon``/``std`` in ``out_dir``.
+def slab_ranges(n: int, slab_slices: int | None) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of at most ``slab_slices`` consecutive slice positions covering
+    ``0..n-1`` (one range for None): the slabs a volume is cut into."""
+    size = n if not slab_slices else int(slab_slices)
+    return [(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
 
-    The method is the diffusion sampler of ``settings`` or, with ``baseline`` (its ``lam``
-    set, e.g. by ``tune_baseline``), that classical reconstruction of the same ``y``.
-    ``settings``' own ``operators`` list is ignored. Returns the output paths and ``method``,
-    ``label``, ``nfe``, ``vjp``, ``seconds``, ``slices``, ``slices_per_s``; also written to
-    ``summary.json``.
-    """
-    vol = PreparedVolume.open(prepared)
-    device = resolve_device(settings.device)
-    if settings.num_threads is not None and device.type == "cpu":
-        torch.set_num_threads(settings.num_threads)
+
+def _reconstructor(vol: PreparedVolume, operator: OperatorConfig, settings: ReconstructSection,
+                   prior: PriorSection, baseline: BaselineConfig | None,
+                   device: torch.device) -> SliceReconstructor:
     op = operator.build(vol.shape, settings.sigma_y, settings.seed)
     common = {"n_samples": settings.n_samples, "seed": settings.seed, "device": device}
     if baseline is not None:
-        reconstructor = SliceReconstructor(op, baseline.build(op), **common)
-    else:
-        network, diffusion = load_network(prior, device)
-        reconstructor = SliceReconstructor.diffusion(
-            network, diffusion, op, settings.guidance_for(operator).build(),
-            settings.integrator.build(), settings.timer.build(settings.steps),
-            x0_range=settings.x0_range, **common)
-    method = method_summary(settings, operator, baseline)
-    out_dir = Path(out_dir)
-    n = len(vol.indices)
+        return SliceReconstructor(op, baseline.build(op), **common)
+    network, diffusion = load_network(prior, device)
+    return SliceReconstructor.diffusion(
+        network, diffusion, op, settings.guidance_for(operator).build(),
+        settings.integrator.build(), settings.timer.build(settings.steps),
+        x0_range=settings.x0_range, **common)
+
+
+def reconstruct_slab(prepared: str | Path, operator: OperatorConfig, settings: ReconstructSection,
+                     prior: PriorSection, out_file: str | Path, span: Sequence[int] | None = None,
+                     progress: bool = True, baseline: BaselineConfig | None = None) -> dict:
+    """Reconstruct the slices at positions ``span = [start, stop)`` (default: all) of a prepared
+    volume with one operator, ``batch_size`` at a time, by the diffusion sampler of ``settings``
+    or a classical ``baseline``; their ``truth``/``naive``/``recon``/``std`` stacks and
+    ``indices`` go to ``out_file`` (``.npz``, written atomically).
+
+    A slab's result does not depend on the other slabs (measurement and sampler noise are
+    seeded per slice), so slabs may run in any order, anywhere. Returns ``{"slab", "span",
+    "slices", "nfe", "vjp", "seconds", "started", "finished", "host", "pid", "device"}``
+    (``started``/``finished``: wall-clock epoch seconds, to see what ran concurrently)."""
+    started = time.time()
+    vol = PreparedVolume.open(prepared)
+    start, stop = span if span is not None else (0, len(vol.indices))
+    if not 0 <= start < stop <= len(vol.indices):
+        raise ValueError(f"slab [{start}, {stop}) is outside the {len(vol.indices)} slices of "
+                         f"{vol.name}")
+    device = resolve_device(settings.device)
+    if settings.num_threads is not None and device.type == "cpu":
+        torch.set_num_threads(settings.num_threads)
+    reconstructor = _reconstructor(vol, operator, settings, prior, baseline, device)
+    indices = vol.indices[start:stop]
     rank = {idx: r for r, idx in enumerate(vol.indices)}
-    buffer = VolumeBuffer(out_dir, vol.indices, vol.shape)
-    start = time.perf_counter()
-    try:
-        batches = batched(lambda idx: vol.read([rank[i] for i in idx]), vol.indices, settings.batch_size)
-        # disable=None: no bar when stderr is not a terminal (no \r updates piling up in logs)
-        with tqdm(total=n, desc=f"{vol.name} {operator.name}", unit="slice",
-                  disable=None if progress else True) as bar:
-            for result in stream(batches, reconstructor):
-                buffer.write(result.indices, result.stacks)
-                bar.update(len(result.indices))
-        seconds = time.perf_counter() - start
-        paths = write_outputs(buffer, vol, out_dir)
-    finally:
-        buffer.close()
-    summary = {"volume": vol.name, "operator": operator.name, **method, "nfe": reconstructor.nfe,
-               "vjp": reconstructor.sampler.vjp, "n_samples": settings.n_samples, "slices": n,
-               "seconds": seconds,
-               "slices_per_s": n / seconds if seconds > 0 else float("nan"),
-               "device": str(device)}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in STACKS}
+    t0 = time.perf_counter()
+    batches = batched(lambda idx: vol.read([rank[i] for i in idx]), indices, settings.batch_size)
+    # disable=None: no bar when stderr is not a terminal (no \r updates piling up in logs)
+    with tqdm(total=len(indices), desc=f"{vol.name} {operator.name} [{start}:{stop}]",
+              unit="slice", disable=None if progress else True) as bar:
+        for result in stream(batches, reconstructor):
+            for name, array in result.stacks.items():
+                parts[name].append(array)
+            bar.update(len(result.indices))
+    seconds = time.perf_counter() - t0
+    with atomic_path(out_file, suffix=".npz") as tmp:
+        np.savez(tmp, indices=np.asarray(indices), **{k: np.concatenate(v) for k, v in parts.items()})
+    return {"slab": str(out_file), "span": [int(start), int(stop)], "slices": len(indices),
+            "nfe": reconstructor.nfe, "vjp": reconstructor.sampler.vjp, "seconds": seconds,
+            "started": started, "finished": time.time(), "host": socket.gethostname(),
+            "pid": os.getpid(), "device": str(device)}
+
+
+def assemble_volume(prepared: str | Path, slabs: Sequence[dict], operator: OperatorConfig,
+                    settings: ReconstructSection, out_dir: str | Path,
+                    baseline: BaselineConfig | None = None) -> dict:
+    """A volume's outputs from its slabs (``reconstruct_slab`` results covering every slice
+    once): NIfTI ``recon``/``naive``/``std`` and ``slices.npz`` (``write_outputs``: each file
+    atomic, each stack read from the slab files when it is written, so memory holds one
+    volume-sized array) and ``summary.json``. ``seconds`` is the slabs' summed compute time;
+    ``slab_runs`` says where and when each slab ran. Returns the output paths and the summary."""
+    vol = PreparedVolume.open(prepared)
+    n = len(vol.indices)
+    slabs = sorted(slabs, key=lambda s: s["span"][0])
+    covered = [i for s in slabs for i in range(*s["span"])]
+    if covered != list(range(n)):
+        raise ValueError(f"the slabs of {vol.name} do not cover its {n} slices exactly once: "
+                         f"{[s['span'] for s in slabs]}")
+
+    def stack(name: str) -> np.ndarray:
+        out = np.empty((n, *vol.shape), np.float32)
+        for s in slabs:
+            start, stop = s["span"]
+            with np.load(s["slab"]) as z:
+                if z["indices"].tolist() != vol.indices[start:stop]:
+                    raise ValueError(f"{s['slab']} holds slices {z['indices'].tolist()}, not "
+                                     f"{vol.indices[start:stop]} of {vol.name}")
+                out[start:stop] = z[name]
+        return out
+
+    out_dir = Path(out_dir)
+    paths = write_outputs(stack, vol, out_dir)
+    seconds = sum(s["seconds"] for s in slabs)
+    summary = {"volume": vol.name, "operator": operator.name,
+               **method_summary(settings, operator, baseline), "nfe": slabs[0]["nfe"],
+               "vjp": slabs[0]["vjp"], "n_samples": settings.n_samples, "slices": n,
+               "seconds": seconds, "slices_per_s": n / seconds if seconds > 0 else float("nan"),
+               "device": slabs[0]["device"], "slabs": len(slabs),
+               "workers": len({(s["host"], s["pid"]) for s in slabs}),
+               "slab_runs": [{k: s[k] for k in ("span", "host", "pid", "started", "finished")}
+                             for s in slabs]}
     summary_path = atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=1).encode())
     return {**paths, **summary, "summary": str(summary_path)}
+
+
+def reconstruct_prepared(prepared: str | Path, operator: OperatorConfig,
+                         settings: ReconstructSection, prior: PriorSection, out_dir: str | Path,
+                         progress: bool = True, baseline: BaselineConfig | None = None) -> dict:
+    """Reconstruct every slice of a prepared volume with one operator in this process: slab
+    after slab (``settings.slab_slices``; ``reconstruct_slab``, files in ``out_dir/slabs``),
+    then ``assemble_volume``. The method is the diffusion sampler of ``settings`` or, with
+    ``baseline`` (its ``lam`` set, e.g. by ``tune_baseline``), that classical reconstruction of
+    the same ``y``; ``settings``' own ``operators`` list is ignored. Returns the output paths
+    and ``method``, ``label``, ``nfe``, ``vjp``, ``seconds``, ``slices``, ``slices_per_s``;
+    also written to ``summary.json``."""
+    n = len(PreparedVolume.open(prepared).indices)
+    slabs = [reconstruct_slab(prepared, operator, settings, prior, slab_file(out_dir, span), span,
+                              progress=progress, baseline=baseline)
+             for span in slab_ranges(n, settings.slab_slices)]
+    return assemble_volume(prepared, slabs, operator, settings, out_dir, baseline)
+
+
+def slab_file(out_dir: str | Path, span: Sequence[int]) -> Path:
+    """Where the slab ``[start, stop)`` of a volume's reconstruction in ``out_dir`` is kept."""
+    return Path(out_dir) / "slabs" / f"{span[0]:05d}-{span[1]:05d}.npz"
 
 
 def tune_baseline(prepared: Sequence[str | Path], operator: OperatorConfig, baseline: BaselineConfig,

@@ -3,8 +3,9 @@ r"""Volume I/O of the reconstruction: prepared slices in, streaming buffers, NIf
 - ``prepare_volume``: one NIfTI volume -> a ``PreparedVolume`` on disk (the prior's slices,
   memory-mapped, plus the ``SliceGeometry`` that maps them back onto the source's grid);
 - ``VolumeBuffer``: disk-backed ``(S, H, W)`` arrays filled batch by batch (memory ~ one batch);
-- ``write_outputs``: the finished buffers as NIfTI on the source's grid (its shape, affine and
-  header) and a ``slices.npz`` of the prior-grid stacks, each file written atomically.
+- ``write_outputs``: a finished reconstruction as NIfTI on the source's grid (its shape, affine
+  and header) and a ``slices.npz`` of the prior-grid stacks, each file written atomically, one
+  volume-sized array in memory at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,8 +148,11 @@ def volume_name(path: str | Path) -> str:
     return Path(name).stem
 
 
-def write_outputs(buffer: VolumeBuffer, prepared: PreparedVolume, out_dir: str | Path) -> dict[str, str]:
-    """Write the finished buffers, each file atomically (temporary name, then rename):
+def write_outputs(stack: Callable[[str], np.ndarray], prepared: PreparedVolume,
+                  out_dir: str | Path) -> dict[str, str]:
+    """Write a finished reconstruction, each file atomically (temporary name, then rename) and
+    one volume-sized array in memory at a time (``stack(name)`` gives the ``(S, H, W)`` array
+    of a ``STACKS`` name, e.g. from a ``VolumeBuffer`` or from slab files):
 
     - ``recon.nii.gz``, ``naive.nii.gz``, ``std.nii.gz``: on the *source's* grid with its
       shape, affine and header (``write_nifti(like=source)``), in the source's intensity units
@@ -157,18 +162,22 @@ def write_outputs(buffer: VolumeBuffer, prepared: PreparedVolume, out_dir: str |
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stacks = {name: np.asarray(a) for name, a in buffer.arrays.items()}
     lo, hi = prepared.geometry["intensity"]
     paths = {}
     for name in ("recon", "naive", "std"):
         if name == "std":
-            native = prepared.to_native(stacks[name], rescale=False) * float(hi - lo)
+            native = prepared.to_native(stack(name), rescale=False) * float(hi - lo)
         else:
-            native = prepared.to_native(stacks[name], rescale=True)
+            native = prepared.to_native(stack(name), rescale=True)
         paths[name] = str(write_nifti(native, out_dir / f"{name}.nii.gz", like=prepared.source))
+        del native
     npz = out_dir / "slices.npz"
-    with atomic_path(npz, suffix=".npz") as tmp:
-        np.savez_compressed(tmp, indices=np.asarray(prepared.indices), **stacks)
+    with atomic_path(npz, suffix=".npz") as tmp, \
+            zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        for name, array in (("indices", lambda: np.asarray(prepared.indices)),
+                            *((n, lambda n=n: stack(n)) for n in STACKS)):
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:  # as np.savez_compressed
+                np.lib.format.write_array(member, np.asanyarray(array()), allow_pickle=False)
     paths["stacks"] = str(npz)
     return paths
 

@@ -177,6 +177,11 @@ def test_a_nifti_without_usable_geometry_is_refused(tmp_path, affine, fragment):
     ("compare.steps=[100000]", "steps must be integers in [1, 10000]"),
     ("compare.max_volumes=10000000", "compare.max_volumes: Input should be less than or equal"),
     ("reconstruct.baselines=[" + ", ".join(["tv"] * 65) + "]", "at most 64 items"),
+    ("reconstruct.slab_slices=0", "reconstruct.slab_slices: Input should be greater than or equal"),
+    ("runner.workers=100000", "runner.workers: Input should be less than or equal to 1024"),
+    ("runner.threads_per_worker=true", "runner.threads_per_worker: Input should be a valid integer"),
+    ("runner.kind=slurm", "runner.kind: Input should be 'local' or 'dask'"),
+    ("runner.address=tcp://x:8786", "address, cluster_class, cluster_kwargs and adapt_kwargs need"),
 ])
 def test_numbers_out_of_bounds_are_refused_on_load_in_under_a_second(override, fragment):
     """Values that would allocate gigabytes, run for ever or be silently coerced (true -> 1) are

@@ -102,34 +102,6 @@ def write_prior(root: Path, seed: int = 0, channels=(16, 16)) -> tuple[Path, Pat
     return ckpt, config
 
 
-@pytest.fixture(scope="session")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    manifest = write_dataset(root)
-    ckpt, prior_cfg = write_prior(root)
-    overrides = [
-        f"work_dir={root / 'work'}", f"data.manifest={manifest}", f"data.data_root={root / 'data'}",
-        "data.materialise=false", f"data.image_size={SIZE}", "data.max_slices=2",
-        f"prior.checkpoint={ckpt}", f"prior.config={prior_cfg}",
-        "reconstruct.operators=[{name: mask, params: {keep: 0.5}, guidance: data_consistency}, "
-        "{name: fourier, params: {acceleration: 4, center_fraction: 0.08}, guidance: data_consistency}]",
-        "reconstruct.steps=3", "reconstruct.n_samples=2", "reconstruct.batch_size=1",
-        "reconstruct.num_threads=1", "reconstruct.progress=false", "reconstruct.device=cpu",
-        "compare.integrators=[euler, ddim]", "compare.steps=[2, 3]", "compare.operator=fourier",
-        "tracking.experiment=test",
-    ]
-    return {"root": root, "manifest": manifest, "checkpoint": ckpt, "prior_config": prior_cfg,
-            "overrides": overrides, "config": load_config(None, overrides)}
-
-
-@pytest.fixture(scope="session")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def mlflow_client(cfg):
     return tracking.client(cfg)
 

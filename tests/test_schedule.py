@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -47,6 +48,22 @@ def _stop(proc: subprocess.Popen, timeout: float = 15) -> str:
     return out[-4000:]
 
 
+def _wait_for_api(api: str, alive: Callable[[], None], output: Callable[[], str],
+                  timeout: float = 120) -> None:
+    """Poll ``api``/health until it answers 200; ``alive`` asserts the processes still run,
+    ``output`` gives their output for the failure message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive()
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"server did not start:\n{output()}"
+        time.sleep(0.5)
+
+
 def test_schedule_without_server_explains(tmp_path):
     env = _env(tmp_path)
     out = subprocess.run([sys.executable, "-m", "recon", "schedule", str(CONFIG),
@@ -70,16 +87,10 @@ def test_serve_creates_scheduled_runs_on_a_real_server(tmp_path):
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     served = None
     try:
-        deadline = time.monotonic() + 120
-        while True:
+        def alive() -> None:
             assert server.poll() is None, f"prefect server exited:\n{_stop(server)}"
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"server did not start:\n{_stop(server)}"
-            time.sleep(1)
+
+        _wait_for_api(api, alive, lambda: _stop(server))
 
         served = subprocess.Popen(
             [sys.executable, "-m", "recon", "schedule", str(CONFIG), "--cron",

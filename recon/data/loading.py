@@ -214,15 +214,15 @@ class SliceGeometry:
         if any(not 0 <= i < self.n_slices for i in idx):
             raise ValueError(f"slice indices must be in [0, {self.n_slices})")
         (top, left), (mh, mw) = self.pad, self.resized_hw
-        x = x[:, top:top + mh, left:left + mw]
-        if (mh, mw) != tuple(self.native_hw):
-            x = _resize(x, self.native_hw)
-        if rescale:
-            lo, hi = self.intensity
-            x = x * (hi - lo) + lo
         out = torch.full((self.n_slices, *self.native_hw), float(fill), dtype=torch.float32)
-        out[idx] = x
-        ras = _from_view(out).movedim(0, self.axis).numpy()
+        lo, hi = self.intensity if rescale else (0.0, 1.0)
+        for i in range(0, len(idx), 32):  # a chunk at a time: one volume-sized copy in memory
+            chunk = x[i:i + 32, top:top + mh, left:left + mw]
+            if (mh, mw) != tuple(self.native_hw):
+                chunk = _resize(chunk, self.native_hw)
+            out[idx[i:i + 32]] = chunk * (hi - lo) + lo if rescale else chunk
+        # the view layout undone and RAS turned back to the file's axes: numpy views, one copy
+        ras = np.moveaxis(np.flip(out.numpy(), 1).swapaxes(1, 2), 0, self.axis)
         back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
                                                np.asarray(self.ornt, dtype=float))
         native = nib.orientations.apply_orientation(ras, back)
@@ -232,10 +232,6 @@ class SliceGeometry:
 def _to_view(vol: Tensor) -> Tensor:
     """(Z, n1, n2) RAS in-plane -> (Z, n2, n1) viewer layout: ``rot90`` (anterior/superior up)."""
     return vol.transpose(1, 2).flip(1)
-
-
-def _from_view(view: Tensor) -> Tensor:
-    return view.flip(1).transpose(1, 2)
 
 
 def _resize(x: Tensor, hw: Sequence[int]) -> Tensor:

@@ -1,0 +1,137 @@
+"""Scale-out (issue 14): a volume cut into slabs that run anywhere and assemble into the same
+outputs, slabs on a real local Dask cluster at the same time, and a killed job that redoes only
+its unfinished slabs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recon.config import load_config
+from recon.reconstruction import assemble_volume, reconstruct_prepared, slab_ranges
+from recon.volumes import read_stacks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(workspace, tmp_path, *extra: str):
+    return load_config(None, [*workspace["overrides"], f"work_dir={tmp_path / 'work'}",
+                              "data.max_slices=4", "reconstruct.operators=[fourier]", *extra])
+
+
+def _prepared(cfg, tmp_path) -> str:
+    from pipelines import tasks
+
+    (vol,) = tasks.list_volumes.fn(str(cfg.data.manifest), str(cfg.data.data_root), "test")
+    return tasks.prepare_volume.fn(vol, cfg.data, str(tmp_path / "cache"))
+
+
+def test_slab_ranges_cover_every_slice_once():
+    assert slab_ranges(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert slab_ranges(5, None) == [(0, 5)] and slab_ranges(3, 8) == [(0, 3)]
+
+
+def test_slabs_assemble_into_the_single_pass_reconstruction(workspace, tmp_path):
+    """Slabs of one slice give bit for bit the arrays of the volume in one slab (noise is
+    seeded per slice), in NIfTI and slices.npz; slabs that miss a slice are refused."""
+    cfg = _config(workspace, tmp_path)
+    prepared, op = _prepared(cfg, tmp_path), cfg.reconstruct.operators[0]
+    whole = reconstruct_prepared(prepared, op, cfg.reconstruct.model_copy(
+        update={"slab_slices": None}), cfg.prior, tmp_path / "whole", progress=False)
+    cut = reconstruct_prepared(prepared, op, cfg.reconstruct.model_copy(
+        update={"slab_slices": 1}), cfg.prior, tmp_path / "cut", progress=False)
+    assert (whole["slabs"], cut["slabs"], cut["slices"]) == (1, 4, 4)
+    a, b = read_stacks(whole["stacks"]), read_stacks(cut["stacks"])
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    import nibabel as nib
+
+    assert np.array_equal(nib.load(whole["recon"]).get_fdata(), nib.load(cut["recon"]).get_fdata())
+    slabs = sorted((tmp_path / "cut" / "slabs").glob("*.npz"))
+    assert [p.name for p in slabs] == ["00000-00001.npz", "00001-00002.npz", "00002-00003.npz",
+                                       "00003-00004.npz"]
+    runs = [{"slab": str(p), "span": [i, i + 1], "seconds": 0.0, "nfe": 1, "vjp": 0,
+             "device": "cpu", "host": "h", "pid": 1, "started": 0.0, "finished": 0.0}
+            for i, p in enumerate(slabs)]
+    with pytest.raises(ValueError, match="do not cover"):
+        assemble_volume(prepared, runs[:3], op, cfg.reconstruct, tmp_path / "gap")
+    with pytest.raises(ValueError, match="do not cover"):
+        assemble_volume(prepared, runs + runs[:1], op, cfg.reconstruct, tmp_path / "twice")
+
+
+@pytest.mark.slow
+def test_slabs_run_at_once_on_a_local_dask_cluster(workspace, harness, tmp_path):
+    """The reconstruct flow on ``runner.kind: dask`` starts a real local ``dask.distributed``
+    cluster (2 worker processes, 1 thread each): the 4 slabs of a volume run in both workers,
+    two of them at overlapping times, and the outputs equal those of the in-process runner."""
+    from pipelines.flows import reconstruct
+
+    slow = ("reconstruct.slab_slices=1", "reconstruct.steps=80")  # ~1 s per slab
+    dask = _config(workspace, tmp_path / "dask", *slow, "runner.kind=dask", "runner.workers=2",
+                   "runner.threads_per_worker=1")
+    local = _config(workspace, tmp_path / "local", *slow)
+    (out,) = reconstruct(dask)["outputs"]
+    runs = out["slab_runs"]
+    assert out["slabs"] == 4 and out["workers"] == 2 and len({r["pid"] for r in runs}) == 2
+    assert os.getpid() not in {r["pid"] for r in runs}
+    overlap = [(a["span"], b["span"]) for a in runs for b in runs if a["pid"] != b["pid"]
+               and a["started"] < b["finished"] and b["started"] < a["finished"]]
+    assert overlap, f"no two slabs ran at the same time: {runs}"
+    (ref,) = reconstruct(local)["outputs"]
+    assert ref["workers"] == 1 and {r["pid"] for r in ref["slab_runs"]} == {os.getpid()}
+    a, b = read_stacks(out["stacks"]), read_stacks(ref["stacks"])
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_killed_reconstruction_redoes_only_its_unfinished_slabs(workspace, tmp_path):
+    """``recon reconstruct`` gets SIGKILL after some of its 4 slabs are on disk; the re-run
+    reuses the slabs the killed process finished (their runs name its pid) and computes only
+    the others, and its outputs are complete."""
+    from pipelines import tracking
+
+    work = tmp_path / "work"
+    extra = [f"work_dir={work}", "data.max_slices=4", "reconstruct.operators=[fourier]",
+             "reconstruct.slab_slices=1", "reconstruct.steps=150"]
+    args = [sys.executable, "-m", "recon", "reconstruct", "default"]
+    for o in [*workspace["overrides"], *extra]:
+        args += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    killed = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(work.glob("runs/*/*/fourier/slabs/*.npz"))) < 2:
+            assert killed.poll() is None, killed.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no slab finished in time"
+            time.sleep(0.05)
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+    finished = {p.name for p in work.glob("runs/*/*/fourier/slabs/*.npz")}
+    assert 2 <= len(finished) < 4, "kill the job before it finished"
+    rerun = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    cfg = load_config(None, [*workspace["overrides"], *extra])
+    client = tracking.client(cfg)
+    (run,) = [r for r in client.search_runs([tracking.experiment_id(cfg)])
+              if r.data.tags.get("mlflow.runName") == "reconstruct" and r.info.status == "FINISHED"]
+    summary = next(work.glob(f"runs/{run.info.run_id}/*/fourier/summary.json"))
+    import json
+
+    runs = json.loads(summary.read_text())["slab_runs"]
+    reused = [r for r in runs if r["pid"] == killed.pid]
+    redone = [r for r in runs if r["pid"] != killed.pid]
+    names = {f"{r['span'][0]:05d}-{r['span'][1]:05d}.npz" for r in reused}
+    # a slab whose file was renamed into place just before the kill may lack its cache record
+    assert names <= finished and len(reused) >= len(finished) - 1 >= 1
+    assert len(redone) == 4 - len(reused) and len({r["pid"] for r in redone}) == 1
+    killed_runs = [r for r in client.search_runs([tracking.experiment_id(cfg)])
+                   if r.info.status == "KILLED"]
+    assert killed_runs, "the killed job's runs are marked KILLED"

@@ -255,8 +255,8 @@ def _reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str
     volume_task = _with_storage(tasks.reconstruct_volume, cfg)
     jobs = []
     for p in prepared:
-        name = open_prepared(p).name
-        n = len(open_prepared(p).indices)
+        volume = open_prepared(p)
+        name, n = volume.name, len(volume.indices)
         for op in operators:
             methods = ([(op.name, None)] if diffusion else []) + \
                 [(f"{op.name}-{b.name}", tuned[(op.name, b.name)]) for b in baselines]

@@ -185,7 +185,16 @@ def reconstruct_volume(prepared: str, operator: OperatorConfig, settings: Recons
     return run(prepared, operator, settings, prior, out_dir, progress=progress, baseline=baseline)
 
 
-@task(name="reconstruct-slab", **EXPENSIVE)
+def _slab_run_name() -> str:
+    """``<volume> <operator>[-<baseline>] [start:stop]``: what the Prefect UI lists as running."""
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    method = f"-{p['baseline'].name}" if p.get("baseline") is not None else ""
+    return f"{Path(p['prepared']).name} {p['operator'].name}{method} [{p['span'][0]}:{p['span'][1]}]"
+
+
+@task(name="reconstruct-slab", task_run_name=_slab_run_name, **EXPENSIVE)
 def reconstruct_slab(prepared: str, operator: OperatorConfig, settings: ReconstructSection,
                      prior: PriorSection, span: list[int], out_file: str, progress: bool = True,
                      baseline: BaselineConfig | None = None) -> dict:

@@ -9,7 +9,7 @@ naive baseline is ``A^+ y`` (``operator.pseudo_inverse``), and ``n_samples`` pos
 uncertainty their pixel-wise std. A classical baseline (``recon.baselines``: TV, L1-wavelet)
 takes the sampler's place on the same ``y``; its ``lam`` is chosen on validation volumes by
 ``tune_baseline``. ``assemble_volume`` turns the slab files into NIfTI outputs on the source's
-grid (``recon.volumes.write_outputs``), one volume-sized array in memory at a time.
+grid (``recon.volumes.write_outputs``), one output at a time.
 
 The config sections build the parts (``OperatorConfig.build``, ``GuidanceConfig.build``, ...);
 ``load_network`` loads the prior a ``PriorSection`` names.
@@ -253,8 +253,8 @@ def assemble_volume(prepared: str | Path, slabs: Sequence[dict], operator: Opera
                     baseline: BaselineConfig | None = None) -> dict:
     """A volume's outputs from its slabs (``reconstruct_slab`` results covering every slice
     once): NIfTI ``recon``/``naive``/``std`` and ``slices.npz`` (``write_outputs``: each file
-    atomic, each stack read from the slab files when it is written, so memory holds one
-    volume-sized array) and ``summary.json``. ``seconds`` is the slabs' summed compute time;
+    atomic, each stack read from the slab files when it is written, so memory holds one stack
+    and its native-grid copy) and ``summary.json``. ``seconds`` is the slabs' summed compute time;
     ``slab_runs`` says where and when each slab ran. Returns the output paths and the summary."""
     vol = PreparedVolume.open(prepared)
     n = len(vol.indices)

@@ -5,7 +5,7 @@ r"""Volume I/O of the reconstruction: prepared slices in, streaming buffers, NIf
 - ``VolumeBuffer``: disk-backed ``(S, H, W)`` arrays filled batch by batch (memory ~ one batch);
 - ``write_outputs``: a finished reconstruction as NIfTI on the source's grid (its shape, affine
   and header) and a ``slices.npz`` of the prior-grid stacks, each file written atomically, one
-  volume-sized array in memory at a time.
+  output at a time (memory: that stack and its native-grid copy, not all four stacks).
 """
 
 from __future__ import annotations
@@ -151,8 +151,9 @@ def volume_name(path: str | Path) -> str:
 def write_outputs(stack: Callable[[str], np.ndarray], prepared: PreparedVolume,
                   out_dir: str | Path) -> dict[str, str]:
     """Write a finished reconstruction, each file atomically (temporary name, then rename) and
-    one volume-sized array in memory at a time (``stack(name)`` gives the ``(S, H, W)`` array
-    of a ``STACKS`` name, e.g. from a ``VolumeBuffer`` or from slab files):
+    one output at a time: ``stack(name)`` gives the ``(S, H, W)`` array of a ``STACKS`` name
+    (e.g. read from slab files) when that output is written, so memory holds one stack and its
+    native-grid copy, not all four stacks at once:
 
     - ``recon.nii.gz``, ``naive.nii.gz``, ``std.nii.gz``: on the *source's* grid with its
       shape, affine and header (``write_nifti(like=source)``), in the source's intensity units

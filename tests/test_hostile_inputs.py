@@ -382,3 +382,10 @@ def test_no_prefect_server_outlives_the_cli(tmp_path_factory, signame):
     if alive:
         os.kill(server, signal.SIGKILL)
     assert not alive, f"the Prefect server outlived the CLI's {signame}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""

@@ -118,11 +118,11 @@ def test_a_killed_job_leaves_no_process_and_redoes_only_its_unfinished_slabs(wor
             assert time.monotonic() < deadline, "3 slabs did not finish in time"
             time.sleep(0.05)
         children = _children(killed.pid)
+        workers = {c for c in children if "spawn_main" in _cmdline(c)}  # while they still run
     finally:
         killed.send_signal(signal.SIGKILL)
         killed.wait(timeout=30)
     finished = {p.name for p in work.glob("runs/*/*/fourier/slabs/*.npz")}
-    workers = {c for c in children if "spawn_main" in _cmdline(c)}
     assert len(workers) == 2 and 3 <= len(finished) < 6, (children, finished)
     deadline = time.monotonic() + 15
     while (alive := [c for c in children if Path(f"/proc/{c}").exists()]) and \

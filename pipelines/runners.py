@@ -21,8 +21,9 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from recon.config import RunnerSection
 
 
-def api_url() -> str | None:
-    """The URL of the Prefect API this process talks to (Prefect's embedded one included)."""
+def flow_api_url() -> str | None:
+    """The URL of the Prefect API this process talks to, Prefect's own embedded one included
+    (``pipelines.settings.api_url`` answers None for an embedded API)."""
     from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url
@@ -46,7 +47,7 @@ def task_runner(runner: RunnerSection) -> TaskRunner:
         return DaskTaskRunner(cluster_class=runner.cluster_class,
                               cluster_kwargs=dict(runner.cluster_kwargs),
                               adapt_kwargs=dict(runner.adapt_kwargs) or None)
-    url = api_url()
+    url = flow_api_url()
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": runner.workers, "threads_per_worker": runner.threads_per_worker,
         "processes": True, "dashboard_address": None,

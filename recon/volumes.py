@@ -165,20 +165,22 @@ def write_outputs(stack: Callable[[str], np.ndarray], prepared: PreparedVolume,
     out_dir.mkdir(parents=True, exist_ok=True)
     lo, hi = prepared.geometry["intensity"]
     paths = {}
-    for name in ("recon", "naive", "std"):
-        if name == "std":
-            native = prepared.to_native(stack(name), rescale=False) * float(hi - lo)
-        else:
-            native = prepared.to_native(stack(name), rescale=True)
-        paths[name] = str(write_nifti(native, out_dir / f"{name}.nii.gz", like=prepared.source))
-        del native
     npz = out_dir / "slices.npz"
     with atomic_path(npz, suffix=".npz") as tmp, \
             zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
-        for name, array in (("indices", lambda: np.asarray(prepared.indices)),
-                            *((n, lambda n=n: stack(n)) for n in STACKS)):
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:  # as np.savez_compressed
-                np.lib.format.write_array(member, np.asanyarray(array()), allow_pickle=False)
+        # each stack is read once: into slices.npz (np.savez's layout) and, but for the truth,
+        # onto the source's grid as NIfTI
+        for name in ("indices", *STACKS):
+            array = np.asarray(prepared.indices) if name == "indices" else stack(name)
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+            if name in ("recon", "naive", "std"):
+                native = prepared.to_native(array, rescale=name != "std")
+                if name == "std":
+                    native *= float(hi - lo)
+                paths[name] = str(write_nifti(native, out_dir / f"{name}.nii.gz",
+                                              like=prepared.source))
+            del array
     paths["stacks"] = str(npz)
     return paths
 

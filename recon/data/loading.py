@@ -215,7 +215,7 @@ class SliceGeometry:
             raise ValueError(f"slice indices must be in [0, {self.n_slices})")
         (top, left), (mh, mw) = self.pad, self.resized_hw
         out = torch.full((self.n_slices, *self.native_hw), float(fill), dtype=torch.float32)
-        lo, hi = self.intensity if rescale else (0.0, 1.0)
+        lo, hi = self.intensity
         for i in range(0, len(idx), 32):  # a chunk at a time: one volume-sized copy in memory
             chunk = x[i:i + 32, top:top + mh, left:left + mw]
             if (mh, mw) != tuple(self.native_hw):

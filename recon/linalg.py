@@ -25,19 +25,23 @@ def batch_dot(a: Tensor, b: Tensor) -> Tensor:
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int) -> Tensor:
     r"""Batched conjugate gradient for ``M w = b`` (M symmetric positive semi-definite per sample).
 
-    Runs exactly ``steps`` iterations from ``w = 0`` with per-sample step sizes
-    ``alpha = <r, r>/<p, M p>`` and ``beta = <r', r'>/<r, r>``; a sample whose residual vanished
-    keeps its solution (0/0 is read as 0). Inner products are real (``batch_dot``), so complex
-    ``b`` is solved as the real system on (Re, Im) pairs.
+    Runs at most ``steps`` iterations from ``w = 0`` with per-sample step sizes
+    ``alpha = <r, r>/<p, M p>`` and ``beta = <r', r'>/<r, r>``; a sample whose residual has
+    fallen to round-off (``|r| <= 8 eps |b|``) keeps its solution, so a singular but consistent
+    system (e.g. a prox with ``lam = 0``) does not divide round-off by round-off and run away.
+    Inner products are real (``batch_dot``), so complex ``b`` is solved as the real system on
+    (Re, Im) pairs.
     """
     w = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
     rs = batch_dot(r, r)
+    floor = rs * (8.0 * torch.finfo(rs.dtype).eps) ** 2
     for _ in range(steps):
         mp = matvec(p)
         pmp = batch_dot(p, mp)
-        alpha = torch.where(pmp > 0, rs / torch.where(pmp > 0, pmp, 1.0), 0.0)
+        live = (pmp > 0) & (rs > floor)
+        alpha = torch.where(live, rs / torch.where(live, pmp, 1.0), 0.0)
         w = w + _per_sample(alpha, p) * p
         r = r - _per_sample(alpha, mp) * mp
         rs_new = batch_dot(r, r)

@@ -310,10 +310,27 @@ class UndersampledFourier(Operator):
         self.check_measurement(y)
         return self.adjoint(y)
 
+    def mirrored_mask(self) -> Tensor:
+        """``M(-k)``: the mask at the mirrored frequency. On the centred grid the frequency of
+        index ``i`` is ``i - n // 2``, so ``-k`` sits at index ``(2 (n // 2) - i) mod n`` (a
+        flip, then a roll by one for even ``n``, whose ``-n/2`` line is its own mirror)."""
+        h, w = self.mask.shape[-2:]
+        return torch.roll(torch.flip(self.mask, _DIMS), (1 - h % 2, 1 - w % 2), _DIMS)
+
     def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 10) -> Tensor:
-        """Single coil, closed form in k-space: ``(y + lam F x0) / (1 + lam)`` on sampled
-        locations, ``F x0`` elsewhere, then ``F^H`` (the real part for ``real_output``: exact
-        when the mask is symmetric under ``k -> -k``, else its projection onto real images).
+        r"""``argmin_x ||y - A x||^2 + lam ||x - x0||^2``.
+
+        Single coil, closed form in k-space. Complex x0: ``(y + lam F x0) / (1 + lam)`` on
+        sampled locations, ``F x0`` elsewhere, then ``F^H``. Real x0 (``real_output``, or a real
+        image): the minimiser over *real* images. For real x, ``X(-k) = conj(X(k))``, so the
+        normal operator ``Re(A^H A) = F^H diag(m) F`` with ``m(k) = (M(k) + M(-k)) / 2``: a
+        line whose mirror is not sampled is measured at half weight. Hence
+
+            X = (F Re(A^H y) + lam F x0) / (m + lam),     x = Re(F^H X)
+
+        (``X = F x0`` where ``m + lam = 0``). Taking the real part of the complex solution
+        instead moves such a line only half way to the data.
+
         Multi-coil: ``steps`` CG iterations (``Operator.prox``), over real images with
         ``real_output`` (the exact real prox), else over complex images; a real ``x0`` (a
         magnitude image, e.g. from a real-valued prior, whose phase the coil maps carry) then
@@ -326,8 +343,14 @@ class UndersampledFourier(Operator):
                 return super().prox(x0, y, lam, steps)
             return super().prox(x0.to(complex_dtype(x0.dtype)), y, lam, steps).abs()
         k0 = fft2c(x0.to(complex_dtype(x0.dtype)))
-        x = ifft2c(torch.where(self.mask, (y + lam * k0) / (1.0 + lam), k0))
-        return x.real if self.real_output or not x0.is_complex() else x
+        if x0.is_complex():
+            return ifft2c(torch.where(self.mask, (y + lam * k0) / (1.0 + lam), k0))
+        data = fft2c(ifft2c(y * self.mask).real.to(k0.dtype))  # F Re(A^H y)
+        weight = (0.5 * (self.mask.to(x0.dtype) + self.mirrored_mask().to(x0.dtype)))
+        denom = weight + lam
+        safe = torch.where(denom > 0, denom, torch.ones((), dtype=denom.dtype, device=denom.device))
+        x = ifft2c(torch.where(denom > 0, (data + lam * k0) / safe, k0))
+        return x.real
 
 
 def build_fourier(shape: Sequence[int], acceleration: float = 4.0, center_fraction: float = 0.08,

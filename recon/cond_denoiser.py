@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,10 @@ class Posterior:
 class CondDenoiser(Denoiser):
     """Posterior sampler: a ``Denoiser`` whose eps is conditioned on ``y`` by a ``Guidance``.
 
+    ``warm_start`` (CCDF, Chung et al. 2022): a map ``y -> x_init`` (e.g. a TV solution); the
+    chains then start at the timer's ``t_max`` from ``x = s x_init + sigma z`` instead of pure
+    noise, so a timer with ``t_max = t0 < 1`` spends every step near the answer.
+
     ``operator`` needs ``forward(x)`` (batched images -> measurements), ``adjoint(y)``,
     ``sigma_y`` and ``check_measurement(y)`` (raises ``ValueError`` on a bad ``y``). Images are
     real; their shape and dtype are those of ``Re(adjoint(y))``. ``guidance`` is a ``Guidance``
@@ -62,8 +67,10 @@ class CondDenoiser(Denoiser):
 
     def __init__(self, diffusion: DiffusionModel, network: Network, integrator: Integrator,
                  timer: Timer, operator, guidance: Guidance | str,
-                 x0_range: tuple[float, float] | None = None):
+                 x0_range: tuple[float, float] | None = None,
+                 warm_start: Callable[[Tensor], Tensor] | None = None):
         super().__init__(diffusion, network, integrator, timer)
+        self.warm_start = warm_start
         if x0_range is not None:
             lo, hi = (float(v) for v in x0_range)
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
@@ -144,6 +151,14 @@ class CondDenoiser(Denoiser):
                              f"{tuple(x_like.shape)}; expected a leading batch dimension")
         y_rep = y.repeat(n_samples, *([1] * (y.ndim - 1)))
         x = self.prior_noise((n_samples * batch, *x_shape), generator, x_like.device, x_like.dtype)
+        if self.warm_start is not None:
+            with torch.no_grad():
+                x_init = self.warm_start(y).to(x.device, x.dtype)
+            if tuple(x_init.shape) != (batch, *x_shape):
+                raise ValueError(f"the warm start gave shape {tuple(x_init.shape)}, expected "
+                                 f"{(batch, *x_shape)}")
+            s_max, _ = scales(self.diffusion, float(self.times[0]))
+            x = s_max * x_init.repeat(n_samples, *([1] * (x.ndim - 1))) + x
         x0 = self.integrate(x, self.cond_eps(y_rep), generator, progress=progress)
         samples = x0.reshape(n_samples, batch, *x_shape)
         std = (samples.std(0) if n_samples > 1 else torch.zeros_like(samples[0]))

@@ -33,6 +33,7 @@ from torch import Tensor
 from recon.diffusion import DiffusionModel, eps_from_x0, tweedie
 from recon.integrator import EpsFn, scales
 from recon.linalg import batch_dot, conjugate_gradient
+from recon.total_variation import tv_prox
 
 __all__ = ["batch_dot", "conjugate_gradient"]  # re-exported: the guidances' linear algebra
 
@@ -172,43 +173,59 @@ class DataConsistency(Guidance):
     r"""Data consistency on Tweedie's estimate (score-MRI, Chung & Ye 2022; DiffPIR, Zhu et al.
     2023; DDS, Chung et al. 2024); no gradients through the network.
 
-    ``x0_dc = argmin_x ||y - A x||^2 / v + ||x - x0_hat||^2 / r_t^2`` with the noise level of
-    ``x_t / s``, ``r_t^2 = sigma^2 / s^2``, and ``v`` the noise variance per real component
-    (``sigma_y^2``, or ``sigma_y^2 / 2`` for complex y: ``noise_variance``), i.e.
-    ``operator.prox(x0_hat, y, lam = v / r_t^2)``: closed form for masks, single-coil Cartesian
-    k-space and circular blur, a few CG steps otherwise. When ``A A^H = I`` (masks, masked
-    orthonormal Fourier) this is
+    ``x0_dc = argmin_x ||y - A x||^2 / v + w ||x - x0_hat||^2 / r_t^2`` with the noise level of
+    ``x_t / s``, ``r_t^2 = sigma^2 / s^2``, ``v`` the noise variance per real component
+    (``sigma_y^2``, or ``sigma_y^2 / 2`` for complex y: ``noise_variance``) and the prior's weight
+    ``w`` (``prior_weight``, DiffPIR's lambda; 1 is the Gaussian posterior of ``x0`` given
+    ``x0_hat``), i.e. ``operator.prox(x0_hat, y, lam = w v / r_t^2)``: closed form for masks,
+    single-coil Cartesian k-space and circular blur, a few CG steps otherwise. When
+    ``A A^H = I`` (masks, masked orthonormal Fourier) this is
 
-        x0_dc = x0_hat + rho_t A^H (y - A x0_hat),     rho_t = r_t^2 / (r_t^2 + v),
+        x0_dc = x0_hat + rho_t A^H (y - A x0_hat),     rho_t = r_t^2 / (r_t^2 + w v),
 
     the measured coefficients of ``x0_hat`` pulled towards ``y`` (replaced when ``sigma_y = 0``
-    or ``soft=False``, ``lam = 0``). Then ``eps_y = (x_t - s x0_dc)/sigma`` and the integrator
-    continues from ``x0_dc``. Images are real: the real part of the correction is taken, which is
-    the exact real prox when the k-space mask is symmetric under ``k -> -k`` and otherwise its
-    projection onto real images.
+    or ``soft=False``, ``lam = 0``). With ``tv = mu > 0`` total variation shares the step
+    (DiffusionMBIR): ``argmin 1/2 ||y - A x||^2 + lam/2 ||x - x0_hat||^2 + mu TV(x)`` by
+    ``tv_iterations`` PDHG steps (``recon.total_variation.tv_prox``); ``mu`` is in the units of
+    the TV baseline's ``lam``. Then ``eps_y = (x_t - s x0_dc)/sigma`` and the integrator
+    continues from ``x0_dc``. Images are real and the prox is the exact minimiser over real
+    images (for Cartesian k-space it pairs each frequency with its mirror).
     """
 
     name = "data_consistency"
 
-    def __init__(self, soft: bool = True):
+    def __init__(self, soft: bool = True, prior_weight: float = 1.0, tv: float = 0.0,
+                 tv_iterations: int = 20):
+        if not (math.isfinite(prior_weight) and prior_weight > 0):
+            raise ValueError(f"prior_weight must be a finite number > 0, got {prior_weight}")
+        if not (math.isfinite(tv) and tv >= 0):
+            raise ValueError(f"tv must be a finite number >= 0, got {tv}")
+        if isinstance(tv_iterations, bool) or not isinstance(tv_iterations, int) or \
+                not 1 <= tv_iterations <= 1000:
+            raise ValueError(f"tv_iterations must be an integer in [1, 1000], got {tv_iterations!r}")
         self.soft = bool(soft)
+        self.prior_weight = float(prior_weight)
+        self.tv, self.tv_iterations = float(tv), tv_iterations
 
     def __repr__(self) -> str:
-        return f"DataConsistency(soft={self.soft})"
+        tv = f", tv={self.tv}, tv_iterations={self.tv_iterations}" if self.tv else ""
+        return f"DataConsistency(soft={self.soft}, prior_weight={self.prior_weight}{tv})"
 
     def weight(self, s: float, sigma: float, var_y: float) -> float:
-        """``rho_t = r_t^2 / (r_t^2 + v)`` (1 for the hard version or ``v = 0``)."""
+        """``rho_t = r_t^2 / (r_t^2 + w v)`` (1 for the hard version or ``v = 0``)."""
         if not self.soft or var_y == 0:
             return 1.0
         r2 = (sigma / s) ** 2
-        return r2 / (r2 + var_y)
+        return r2 / (r2 + self.prior_weight * var_y)
 
     def eps(self, x, t, y, *, eps_fn, diffusion, operator):
         s, sigma = scales(diffusion, t)
         x0 = tweedie(x, eps_fn(x, t), s, sigma)
         var_y = noise_variance(operator, y)
-        lam = var_y * (s / sigma) ** 2 if self.soft else 0.0
-        if hasattr(operator, "prox"):
+        lam = self.prior_weight * var_y * (s / sigma) ** 2 if self.soft else 0.0
+        if self.tv > 0:
+            x0_dc = tv_prox(operator, x0, y, lam, self.tv, self.tv_iterations)
+        elif hasattr(operator, "prox"):
             x0_dc = operator.prox(x0, y, lam)
         else:  # a duck-typed operator: one step towards the data (exact when A A^H = I)
             x0_dc = x0 + self.weight(s, sigma, var_y) * real_adjoint(operator, y - operator.forward(x0))

@@ -115,6 +115,45 @@ class DDIMIntegrator(Integrator):
         return out
 
 
+class DiffPIRIntegrator(Integrator):
+    r"""The re-noising step of DiffPIR (Zhu et al. 2023) and DDS (Chung et al. 2024).
+
+    ``x0 = (x - sigma eps)/s``; ``x' = s' x0 + sigma' (sqrt(1 - zeta) eps + sqrt(zeta) z)``.
+    ``zeta = 1`` re-noises fully: ``x'`` keeps nothing of ``x`` but ``x0`` (with a guided eps,
+    the data-consistent estimate), so a correction made at one step is not carried forward as
+    noise; ``zeta = 0`` is DDIM with ``eta = 0``. DDIM with ``eta = 1`` redraws only the
+    fraction ``1 - (s sigma' / (s' sigma))^2`` of the noise variance (a quarter to three
+    quarters per step on a 30-step cosine grid).
+
+    Not a sampler of ``p_t`` for ``zeta > 0``: with the exact score the mean of ``x0`` is exact
+    (``E[x0 | x_t]`` averages to ``E[x0]``) but the spread shrinks, since
+    ``Cov[x'] = s'^2 Cov[E[x0 | x_t]] + sigma'^2 I`` omits ``E[Cov[x0 | x_t]]``; the chain
+    ends between a posterior sample and the posterior mean, which is what PSNR rewards.
+    """
+
+    stochastic = True
+
+    def __init__(self, zeta: float = 1.0):
+        if not (0.0 <= zeta <= 1.0):
+            raise ValueError(f"zeta must lie in [0, 1], got {zeta}")
+        self.zeta = float(zeta)
+        self.stochastic = zeta > 0
+
+    def __repr__(self) -> str:
+        return f"DiffPIRIntegrator(zeta={self.zeta})"
+
+    def step(self, diffusion, eps_fn, x, t, t_next, generator=None):
+        s, sigma = scales(diffusion, t)
+        s_n, sigma_n = scales(diffusion, t_next)
+        eps = eps_fn(x, t)
+        out = s_n * tweedie(x, eps, s, sigma)
+        if self.zeta < 1.0:
+            out = out + sigma_n * math.sqrt(1.0 - self.zeta) * eps
+        if self.zeta > 0.0:
+            out = out + sigma_n * math.sqrt(self.zeta) * _randn_like(x, generator)
+        return out
+
+
 class DPMpp2sIntegrator(Integrator):
     r"""DPM-Solver++(2S) (Lu et al. 2022): data prediction, one midpoint in ``lambda = log(s/sigma)``.
 
@@ -157,5 +196,6 @@ INTEGRATORS = {
     "heun": HeunIntegrator,
     "ddim": DDIMIntegrator,
     "dpmpp2s": DPMpp2sIntegrator,
+    "diffpir": DiffPIRIntegrator,
     "euler_maruyama": EulerMaruyamaIntegrator,
 }

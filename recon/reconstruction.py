@@ -120,12 +120,13 @@ class SliceReconstructor:
     @classmethod
     def diffusion(cls, network: EpsNetwork, diffusion, operator: Operator, guidance: Guidance,
                   integrator: Integrator, timer: Timer,
-                  x0_range: tuple[float, float] | None = None, **kwargs) -> SliceReconstructor:
+                  x0_range: tuple[float, float] | None = None, warm_start=None,
+                  **kwargs) -> SliceReconstructor:
         """Posterior sampling with the prior ``network`` (a ``CondDenoiser``)."""
         device = torch.device(kwargs.get("device", "cpu"))
         operator = operator.to(device)
         sampler = CondDenoiser(diffusion, network, integrator, timer, operator, guidance,
-                               x0_range=x0_range)
+                               x0_range=x0_range, warm_start=warm_start)
         return cls(operator, sampler, **kwargs)
 
     @property
@@ -199,10 +200,18 @@ def _reconstructor(vol: PreparedVolume, operator: OperatorConfig, settings: Reco
     if baseline is not None:
         return SliceReconstructor(op, baseline.build(op), **common)
     network, diffusion = load_network(prior, device)
+    warm, t_max = None, None
+    if settings.warm_start is not None:
+        start = settings.warm_start.for_operator(operator)
+        if start.baseline.lam is None:
+            raise ValueError(f"the warm start's {start.baseline.name} has lam: null and operator "
+                             f"{operator.name!r} gives none (its lam: {{{start.baseline.name}: "
+                             f"...}}); set one or choose it on validation data (tune_baseline)")
+        warm, t_max = start.baseline.build(op.to(device)).solve, start.t0
     return SliceReconstructor.diffusion(
         network, diffusion, op, settings.guidance_for(operator).build(),
-        settings.integrator.build(), settings.timer.build(settings.steps),
-        x0_range=settings.x0_range, **common)
+        settings.integrator.build(), settings.timer.build(settings.steps, t_max),
+        x0_range=settings.x0_range, warm_start=warm, **common)
 
 
 def reconstruct_slab(prepared: str | Path, operator: OperatorConfig, settings: ReconstructSection,

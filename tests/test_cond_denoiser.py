@@ -37,6 +37,7 @@ from recon.guidance import (
 from recon.integrator import (
     INTEGRATORS,
     DDIMIntegrator,
+    DiffPIRIntegrator,
     DPMpp2sIntegrator,
     EulerIntegrator,
     EulerMaruyamaIntegrator,
@@ -300,6 +301,58 @@ def test_tweedie_covariance_samples_masked_posterior(mask_problem):
         ok, msg = _moment_check(post.samples[:, b], exact)
         print(f"\n[tweedie mask Heun, y{b}] {msg}; {seconds:.2f}s")
         assert ok, msg
+
+
+def _renoising_law(post: GaussianMixture, times: Tensor) -> GaussianMixture:
+    """The exact law of the full re-noising chain (DiffPIR zeta = 1) with the exact posterior eps.
+
+    With ``x0_hat(x_t) = m + K (x_t - s m)``, ``K = s P (s^2 P + sigma^2 I)^{-1}`` (Gaussian
+    posterior N(m, P)), a step is ``x' = s' x0_hat(x_t) + sigma' z``: linear-Gaussian, so
+    ``mu' = s' (m + K (mu - s m))``, ``C' = s'^2 K C K^T + sigma'^2 I``, from
+    ``x_T ~ N(0, sigma_T^2 I)``; the output is ``x0_hat`` at ``t_min``."""
+    m, P = post.means[0], post.covs[0]
+    eye = torch.eye(len(m), dtype=F64)
+
+    def gain(t):
+        tt = torch.tensor(t, dtype=F64)
+        s, sigma = DIFF.s(tt), DIFF.sigma(tt)
+        return s, sigma, s * P @ torch.linalg.inv(s * s * P + sigma * sigma * eye)
+
+    ts = times.tolist()
+    mu, C = torch.zeros_like(m), float(DIFF.sigma(times[0])) ** 2 * eye
+    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+        s, _, K = gain(t)
+        s_n, sigma_n, _ = gain(t_next)
+        mu, C = s_n * (m + K @ (mu - s * m)), s_n**2 * K @ C @ K.T + sigma_n**2 * eye
+    s, _, K = gain(ts[-1])
+    return GaussianMixture.gaussian(m + K @ (mu - s * m), K @ C @ K.T)
+
+
+def test_full_renoising_keeps_the_posterior_mean_and_shrinks_the_spread(dense_problem):
+    """DiffPIR's step with zeta = 1 (x' = s' x0_y + sigma' z) and the exact conditional eps:
+    its samples follow the closed-form law of the chain (``_renoising_law``), whose mean is the
+    posterior mean and whose covariance is smaller than the posterior's (it ends between a
+    posterior sample and the posterior mean). zeta = 0 is DDIM with eta = 0, bit for bit."""
+    prior, op, y = dense_problem
+    steps = 30
+    sampler = _sampler(prior, op, DiffPIRIntegrator(zeta=1.0), steps, TweedieCovariance(M))
+    post, seconds = _run(sampler, y)
+    for b, exact in enumerate(_posteriors(prior, op, y)):
+        law = _renoising_law(exact, sampler.times)
+        ok, msg = _moment_check(post.samples[:, b], law)
+        print(f"\n[diffpir zeta=1, {steps} steps, y{b}] against the chain's law: {msg}; {seconds:.2f}s")
+        assert ok, msg
+        torch.testing.assert_close(law.means[0], exact.means[0], atol=1e-6, rtol=0)
+        shrink = float(torch.trace(law.covs[0]) / torch.trace(exact.covs[0]))
+        print(f"trace of the covariance: {shrink:.3f} of the posterior's")
+        assert 0.05 < shrink < 0.9, shrink
+        assert not _moment_check(post.samples[:, b], exact)[0]  # not a posterior sampler
+    start = torch.Generator().manual_seed(2)
+    a = _sampler(prior, op, DiffPIRIntegrator(zeta=0.0), 8, TweedieCovariance(M)).sample(
+        y, 3, generator=start)
+    b = _sampler(prior, op, DDIMIntegrator(eta=0.0), 8, TweedieCovariance(M)).sample(
+        y, 3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a.samples, b.samples, atol=1e-12, rtol=0)
 
 
 class _FlippedSign(TweedieCovariance):

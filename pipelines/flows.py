@@ -26,7 +26,7 @@ from prefect.task_runners import TaskRunner
 import pipelines  # noqa: F401  (Prefect settings before anything else)
 from pipelines import services, tasks
 from pipelines.figures import quality_cost
-from pipelines.runners import task_runner
+from pipelines.runners import check_scheduler, task_runner
 from pipelines.tracking import (
     Run,
     create_run,
@@ -40,6 +40,7 @@ from recon.config import (
     Config,
     ConfigError,
     OperatorConfig,
+    ReconstructSection,
     apply_override,
     load_config,
     parse_override,
@@ -208,7 +209,9 @@ def _tuning_volumes(cfg: Config) -> list[str]:
     volumes = tasks.list_volumes(str(d.manifest), str(d.data_root), d.val_split, verify=True)
     if not volumes:
         raise ValueError(f"baselines with lam: null need validation volumes to choose lam on, "
-                         f"but split {d.val_split!r} of {d.manifest} has none; set lam")
+                         f"but split {d.val_split!r} of {d.manifest} has none; give each "
+                         f"operator its lam (reconstruct.operators: ... lam: {{tv: 3.2e-3}}) as "
+                         f"configs/default.yaml does")
     volumes = volumes[: cfg.reconstruct.tune_volumes]
     data = d.model_copy(update={"max_slices": cfg.reconstruct.tune_slices})
     prepare = _with_storage(tasks.prepare_volume, cfg)
@@ -217,11 +220,16 @@ def _tuning_volumes(cfg: Config) -> list[str]:
 
 def tuned_baselines(cfg: Config, run: Run, operators: list[OperatorConfig],
                     baselines: list[BaselineConfig]) -> dict[tuple[str, str], BaselineConfig]:
-    """``{(operator, baseline): BaselineConfig with lam}``: a ``lam`` left null is chosen per
-    operator on the validation split (cached task) and logged as ``lam/<operator>-<baseline>``."""
+    """``{(operator, baseline): BaselineConfig with lam}``: a ``lam`` left null is the
+    operator's own (``OperatorConfig.lam``), else chosen per operator on the validation split
+    (cached task) and logged as ``lam/<operator>-<baseline>``."""
     out, val = {}, None
     for op in operators:
         for b in baselines:
+            if b.lam is None and b.name in op.lam:
+                b = b.model_copy(update={"params": {**b.params, "lam": op.lam[b.name]}})
+                run.log_metrics({f"lam/{_key(op.name)}-{b.name}": b.lam})
+                print(f"{b.name} for {op.name}: lam = {b.lam:.4g} (the operator's lam in the config)")
             if b.lam is None:
                 val = _tuning_volumes(cfg) if val is None else val
                 r = cached_call(_with_storage(tasks.tune_baseline, cfg), prepared=val, operator=op,
@@ -233,6 +241,17 @@ def tuned_baselines(cfg: Config, run: Run, operators: list[OperatorConfig],
                 b = b.model_copy(update={"params": {**b.params, "lam": r["lam"]}})
             out[(op.name, b.name)] = b
     return out
+
+
+def warm_started(cfg: Config, run: Run, settings: ReconstructSection,
+                 op: OperatorConfig) -> ReconstructSection:
+    """``settings`` for ``op`` with the warm start's ``lam`` chosen on the validation split when
+    it is null (``tuned_baselines``, the same cached task as the baselines')."""
+    ws = settings.warm_start
+    if ws is None or ws.baseline.lam is not None:
+        return settings
+    b = tuned_baselines(cfg, run, [op], [ws.baseline])[(op.name, ws.baseline.name)]
+    return settings.model_copy(update={"warm_start": ws.model_copy(update={"baseline": b})})
 
 
 def _reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str,
@@ -250,7 +269,9 @@ def _reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str
     operators = operators or cfg.reconstruct.operators
     baselines = cfg.reconstruct.baselines if baselines is None else baselines
     tuned = tuned_baselines(cfg, run, operators, baselines)
-    settings, progress = cfg.reconstruct, cfg.reconstruct.progress
+    progress = cfg.reconstruct.progress
+    per_op = {op.name: warm_started(cfg, run, cfg.reconstruct, op) if diffusion else cfg.reconstruct
+              for op in operators}
     slab_task = _with_storage(tasks.reconstruct_slab, cfg)
     volume_task = _with_storage(tasks.reconstruct_volume, cfg)
     jobs = []
@@ -260,6 +281,7 @@ def _reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str
         for op in operators:
             methods = ([(op.name, None)] if diffusion else []) + \
                 [(f"{op.name}-{b.name}", tuned[(op.name, b.name)]) for b in baselines]
+            settings = per_op[op.name]
             for folder, baseline in methods:
                 out_dir = str(run_dir(cfg, run) / subdir / name / folder)
                 common = {"prepared": p, "operator": op, "settings": settings, "prior": prior,
@@ -295,8 +317,11 @@ def _fresh(task, kwargs: dict, result: Any) -> Any:
 
 
 def _preflight(cfg: Config, checkpoint: str) -> None:
-    """Clear errors before any compute: the checkpoint must fit the network config."""
+    """Clear errors before any compute: the checkpoint must fit the network config, and a Dask
+    scheduler named by ``runner.address`` must answer."""
     load_network(cfg.prior.model_copy(update={"checkpoint": Path(checkpoint)}), "cpu")
+    if cfg.runner.kind == "dask" and cfg.runner.address:
+        check_scheduler(cfg.runner.address)
 
 
 @flow(name="reconstruct", log_prints=True)

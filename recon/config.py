@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -175,13 +176,27 @@ class _Component(_Section):
 class OperatorConfig(_Component):
     """A measurement operator: ``mask``, ``blur`` or ``fourier`` plus its keyword arguments
     (e.g. ``{keep: 0.5}``, ``{sigma: 1.5}``, ``{acceleration: 4, center_fraction: 0.08}``);
-    ``guidance`` overrides the reconstruction's guidance for this operator."""
+    ``guidance`` overrides the reconstruction's guidance for this operator; ``lam`` gives the
+    classical baselines' ``lam`` for it (``{tv: 3.2e-3}``), used where a baseline or warm start
+    says ``lam: null`` instead of choosing it on the validation split."""
 
     KIND = "operator"
     REGISTRY = OPERATORS
     RESERVED = ("shape", "sigma_y", "seed")
 
     guidance: GuidanceConfig | None = None
+    lam: dict[str, float] = Field(default_factory=dict, description="baseline name -> lam for "
+                                  "this operator (e.g. chosen once on the public validation "
+                                  "split); missing: chosen on data.val_split when needed")
+
+    @field_validator("lam")
+    @classmethod
+    def _lam(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, lam in v.items():
+            _check_name("baseline", name, BASELINES)
+            if not (lam >= 0 and lam < float("inf")):
+                raise ValueError(f"lam of {name} must be a finite number >= 0, got {lam}")
+        return v
 
     @field_validator("guidance", mode="before")
     @classmethod
@@ -280,9 +295,36 @@ class TimerConfig(_Component):
     def _trial(self) -> Any:
         return self.build(1)
 
-    def build(self, steps: int) -> Timer:
-        """The time grid of ``steps`` steps."""
-        return self.REGISTRY[self.name](steps, **self.params)
+    def build(self, steps: int, t_max: float | None = None) -> Timer:
+        """The time grid of ``steps`` steps (from ``t_max`` when given: a warm start)."""
+        params = self.params if t_max is None else {**self.params, "t_max": t_max}
+        return self.REGISTRY[self.name](steps, **params)
+
+
+class WarmStartConfig(_Section):
+    """Start the sampler near a classical answer (CCDF, Chung et al. 2022): the ``baseline``'s
+    solution of the same y (``lam`` null: chosen on the validation split), noised to ``t0``;
+    ``reconstruct.steps`` then run from ``t0`` down to the timer's ``t_min``."""
+
+    baseline: BaselineConfig = Field(default_factory=lambda: BaselineConfig(name="tv"))
+    t0: float = Field(0.4, gt=0.0, lt=1.0, description="diffusion time the chains start at")
+
+    @field_validator("baseline", mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return _named(v)
+
+    @property
+    def label(self) -> str:
+        return f"warm {self.baseline.label} t0={self.t0:g}"
+
+    def for_operator(self, op: OperatorConfig) -> WarmStartConfig:
+        """This warm start with the operator's ``lam`` where its own is null."""
+        b = self.baseline
+        if b.lam is not None or b.name not in op.lam:
+            return self
+        return self.model_copy(update={"baseline": b.model_copy(
+            update={"params": {**b.params, "lam": op.lam[b.name]}})})
 
 
 class ReconstructSection(_Section):
@@ -299,6 +341,8 @@ class ReconstructSection(_Section):
         None, description="keep every guided x0 estimate finite and inside [lo, hi] (image "
         "units); e.g. [0, 1.5] for foreground-normalised slices. null: no guard")
     steps: int = Field(32, ge=1, le=10_000, strict=True)
+    warm_start: WarmStartConfig | None = Field(
+        None, description="start from a classical solution noised to t0 (null: from noise)")
     baselines: list[BaselineConfig] = Field(
         default_factory=list, max_length=64, description="classical reconstructions of the same "
         "y, rows of the same tables (e.g. [tv, l1_wavelet]); lam null: chosen on the validation "
@@ -367,7 +411,8 @@ class ReconstructSection(_Section):
 
     def family(self, op: OperatorConfig) -> str:
         """The sampler for ``op`` without its step count: ``dps ddim(eta=1.0)``."""
-        return f"{self.guidance_for(op).label} {self.integrator.label}"
+        warm = "" if self.warm_start is None else f" {self.warm_start.label}"
+        return f"{self.guidance_for(op).label} {self.integrator.label}{warm}"
 
     def label(self, op: OperatorConfig) -> str:
         """The sampler for ``op``, as tables and run names show it: ``dps ddim(eta=1.0) x16``."""
@@ -383,6 +428,8 @@ class MethodConfig(_Section):
     guidance: GuidanceConfig | None = None
     integrator: IntegratorConfig | None = None
     steps: int | None = Field(None, ge=1, le=10_000)
+    warm_start: WarmStartConfig | None = None
+    n_samples: int | None = Field(None, ge=1, le=64, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -396,15 +443,17 @@ class MethodConfig(_Section):
 
     @model_validator(mode="after")
     def _one_kind(self) -> MethodConfig:
-        if self.baseline is not None and (self.guidance or self.integrator or self.steps):
+        if self.baseline is not None and (self.guidance or self.integrator or self.steps
+                                          or self.warm_start or self.n_samples):
             raise ValueError("a method is either a baseline or a diffusion setting (guidance, "
-                             "integrator, steps), not both")
+                             "integrator, steps, warm_start, n_samples), not both")
         return self
 
     def setting(self, rs: ReconstructSection) -> ReconstructSection:
         """``reconstruct`` with this method's diffusion fields (unchanged for a baseline)."""
         update = {k: v for k, v in (("guidance", self.guidance), ("integrator", self.integrator),
-                                    ("steps", self.steps)) if v is not None}
+                                    ("steps", self.steps), ("warm_start", self.warm_start),
+                                    ("n_samples", self.n_samples)) if v is not None}
         if self.guidance is not None:  # one guidance for every operator in the comparison
             update["operators"] = [o.model_copy(update={"guidance": None}) for o in rs.operators]
         return rs.model_copy(update=update)
@@ -453,6 +502,21 @@ class CompareSection(_Section):
         return grid + list(self.methods)
 
 
+DASK_CLUSTER_CLASSES = frozenset({
+    "distributed.LocalCluster", "dask.distributed.LocalCluster",
+    *(f"dask_jobqueue.{n}Cluster" for n in ("SLURM", "PBS", "SGE", "LSF", "OAR", "HTCondor",
+                                            "Moab")),
+    "dask_kubernetes.KubeCluster", "dask_kubernetes.operator.KubeCluster",
+    "dask_gateway.GatewayCluster", "coiled.Cluster",
+    *(f"dask_cloudprovider.{m}" for m in ("aws.EC2Cluster", "aws.FargateCluster",
+                                          "azure.AzureVMCluster", "gcp.GCPCluster")),
+})
+"""The cluster classes ``runner.cluster_class`` may name: a config value is imported and called,
+so it may name a known Dask cluster class and nothing else (never, say, ``subprocess.Popen``)."""
+
+DASK_ADDRESS = r"^(tcp|tls|ucx|ws|wss)://[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}$"
+
+
 class RunnerSection(_Section):
     """Where the slabs of a reconstruction run (``pipelines.runners``): ``local`` = Prefect's
     thread pool in the flow's process (``workers`` at a time); ``dask`` = ``prefect-dask`` on a
@@ -472,6 +536,24 @@ class RunnerSection(_Section):
     cluster_kwargs: dict[str, Any] = Field(default_factory=dict)
     adapt_kwargs: dict[str, Any] = Field(default_factory=dict, description="dask: "
                                          "cluster.adapt(**adapt_kwargs), e.g. {minimum: 0, maximum: 8}")
+
+    @field_validator("cluster_class")
+    @classmethod
+    def _known_cluster(cls, v: str | None) -> str | None:
+        if v is not None and v not in DASK_CLUSTER_CLASSES:
+            raise ValueError(f"{v!r} is not a known Dask cluster class (a config value is never "
+                             f"imported and run unless it is one of: "
+                             f"{', '.join(sorted(DASK_CLUSTER_CLASSES))}); for another cluster, "
+                             f"start it yourself and give its scheduler as runner.address")
+        return v
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_address(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(DASK_ADDRESS, v):
+            raise ValueError(f"{v!r} is not a Dask scheduler address such as "
+                             f"tcp://scheduler:8786 (protocol tcp, tls, ucx, ws or wss; host; port)")
+        return v
 
     @model_validator(mode="after")
     def _one_cluster(self) -> RunnerSection:
@@ -515,10 +597,6 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> Config:
-        names = [o.name for o in self.reconstruct.operators]
-        if self.compare.operator is not None and self.compare.operator not in names:
-            raise ValueError(f"compare.operator {self.compare.operator!r} is not among "
-                             f"reconstruct.operators {names}")
         size = (self.data.image_size or NOMINAL_NATIVE,) * 2  # native: trial-build at a common size
         for i, op in enumerate(self.reconstruct.operators):
             if op.name == "acquired":  # sampled as the raw k-space was: built from the data
@@ -551,7 +629,15 @@ class Config(_Section):
 
     @property
     def compare_operator(self) -> OperatorConfig:
-        name = self.compare.operator or self.reconstruct.operators[0].name
+        """The operator ``recon compare`` compares methods on: ``compare.operator``, else the
+        first of ``reconstruct.operators``. Checked when a comparison runs, not on load, so a
+        config whose operators are changed (``--set reconstruct.operators=[acquired]``) still
+        reconstructs. ``ConfigError`` when it names an operator that is not reconstructed."""
+        names = [o.name for o in self.reconstruct.operators]
+        name = self.compare.operator or names[0]
+        if name not in names:
+            raise ConfigError(f"invalid config:\n  compare.operator: {name!r} is not among "
+                              f"reconstruct.operators {names}")
         return next(o for o in self.reconstruct.operators if o.name == name)
 
     def to_dict(self) -> dict[str, Any]:

@@ -163,12 +163,13 @@ def evaluate_stacks(truth: np.ndarray, naive: np.ndarray, recon: np.ndarray,
 
 
 def worst_margins(rows: Iterable[Mapping[str, Any]], method: str,
-                  over: Iterable[str] | None = None, key: str = "method") -> dict[str, float]:
-    """Per operator, the worst volume's PSNR margin of the rows whose ``key`` is ``method``:
-    over the best PSNR of the rows whose ``key`` is in ``over`` (same volume and operator), or,
-    with ``over=None``, over the row's own naive reconstruction (``gain_db``). Rows are
-    ``{"volume", "operator", key, "psnr", "gain_db", ...}``; an operator without rows of both
-    sides is left out."""
+                  over: Iterable[str] | None = None, key: str = "method",
+                  metric: str = "psnr") -> dict[str, float]:
+    """Per operator, the worst volume's ``metric`` (PSNR) margin of the rows whose ``key`` is
+    ``method``: over the best ``metric`` of the rows whose ``key`` is in ``over`` (same volume
+    and operator), or, with ``over=None``, the PSNR over the row's own naive reconstruction
+    (``gain_db``). Rows are ``{"volume", "operator", key, "psnr", "gain_db", ...}``; an
+    operator without rows of both sides is left out."""
     rows = list(rows)
     others = None if over is None else set(over)
     out: dict[str, float] = {}
@@ -178,11 +179,11 @@ def worst_margins(rows: Iterable[Mapping[str, Any]], method: str,
         if others is None:
             margin = r["gain_db"]
         else:
-            rivals = [o["psnr"] for o in rows if o[key] in others and o["volume"] == r["volume"]
+            rivals = [o[metric] for o in rows if o[key] in others and o["volume"] == r["volume"]
                       and o["operator"] == r["operator"]]
             if not rivals:
                 continue
-            margin = r["psnr"] - max(rivals)
+            margin = r[metric] - max(rivals)
         out[r["operator"]] = min(out.get(r["operator"], float("inf")), margin)
     return out
 

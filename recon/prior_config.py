@@ -107,6 +107,10 @@ class TrainingConfig(_Strict):
     val_every: int = Field(250, ge=1, le=10_000_000, strict=True)
     val_size: int = Field(64, ge=1, le=4096, strict=True)
     checkpoint_every: int = Field(250, ge=1, le=10_000_000, strict=True)
+    loader_workers: int = Field(0, ge=0, le=64, strict=True, description="DataLoader worker "
+                                "processes making the batches (crops, augmentation) ahead of "
+                                "the optimiser; 0: in the training process. The batches are "
+                                "the same either way (each is a function of its step)")
 
 
 class SliceSource(_Strict):
@@ -136,6 +140,10 @@ class PriorDataConfig(SliceSource):
     patch_size: int | None = Field(None, ge=8, le=1024, description="train on random crops "
                                    "of this size (needs a fully convolutional network)")
     augment: bool = Field(False, description="MONAI augmentation of the training crops")
+    synthetic: float = Field(0.0, ge=0.0, le=1.0, description="fraction of training crops "
+                             "cut from domain-randomised slices (random tissue contrast, "
+                             "elastic deformation, bias field, Gibbs ringing, Rician noise; "
+                             "recon.data.patches)")
     heldout_split: str = "test"
     heldout_ids: list[str] | None = None
     loader: dict[str, Any] = Field(default_factory=dict)

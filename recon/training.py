@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +197,44 @@ def make_batch(dataset: Any, sampler: BatchSampler, tc: TrainingConfig, t_max: f
     t = tc.t_eps + (t_max - tc.t_eps) * torch.rand(x0.shape[0], generator=g)
     eps = torch.randn(x0.shape, generator=g)
     return x0.to(device), t.to(device), eps.to(device)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """``make_batch`` as a map-style dataset over step numbers, so that a ``DataLoader`` with
+    worker processes makes the batches of the coming steps while the optimiser runs; each
+    batch depends on its step alone, so the workers change nothing but the speed."""
+
+    def __init__(self, dataset: Any, sampler: BatchSampler, tc: TrainingConfig, t_max: float):
+        self.dataset, self.sampler, self.tc, self.t_max = dataset, sampler, tc, t_max
+
+    def __len__(self) -> int:
+        return self.tc.steps
+
+    def __getitem__(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        return make_batch(self.dataset, self.sampler, self.tc, self.t_max, int(step),
+                          torch.device("cpu"))
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # a crop worker shares the CPU with the optimiser
+
+
+def batch_stream(dataset: Any, sampler: BatchSampler, tc: TrainingConfig, t_max: float,
+                 start: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """The batches of steps ``start .. tc.steps - 1`` on ``device``, made by
+    ``tc.loader_workers`` DataLoader workers (in this process when 0)."""
+    steps = range(start, tc.steps)
+    if tc.loader_workers == 0:
+        for step in steps:
+            yield make_batch(dataset, sampler, tc, t_max, step, device)
+        return
+    loader = torch.utils.data.DataLoader(
+        StepBatches(dataset, sampler, tc, t_max), batch_size=None, sampler=steps,
+        num_workers=tc.loader_workers, prefetch_factor=4, worker_init_fn=_one_thread,
+        pin_memory=device.type == "cuda")
+    for x0, t, eps in loader:
+        yield (x0.to(device, non_blocking=True), t.to(device, non_blocking=True),
+               eps.to(device, non_blocking=True))
 
 
 def train_step(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
@@ -463,9 +501,10 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=min(self.step, tc.steps), desc="train prior",
                    disable=None if progress else True, dynamic_ncols=True)
         t_log, steps_since_log = time.perf_counter(), 0
-        while self.step < tc.steps:
-            batch = make_batch(self.train_dataset, self.sampler, tc, self.t_max, self.step,
+        batches = batch_stream(self.train_dataset, self.sampler, tc, self.t_max, self.step,
                                self.device)
+        while self.step < tc.steps:
+            batch = next(batches)
             lr = lr_at(tc, self.step)
             loss, grad_norm = train_step(self.model, self.ema, self.opt, self.scaler,
                                          self.diffusion, batch, tc, self.step, lr, self.amp)
@@ -597,4 +636,5 @@ def load_slices(cfg: PriorConfig, data_root: str | Path, split: str,
     if d.patch_size is None:
         return ds.tensor()
     return CropDataset([ds[i]["image"] for i in range(len(ds))], d.patch_size,
-                       augment=d.augment, seed=cfg.training.seed)
+                       augment=d.augment, seed=cfg.training.seed,
+                       synthetic=d.synthetic if split == d.train_split else 0.0)

@@ -25,6 +25,7 @@ from recon.data import public
 from recon.data.manifest import (
     DataError,
     ManifestError,
+    Source,
     load_manifest,
     resolve,
     sha256_file,
@@ -416,6 +417,124 @@ def test_jpg_conversion_is_deterministic():
     img = nib.Nifti1Image.from_bytes(a)
     assert img.shape == (16, 24, 1) and img.get_data_dtype() == np.uint8
     assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
+
+
+def test_nrrd_conversion_keeps_values_and_world_geometry(tmp_path):
+    """An LPS NRRD (pynrrd) becomes a NIfTI whose voxels are the same and whose affine maps
+    every voxel to the same point in the world (RAS = LPS with x and y negated)."""
+    import nrrd
+
+    data = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
+    directions = np.array([[0.8, 0.0, 0.0], [0.0, 0.0, -0.9], [0.0, 6.5, 0.0]])
+    origin = np.array([-100.0, 20.0, -40.0])
+    nrrd.write(str(tmp_path / "a.nrrd"), data, {"space": "left-posterior-superior",
+                                                "space directions": directions,
+                                                "space origin": origin})
+    raw = (tmp_path / "a.nrrd").read_bytes()
+    out = public.nrrd_to_nifti_bytes(raw, "d")
+    assert out == public.nrrd_to_nifti_bytes(raw, "d")  # deterministic bytes
+    img = nib.Nifti1Image.from_bytes(out)
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), data)
+    voxel = np.array([3, 1, 2])
+    lps = origin + voxel @ directions
+    np.testing.assert_allclose(img.affine[:3, :3] @ voxel + img.affine[:3, 3],
+                               lps * [-1, -1, 1], atol=1e-9)
+    with pytest.raises(DataError, match="not a readable NRRD"):
+        public.nrrd_to_nifti_bytes(b"NRRD0004\ngarbage", "d")
+
+
+def _dicom_slice(pixels, position, slope=2.0):
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "MR", *pixels.shape
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, -0.6]  # oblique: rows along y/z
+    ds.ImagePositionPatient = list(position)
+    ds.PixelSpacing = [0.9, 0.7]  # between rows, between columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, -5
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_dicom_series_conversion_orders_slices_and_places_voxels():
+    """A series given out of order: slices sorted along the normal, rescale applied, and voxel
+    (column, row, slice) placed at IPP + column * PixelSpacing[1] * row_dir + row *
+    PixelSpacing[0] * col_dir + slice * step, in RAS."""
+    normal = np.cross([1, 0, 0], [0, 0.8, -0.6])
+    first = np.array([-50.0, 10.0, 30.0])
+    frames = [np.full((6, 4), 10 * k, dtype=np.uint16) + np.arange(4) for k in range(3)]
+    files = [_dicom_slice(frames[k], first + 4.0 * k * normal) for k in (2, 0, 1)]
+    out = public.dicom_series_to_nifti_bytes(files, "d")
+    img = nib.Nifti1Image.from_bytes(out)
+    data = np.asanyarray(img.dataobj)
+    assert data.shape == (4, 6, 3) and data.dtype == np.int16
+    np.testing.assert_array_equal(data[..., 1], (2 * frames[1] - 5).T)  # slope 2, intercept -5
+    col, row, k = 3, 5, 2
+    lps = first + col * 0.7 * np.array([1, 0, 0]) + row * 0.9 * np.array([0, 0.8, -0.6]) \
+        + k * 4.0 * normal
+    np.testing.assert_allclose(img.affine[:3, :3] @ [col, row, k] + img.affine[:3, 3],
+                               lps * [-1, -1, 1], atol=1e-6)
+    with pytest.raises(DataError, match="at least 2 slices"):
+        public.dicom_series_to_nifti_bytes(files[:1])
+    with pytest.raises(DataError, match="not a readable DICOM"):
+        public.dicom_series_to_nifti_bytes([files[0], b"not dicom"])
+
+
+def test_archives_come_straight_from_the_package_indexes(tmp_path, monkeypatch):
+    """PyPI: the archive named in the manifest is read off the project's simple-index page
+    (PEP 503) and checked against its sha256 (nothing is built, unlike ``pip download`` of an
+    sdist); npm: the registry's tarball. A wrong checksum leaves no file behind."""
+    import http.server
+    import threading
+
+    site = tmp_path / "site"
+    (site / "simple" / "some-pkg").mkdir(parents=True)
+    (site / "files").mkdir()
+    (site / "npm" / "somepkg" / "-").mkdir(parents=True)
+    payload = b"an sdist"
+    (site / "files" / "some_pkg-1.0.tar.gz").write_bytes(payload)
+    (site / "npm" / "somepkg" / "-" / "somepkg-2.0.tgz").write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    (site / "simple" / "some-pkg" / "index.html").write_text(
+        f'<a href="../../files/some_pkg-1.0.tar.gz#sha256={digest}">some_pkg-1.0.tar.gz</a>')
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(site), **k)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("PIP_INDEX_URL", f"{base}/simple")
+    monkeypatch.setenv("NPM_CONFIG_REGISTRY", f"{base}/npm")
+    try:
+        pypi = Source(kind="pypi", package="Some.Pkg", version="1.0", dist="sdist",
+                      filename="some_pkg-1.0.tar.gz", sha256=digest)
+        got = public.fetch_source("p", pypi, tmp_path / "cache", echo=lambda _: None)
+        assert got.read_bytes() == payload
+        npm = Source(kind="npm", package="somepkg", version="2.0", dist="tgz",
+                     filename="somepkg-2.0.tgz", sha256=digest)
+        assert public.fetch_source("n", npm, tmp_path / "npm", echo=lambda _: None).is_file()
+        bad = pypi.model_copy(update={"sha256": "0" * 64})
+        with pytest.raises(DataError, match="the manifest pins 0000"):
+            public.fetch_source("p", bad, tmp_path / "bad", echo=lambda _: None)
+        assert not any((tmp_path / "bad").iterdir())
+    finally:
+        server.shutdown()
 
 
 # -- the shipped manifests ----------------------------------------------------------------------

@@ -276,6 +276,21 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_data, tmp_path, one_thread)
         train_prior(changed, tiny_data, tiny_data[:4], tmp_path / "b", progress=False)
 
 
+def test_loader_workers_change_nothing_but_the_speed(tmp_path, one_thread):
+    """Batches made by a DataLoader worker process (crops of a CropDataset included) train
+    bit-identical weights to batches made in the training process."""
+    from recon.data.patches import CropDataset
+
+    g = torch.Generator().manual_seed(0)
+    crops = CropDataset([torch.rand(1, 24, 20, generator=g) for _ in range(5)], 16, seed=3,
+                        synthetic=0.5)
+    runs = {w: train_prior(tiny_config(loader_workers=w), crops, None, tmp_path / str(w),
+                           progress=False) for w in (0, 1)}
+    a, b = (torch.load(tmp_path / str(w) / LAST, weights_only=True) for w in (0, 1))
+    assert _state_equal(a["model"], b["model"]) and _state_equal(a["ema"], b["ema"])
+    assert runs[0].train_loss == runs[1].train_loss
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (AMP runs on CUDA only)")
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_cuda_amp_training_and_resume(tiny_data, tmp_path, amp):
@@ -456,6 +471,33 @@ def test_crop_dataset_is_seeded_per_step_and_augments():
     found = any(torch.equal(plain, big[i:i + 32, j:j + 32]) for i in range(0, 59)
                 for j in range(0, 39))
     assert found, "without augmentation a crop is a window of the slice"
+
+
+def test_synthetic_crops_randomise_contrast_and_keep_the_normalisation():
+    """Domain-randomised crops: seeded per step like the others, a different intensity map per
+    draw (the tissue means land elsewhere), the foreground median back at 0.5, background
+    still dark; tissue means are ascending."""
+    from recon.data.patches import FOREGROUND, CropDataset, RandTissueContrastd, tissue_means
+
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    r = torch.sqrt(xx**2 + yy**2)
+    head = (0.3 * (r < 0.8) + 0.4 * (r < 0.6) + 0.3 * (r < 0.3)).float()  # three tissues
+    slice_ = (head / head[head > 0].median() * 0.5)[None]
+    means = tissue_means(slice_, classes=3)
+    assert torch.all(means[1:] >= means[:-1]) and means[0] > FOREGROUND
+    ds = CropDataset([slice_], 48, augment=False, seed=0, synthetic=1.0)
+    a, b = ds.batch([0, 0], step=2), ds.batch([0, 0], step=2)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert not torch.equal(a, CropDataset([slice_], 48, augment=False, seed=0).batch([0, 0], 2))
+    transform = RandTissueContrastd("image", "means")
+    outs = []
+    for seed in range(4):
+        transform.set_random_state(seed=seed)
+        out = transform({"image": slice_, "means": means})["image"]
+        fg = out[slice_ > FOREGROUND]
+        assert abs(float(fg.median()) - 0.5) < 1e-4 and float(out[slice_ == 0].abs().max()) == 0
+        outs.append(out)
+    assert not torch.allclose(outs[0], outs[1])
 
 
 # -- the shipped native prior on held-out and hostile scans --------------------------------------

@@ -365,11 +365,21 @@ class ToSliceGridd(MapTransform):
         return d
 
 
+def _nifti_loader() -> LoadImaged:
+    """MONAI's ``LoadImaged`` with nibabel. MONAI also builds its other readers, and with
+    pydicom installed (the DICOM conversions of ``recon.data.public`` use it) its GPU DICOM
+    reader says twice that nvImageCodec is missing: irrelevant to NIfTI, so kept quiet."""
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+        return LoadImaged(keys="image", reader="NibabelReader", image_only=True, dtype=np.float32)
+
+
 def volume_transforms(config: SliceConfig | None = None) -> Compose:
     """The whole preprocessing of one volume (dict with ``"image"``: a NIfTI path), in order."""
     c = config or SliceConfig()
     return Compose([
-        LoadImaged(keys="image", reader="NibabelReader", image_only=True, dtype=np.float32),
+        _nifti_loader(),
         EnsureChannelFirstd(keys="image"),
         _CheckVolumed(keys="image"),
         Orientationd(keys="image", axcodes="RAS", labels=None),

@@ -100,14 +100,15 @@ class Source(_Strict):
     pin one platform wheel so the same file is fetched on any host), checked against ``sha256``.
     ``debian``: the files of an installed Debian package (read under ``/``), else a ``.deb``
     (``filename``) in the download cache, else ``apt-get download PACKAGE=VERSION``.
+    ``npm``: the registry's tarball of ``PACKAGE@VERSION`` (``filename``, ``dist: tgz``).
     """
 
-    kind: Literal["pypi", "debian"]
-    package: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    kind: Literal["pypi", "debian", "npm"]
+    package: str = Field(pattern=r"^(@[a-z0-9][a-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._+-]*$")
     version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+:~-]*$")
     filename: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+~%-]*$")
     sha256: Sha256 | None = None
-    dist: Literal["wheel", "sdist", "deb"] = "wheel"
+    dist: Literal["wheel", "sdist", "deb", "tgz"] = "wheel"
     platform: str | None = Field(None, pattern=r"^[A-Za-z0-9_.]+$")
     python_version: str | None = Field(None, pattern=r"^[0-9.]+$")
     abi: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$")
@@ -119,8 +120,10 @@ class Source(_Strict):
 
 class Provenance(_Strict):
     """Where one file came from. For materialised files ``source`` names a manifest source and
-    ``member`` the path inside its archive; ``convert`` says how the member became the file
-    (``copy``: the original bytes untouched) and ``member_sha256`` checks the member itself."""
+    ``member`` the path inside its archive (for ``dicom_series_to_nifti`` a glob of the
+    series' files); ``convert`` says how the member became the file (``copy``: the original
+    bytes untouched) and ``member_sha256`` checks the member itself (a series: its files'
+    bytes concatenated in name order)."""
 
     source: str | None = None
     dataset: str | None = Field(None, description="e.g. 'BraTS 2021', 'IXI', 'fastMRI brain'")
@@ -128,7 +131,8 @@ class Provenance(_Strict):
     version: str | None = None
     member: str | None = None
     member_sha256: Sha256 | None = None
-    convert: Literal["copy", "jpg_to_nifti", "simulate_kspace", "pyqmri_to_fastmri"] = "copy"
+    convert: Literal["copy", "jpg_to_nifti", "nrrd_to_nifti", "dicom_series_to_nifti",
+                     "simulate_kspace", "pyqmri_to_fastmri"] = "copy"
     params: dict[str, float | int | str] = Field(
         default_factory=dict, description="arguments of the conversion (e.g. simulate_kspace's "
         "coils, noise, slices, seed)")
@@ -341,6 +345,17 @@ class VolumeCheck:
     spacing: tuple[float, ...] | None = None
     orientation: str | None = None
     nbytes: int | None = None
+    content: str | None = None
+    """sha256 of the decoded voxels (dtype, shape and values): the same scan in another file
+    (re-compressed, another header) has the same content."""
+
+
+def content_digest(data: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and values (C order)."""
+    arr = np.ascontiguousarray(data)
+    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
 
 
 def verify_volume(volume: VolumeEntry, data_root: str | Path, *, checksum: bool = True,
@@ -399,7 +414,7 @@ def verify_volume(volume: VolumeEntry, data_root: str | Path, *, checksum: bool 
         raise DataError(f"volume {volume.id!r}: orientation {axcodes} differs from the "
                         f"manifest's {volume.orientation}")
     return VolumeCheck(volume.id, volume.split, path, "ok", shape, zooms, axcodes,
-                       path.stat().st_size)
+                       path.stat().st_size, content_digest(data))
 
 
 def _verify_kspace(volume: VolumeEntry, path: Path) -> VolumeCheck:
@@ -433,6 +448,15 @@ def verify(manifest: Manifest, data_root: str | Path, *, split: str | None = Non
             checks.append(verify_volume(v, data_root, checksum=checksum, read=read))
         except DataError as err:
             problems.append(str(err))
+    same: dict[str, list[VolumeCheck]] = defaultdict(list)
+    for c in checks:
+        if c.content is not None:
+            same[c.content].append(c)
+    for copies in same.values():
+        if len({c.split for c in copies}) > 1:
+            problems.append("the same scan (identical voxels) is listed in more than one split, "
+                            "a leak between splits: "
+                            + ", ".join(f"{c.id} ({c.split}, {c.path.name})" for c in copies))
     if problems:
         head = f"{len(problems)} problem(s) in {manifest.name!r} under {os.fspath(data_root)}:"
         raise DataError("\n".join([head, *problems]) if len(problems) > 1 else problems[0])
@@ -440,21 +464,29 @@ def verify(manifest: Manifest, data_root: str | Path, *, split: str | None = Non
 
 
 # -- command line: check a manifest, or describe files for a new one ---------------------------
-def describe_file(path: str | Path, data_root: str | Path) -> dict[str, Any]:
-    """A manifest entry skeleton for a NIfTI file under ``data_root``: path, sha256, shape,
-    spacing, orientation (fill in id, subject, split, modality and provenance)."""
+def describe_file(path: str | Path, data_root: str | Path, split: str = "train",
+                  subject: str = "{id}", modality: str = "T1w") -> dict[str, Any]:
+    """A manifest entry for a NIfTI file under ``data_root``: id (the file name without its
+    extensions), path, sha256, ``subject`` (``{id}`` is replaced by the id: one subject per
+    file), ``split``, ``modality``, shape, spacing and orientation; add the provenance."""
     root = Path(data_root).resolve()
     full = Path(path).resolve()
     if not full.is_relative_to(root):
         raise DataError(f"{full} is not under the data root {root}")
-    img = nib.load(full)
+    if split not in ("train", "val", "test"):
+        raise DataError(f"split must be train, val or test, got {split!r}")
+    try:
+        img = nib.load(full)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
+        raise DataError(f"{full}: not a readable NIfTI file ({err})") from None
+    vid = full.name.split(".")[0]
     return {
-        "id": full.name.split(".")[0],
+        "id": vid,
         "path": full.relative_to(root).as_posix(),
         "sha256": sha256_file(full),
-        "subject": "FILL-ME",
-        "split": "train",
-        "modality": "T1w",
+        "subject": subject.replace("{id}", vid),
+        "split": split,
+        "modality": modality,
         "shape": [int(s) for s in img.shape],
         "spacing": [round(float(z), 4) for z in img.header.get_zooms()[:3]],
         "orientation": "".join(nib.aff2axcodes(img.affine)),

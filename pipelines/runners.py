@@ -16,6 +16,8 @@ one more server per worker). Remote workers need ``PREFECT_API_URL`` (and
 
 from __future__ import annotations
 
+import socket
+
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from recon.config import RunnerSection
@@ -35,6 +37,37 @@ def flow_api_url() -> str | None:
     return server.api_url if server.running else None
 
 
+def check_scheduler(address: str, timeout: float = 5.0) -> None:
+    """``ValueError`` unless a Dask scheduler answers at ``tcp://host:port``, found in seconds.
+
+    Dask's TCP comm opens with a handshake the scheduler sends unasked: a message whose first
+    8 bytes are its length (uint64). Anything else there (an HTTP server waits for a request;
+    its reply, read as that length, once asked distributed for 3 EiB) is named instead of
+    joined. Other protocols (tls, ucx, ws) are left to distributed's own connect timeout."""
+    protocol, _, location = address.partition("://")
+    if protocol != "tcp":
+        return
+    host, _, port = location.rpartition(":")
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except OSError as err:
+        raise ValueError(f"runner.address {address}: no Dask scheduler there ({err})") from None
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            head = sock.recv(8, socket.MSG_WAITALL)
+        except TimeoutError:
+            raise ValueError(f"runner.address {address}: something accepts connections there but "
+                             f"says nothing within {timeout:g} s; a Dask scheduler greets first "
+                             f"(is it a web server or another service?)") from None
+        except OSError as err:
+            raise ValueError(f"runner.address {address}: the connection failed ({err})") from None
+    size = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if not 8 <= size <= 1 << 26:
+        raise ValueError(f"runner.address {address}: what answers there does not speak Dask's "
+                         f"protocol (it sent {head!r})")
+
+
 def task_runner(runner: RunnerSection) -> TaskRunner:
     """A fresh (not yet entered) task runner for ``runner``."""
     if runner.kind == "local":
@@ -42,6 +75,7 @@ def task_runner(runner: RunnerSection) -> TaskRunner:
     from prefect_dask import DaskTaskRunner
 
     if runner.address:
+        check_scheduler(runner.address)
         return DaskTaskRunner(address=runner.address)
     if runner.cluster_class:
         return DaskTaskRunner(cluster_class=runner.cluster_class,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -41,7 +42,7 @@ from recon.data.manifest import DataError, describe_file, load_manifest, verify
 from recon.data.public import materialise as build_public_data
 from recon.demo import mixture_table
 from recon.metrics import worst_margins
-from recon.prior_config import load_prior_config
+from recon.prior_config import CheckpointError, load_prior_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Diffusion-prior reconstruction of brain MRI: Prefect flows + MLflow tracking.")
@@ -88,11 +89,19 @@ def load(config: str, overrides: list[str] | None, record: bool = False,
 
 
 def prepare(config: str, overrides: list[str] | None, verbose: bool = False,
-            base_dir: Path | None = None, embedded_api: bool = True) -> Config:
-    """Validate the config (exit 2 with the reasons if invalid) and set up Prefect's settings
-    for its work dir *before* Prefect is imported (``embedded_api``: and start Prefect's
-    embedded API as a child of this process unless ``PREFECT_API_URL`` names a server)."""
+            base_dir: Path | None = None, embedded_api: bool = True,
+            operator_check: bool = False) -> Config:
+    """Validate the config (exit 2 with the reasons if invalid; ``operator_check``: its
+    ``compare.operator`` too) and set up Prefect's settings for its work dir *before* Prefect
+    is imported (``embedded_api``: and start Prefect's embedded API as a child of this process
+    unless ``PREFECT_API_URL`` names a server)."""
     cfg = load(config, overrides, record=True, base_dir=base_dir)
+    if operator_check:
+        try:
+            _ = cfg.compare_operator
+        except ConfigError as err:
+            console.print(f"[bold red]invalid configuration[/]\n{err}", highlight=False)
+            raise typer.Exit(2) from None
     problem = unwritable(cfg.work_dir)
     if problem:
         console.print(f"[bold red]invalid configuration[/]\n  work_dir: {problem}",
@@ -102,8 +111,17 @@ def prepare(config: str, overrides: list[str] | None, verbose: bool = False,
     return cfg
 
 
+WORK_SUBFOLDERS = ("runs", "cache", "prefect", "mlartifacts", "prior")
+"""What the flows create below ``work_dir`` (a user may link them to a bigger disk)."""
+
+
 def unwritable(folder: Path) -> str | None:
-    """Why nothing can be written under ``folder`` (created if missing), or None."""
+    """Why nothing can be written under ``folder`` (created if missing), or None; a link in it
+    (``runs``, ``cache``, ...) to a folder that does not exist is named too."""
+    for sub in (Path(folder), *(Path(folder) / name for name in WORK_SUBFOLDERS)):
+        if sub.is_symlink() and not sub.exists():
+            return (f"{sub} is a symbolic link to {os.readlink(sub)}, which does not exist; "
+                    "create that folder or remove the link")
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
@@ -186,27 +204,63 @@ def _quiet_failures() -> None:
             handler.addFilter(_NoTracebacks())
 
 
+USER_ERRORS = (DataError, ConfigError, CheckpointError)
+"""What the user can fix in their files: exit code 2, like an invalid config on load."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (``timeout``, systemd, Slurm) while a flow runs; ``signal`` names it for the
+    FAILED run's reason (``pipelines.tracking.describe``)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signal = signum
+
+
+def _terminated(signum: int, _frame) -> None:
+    raise Terminated(signum)
+
+
+def _stop_now(code: int, message: str) -> None:
+    """Print ``message`` and end the process with ``code`` at once. The flow's MLflow runs are
+    already marked (the interrupt passed through their contexts); what is left are task threads
+    busy in a slab, which an ordinary exit would wait for (minutes); Prefect's embedded API and
+    a local Dask cluster's workers end with this process (``pipelines.embedded_api``, Dask's
+    parent watch)."""
+    console.print(message, highlight=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_flow(fn, *args, **kwargs) -> Any:
     """Run a flow; a failure prints one line (the reason and the FAILED MLflow run, whose
-    ``error.txt`` holds the traceback) and exits 1; ``--verbose`` also prints the traceback."""
+    ``error.txt`` holds the traceback) and exits 2 for bad data, config or checkpoint
+    (``USER_ERRORS``), else 1; ``--verbose`` also prints the traceback.
+    Ctrl-C (SIGINT) and SIGTERM stop it within seconds, its runs marked FAILED with the signal:
+    one line, exit 130 / 143."""
     if not VERBOSE:
         _quiet_failures()
+    previous = signal.signal(signal.SIGTERM, _terminated)  # Prefect hands SIGTERM back to it
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
-        raise typer.Exit(130) from None
+        _stop_now(130, f"[red]{fn.__name__} interrupted (SIGINT); its runs are marked FAILED[/]")
+    except Terminated:
+        _stop_now(143, f"[red]{fn.__name__} terminated (SIGTERM); its runs are marked FAILED[/]")
     except Exception as err:  # noqa: BLE001 - the flow's error, shown plainly
         from pipelines.tracking import FAILED_RUN_NOTE, describe
 
         if VERBOSE:
             console.print_exception()
-        reason = describe(err).splitlines()[0] if str(err) else describe(err)
+        reason = " ".join(line.strip() for line in describe(err).splitlines() if line.strip())
         notes = [n for n in getattr(err, "__notes__", []) if n.startswith(FAILED_RUN_NOTE)]
         where_ = f" ({notes[0]}; its error.txt has the traceback)" if notes else ""
         console.print(f"[bold red]{fn.__name__} failed:[/] {reason[:500]}{where_}",
                       highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2 if isinstance(err, USER_ERRORS) else 1) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def where(cfg) -> None:
@@ -246,6 +300,10 @@ COMPARE_COLUMNS = [("method", "method"), ("nfe", "NFE"), ("vjp", "VJP"), ("psnr"
                    ("gain_db", "gain over naive dB")]
 
 
+FULLY_SAMPLED_DB = 100.0
+"""A naive reconstruction this close to the reference (PSNR in dB) means nothing was missing."""
+
+
 def print_reconstruction(cfg, rows: list[dict]) -> bool:
     """The held-out PSNR/SSIM table and each operator's margin over the naive pseudo-inverse;
     True when every operator beats it."""
@@ -256,6 +314,12 @@ def print_reconstruction(cfg, rows: list[dict]) -> bool:
                 rows, RECON_COLUMNS)
     console.print("PSNR margins over the naive pseudo-inverse:")
     ok = True
+    full = {r["operator"] for r in rows if r.get("psnr_naive", 0) >= FULLY_SAMPLED_DB}
+    for op in sorted(full):
+        console.print(f"  {op:8s} the measurement is fully sampled: the naive reconstruction "
+                      f"already equals the reference, there is nothing to reconstruct or score",
+                      highlight=False)
+    rows = [r for r in rows if r["operator"] not in full]
     for op, gain in worst_margins(rows, "diffusion").items():
         good = gain > 0
         ok &= good
@@ -323,7 +387,7 @@ def reconstruct(config: ConfigArg = "default", overrides: SetOpt = None,
 def compare(config: ConfigArg = "default", overrides: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Compare methods (integrators x steps, diffusion settings, classical baselines) on the
     same data, seed and measurement."""
-    cfg = prepare(config, overrides, verbose)
+    cfg = prepare(config, overrides, verbose, operator_check=True)
     from pipelines.flows import compare as compare_flow
 
     out = run_flow(compare_flow, cfg)
@@ -392,7 +456,7 @@ def pipeline_demo(config: str = "configs/demo.yaml", overrides: list[str] | None
     MLflow runs are. Returns 1 if any operator fails to beat the naive baseline."""
     start = time.perf_counter()
     path = Path(config) if Path(config).is_file() else ROOT / config
-    cfg = prepare(str(path), overrides, base_dir=ROOT)
+    cfg = prepare(str(path), overrides, base_dir=ROOT, operator_check=True)
     from pipelines.flows import compare as compare_flow
     from pipelines.flows import pipeline
     from pipelines.settings import api_url
@@ -465,7 +529,7 @@ def manifest_check(manifest: Annotated[Path, typer.Argument(help="manifest YAML"
         checks = verify(load_manifest(manifest), data_root, split=split)
     except DataError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
     for ch in checks:
         shape = "x".join(map(str, ch.shape)) if ch.shape else "-"
         print(f"{ch.id:28s} {ch.split:5s} {shape:14s} {ch.orientation or '-':4s} {ch.status}")
@@ -473,15 +537,21 @@ def manifest_check(manifest: Annotated[Path, typer.Argument(help="manifest YAML"
 
 
 @manifest_app.command("describe")
-def manifest_describe(files: Annotated[list[Path], typer.Argument(help="NIfTI files")],
-                      data_root: DataRootOpt) -> None:
-    """YAML manifest entries (id, path, sha256, shape, spacing) for new NIfTI files."""
+def manifest_describe(
+        files: Annotated[list[Path], typer.Argument(help="NIfTI files")], data_root: DataRootOpt,
+        split: Annotated[str, typer.Option(help="train, val or test")] = "train",
+        subject: Annotated[str, typer.Option(help="subject id; {id} is each file's id")] = "{id}",
+        modality: Annotated[str, typer.Option(help="e.g. T1w, T2w, FLAIR")] = "T1w") -> None:
+    """YAML manifest entries (id, path, sha256, subject, split, modality, shape, spacing) for
+    new NIfTI files, ready for ``recon manifest check``."""
     try:
-        entries = [describe_file(f, data_root) for f in files]
+        entries = [describe_file(f, data_root, split, subject, modality) for f in files]
     except DataError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
-        raise typer.Exit(1) from None
-    sys.stdout.write(yaml.safe_dump({"volumes": entries}, sort_keys=False))
+        raise typer.Exit(2) from None
+    name = Path(data_root).resolve().name or "my-data"
+    sys.stdout.write(yaml.safe_dump({"schema_version": 1, "name": name, "volumes": entries},
+                                    sort_keys=False))
 
 
 # -- the prior outside the flows ----------------------------------------------------------------

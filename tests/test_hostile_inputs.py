@@ -284,7 +284,8 @@ def test_two_processes_may_start_on_a_new_store_at_once(tmp_path):
 
 def test_a_runtime_failure_prints_one_message_with_its_failed_run(tmp_path):
     """A corrupt checkpoint found while the flows run: one message naming the error and the
-    FAILED MLflow run (whose error.txt holds the traceback), exit 1, no Prefect traceback;
+    FAILED MLflow run (whose error.txt holds the traceback), exit 2 (the user's file), no
+    Prefect traceback;
     ``--verbose`` prints the traceback too."""
     import subprocess
     import sys
@@ -300,7 +301,7 @@ def test_a_runtime_failure_prints_one_message_with_its_failed_run(tmp_path):
     quiet = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env,
                            cwd=Path(__file__).parents[1])
     out = quiet.stdout + quiet.stderr
-    assert quiet.returncode == 1, out[-3000:]
+    assert quiet.returncode == 2, out[-3000:]
     assert "Traceback" not in out and "Encountered exception" not in out
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 1 and "failed: CheckpointError: could not read checkpoint" in out
@@ -311,7 +312,7 @@ def test_a_runtime_failure_prints_one_message_with_its_failed_run(tmp_path):
     assert "error.txt" in [a.path for a in c.list_artifacts(run_id)]
     loud = subprocess.run([*args, "--verbose"], capture_output=True, text=True, timeout=300,
                           env=env, cwd=Path(__file__).parents[1])
-    assert loud.returncode == 1 and "Traceback" in loud.stdout + loud.stderr
+    assert loud.returncode == 2 and "Traceback" in loud.stdout + loud.stderr
 
 
 def test_a_termination_signal_is_named_in_the_failed_run():
@@ -389,3 +390,243 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
     except OSError:
         return ""
+
+
+# -- issue 22: code from config, a non-Dask peer at runner.address ------------------------------
+def test_a_config_value_never_names_code_to_run(tmp_path):
+    """``runner.cluster_class`` is imported and called: only known Dask cluster classes pass,
+    on load, before anything is imported (``subprocess.Popen`` with ``args: [touch, FILE]`` once
+    ran the command)."""
+    marker = tmp_path / "ran"
+    msg = _quick(load_config, None, ["runner.kind=dask", "runner.cluster_class=subprocess.Popen",
+                                     f"runner.cluster_kwargs={{args: [touch, {marker}]}}"])
+    assert "'subprocess.Popen' is not a known Dask cluster class" in msg and not marker.exists()
+    for address in ("http://scheduler:8786", "tcp://scheduler", "scheduler:8786", "tcp://a b:1"):
+        assert "is not a Dask scheduler address" in _quick(
+            load_config, None, ["runner.kind=dask", f"runner.address={address}"])
+    cfg = load_config(None, ["runner.kind=dask", "runner.cluster_class=dask_jobqueue.SLURMCluster"])
+    assert cfg.runner.cluster_class == "dask_jobqueue.SLURMCluster"
+
+
+def test_a_runner_address_that_is_not_a_dask_scheduler_is_named_in_seconds():
+    """A web server at ``runner.address`` (distributed once read its reply as a 3 EiB frame, or
+    hung), a peer that speaks first but not Dask, and a closed port are each named within
+    seconds; a real Dask scheduler passes."""
+    import asyncio
+    import http.server
+    import socket
+    import socketserver
+    import threading
+
+    from distributed import Scheduler
+
+    from pipelines.runners import check_scheduler
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+
+    class Banner(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+    chatty = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Banner)
+    for server in (web, chatty):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    try:
+        cases = {web.server_address[1]: "says nothing within 1 s",
+                 chatty.server_address[1]: "does not speak Dask's protocol",
+                 closed: "no Dask scheduler there"}
+        for port, fragment in cases.items():
+            start = time.perf_counter()
+            with pytest.raises(ValueError, match=fragment):
+                check_scheduler(f"tcp://127.0.0.1:{port}", timeout=1.0)
+            assert time.perf_counter() - start < 3
+    finally:
+        web.shutdown()
+        chatty.shutdown()
+
+    async def with_scheduler():
+        async with Scheduler(host="127.0.0.1", port=0, dashboard_address=":0") as scheduler:
+            await asyncio.to_thread(check_scheduler, scheduler.address, 5.0)
+
+    asyncio.run(with_scheduler())
+
+
+def test_compare_on_an_operator_that_is_not_reconstructed_is_refused_at_once():
+    """Only ``recon compare`` (and ``demo``) need ``compare.operator`` among the operators; it is
+    refused before Prefect starts, exit 2, naming the field."""
+    start = time.perf_counter()
+    out = runner.invoke(cli.app, ["compare", "demo", "--set", "reconstruct.operators=[mask]",
+                                  "--set", "compare.operator=fourier"])
+    assert out.exit_code == 2, out.output
+    assert "compare.operator: 'fourier' is not among reconstruct.operators" in out.output
+    assert "Traceback" not in out.output and time.perf_counter() - start < 10
+
+
+def test_the_same_scan_in_two_splits_is_a_leak_whatever_its_file(tmp_path):
+    """A gzipped copy of a training NIfTI listed as a test volume has other bytes (and sha256)
+    but the same voxels: ``manifest check`` refuses it as a leak between splits, exit 2."""
+    import gzip
+
+    import nibabel as nib
+
+    from recon.data.manifest import sha256_file, verify
+
+    vol = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "a.nii")
+    (tmp_path / "copy.nii.gz").write_bytes(gzip.compress((tmp_path / "a.nii").read_bytes()))
+    nib.save(nib.Nifti1Image(vol + 1, np.eye(4)), tmp_path / "other.nii")
+    entries = [{"id": i, "path": f, "sha256": sha256_file(tmp_path / f), "subject": i,
+                "split": sp, "modality": "T1w"}
+               for i, f, sp in (("a", "a.nii", "train"), ("b", "copy.nii.gz", "test"),
+                                ("c", "other.nii", "test"))]
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"schema_version": 1, "name": "m", "volumes": entries}))
+    with pytest.raises(ValueError, match=r"leak between splits: a \(train, a.nii\), b \(test"):
+        verify(load_manifest(manifest), tmp_path)
+    out = runner.invoke(cli.app, ["manifest", "check", str(manifest), "--data-root", str(tmp_path)])
+    assert out.exit_code == 2 and "leak between splits" in out.output, out.output
+    entries[1]["split"] = "train"  # the same scan twice in one split: not a leak
+    manifest.write_text(yaml.safe_dump({"schema_version": 1, "name": "m", "volumes": entries}))
+    assert len(verify(load_manifest(manifest), tmp_path)) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupt_to_the_process_group_stops_the_job_in_seconds(tmp_path, signame, code):
+    """Ctrl-C in a terminal (SIGINT to the foreground process group) or SIGTERM to it (timeout,
+    systemd, Slurm) while slabs run: exit within 10 s with 130 / 143 and one line, no process
+    left (the embedded API in its own session), the runs FAILED with the signal as the reason.
+    Before, SIGINT killed the embedded API first and the CLI finished the job anyway (234 s)."""
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+    from test_pipelines import write_dataset, write_prior
+
+    manifest = write_dataset(tmp_path)
+    ckpt, prior_cfg = write_prior(tmp_path)
+    overrides = [
+        f"work_dir={tmp_path / 'work'}", f"data.manifest={manifest}",
+        f"data.data_root={tmp_path / 'data'}", "data.materialise=false", "data.image_size=32",
+        "data.volumes=null", "data.max_slices=8", f"prior.checkpoint={ckpt}",
+        f"prior.config={prior_cfg}", "reconstruct.operators=[{name: fourier}]",
+        "reconstruct.steps=400", "reconstruct.num_threads=1", "reconstruct.slab_slices=2",
+        "reconstruct.baselines=[]", "reconstruct.warm_start=null", "reconstruct.device=cpu"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "recon", "reconstruct", "demo",
+                             *[a for o in overrides for a in ("--set", o)]],
+                            cwd=Path(__file__).resolve().parents[1], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "work").rglob("slabs")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(2)  # slabs are running
+        children = subprocess.run(["pgrep", "-f", f"pipelines.embedded_api .* {proc.pid}$"],
+                                  capture_output=True, text=True).stdout.split()
+        assert children, "the embedded API was not found"
+        start = time.monotonic()
+        os.killpg(proc.pid, getattr(signal, signame))
+        out, _ = proc.communicate(timeout=30)
+        assert time.monotonic() - start < 10, out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == code, out[-3000:]
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and signame in lines[0] and "Traceback" not in out, out[-3000:]
+    def alive(pid: str) -> bool:
+        try:
+            return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+
+    gone = time.monotonic() + 10
+    while any(alive(pid) for pid in children) and time.monotonic() < gone:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in children), "the embedded API outlived the CLI by 10 s"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    runs = {r.data.tags["mlflow.runName"]: r for r in
+            client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    for name in ("reconstruct", "evaluate"):
+        assert runs[name].info.status == "FAILED", name
+        assert signame in runs[name].data.tags["error"] or "KeyboardInterrupt" in \
+            runs[name].data.tags["error_type"], runs[name].data.tags
+
+
+def test_a_dangling_link_in_the_work_dir_is_named(tmp_path):
+    """``work_dir/runs`` linked to a disk that is not mounted: one line naming the link and its
+    missing target, exit 2, before Prefect or MLflow start (before: FileExistsError)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "runs").symlink_to(tmp_path / "unmounted" / "runs")
+    out = runner.invoke(cli.app, ["data", "demo", "--set", f"work_dir={work}"])
+    assert out.exit_code == 2, out.output
+    assert "is a symbolic link to" in out.output and "which does not exist" in out.output
+    assert "Traceback" not in out.output
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_is_one_line_naming_the_servers_error(tmp_path):
+    """Under ``ulimit -f 300`` Prefect's embedded API dies creating its database: the CLI says
+    so in one line with the error from the server's log (before: 467 lines, 6 tracebacks and
+    "did not start within 90 s")."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300 * 1024, 300 * 1024))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    out = subprocess.run([sys.executable, "-m", "recon", "reconstruct", "demo", "--set",
+                          f"work_dir={tmp_path / 'work'}"], env=env, preexec_fn=limit,
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=240)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert "embedded API crashed" in text and "Error" in text and "Traceback" not in text
+    assert len([line for line in text.splitlines() if line.strip()]) <= 3, text[-3000:]
+
+
+def test_two_first_runs_in_a_new_work_dir_start_their_apis_one_after_the_other(tmp_path):
+    """Two CLIs started at once on a new work dir each start Prefect's embedded API on the same
+    database; the first migration is serialised (a lock in PREFECT_HOME), so neither server
+    crashes in it ("index ... already exists") and both answer."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    code = ("from pipelines.embedded_api import start, _healthy; url = start(); "
+            "print('healthy' if _healthy(url) else 'sick', url)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0 and "healthy http://127.0.0.1:" in out, out[-2000:]
+    log = (tmp_path / "prefect" / "embedded-api.log").read_text()
+    assert "already exists" not in log and "Traceback" not in log, log[-2000:]
+
+
+def test_a_multi_line_reason_is_kept_whole_on_its_one_line(tmp_path):
+    """``recon data`` with a manifest whose error spans lines ("invalid manifest X.yaml:" then
+    the reason) prints the reason too, on the one line, exit 2."""
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text(yaml.safe_dump({"schema_version": 1, "name": "bad", "volumes": [
+        {"id": "a", "path": "../../etc/passwd", "sha256": "0" * 64, "subject": "a",
+         "split": "test", "modality": "T1w"}]}))
+    out = runner.invoke(cli.app, ["data", "demo", "--set", f"work_dir={tmp_path / 'work'}",
+                                  "--set", f"data.manifest={manifest}",
+                                  "--set", "data.volumes=null"])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 2, out.output
+    assert "bad.yaml" in text and ".." in text and "Traceback" not in out.output, out.output

@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from recon import coils
 from recon.baselines import L1Wavelet, Sense
@@ -238,6 +239,130 @@ def _bad_files(scan, tmp_path):
             f.create_dataset("kspace", data=k)
         cases[name] = message
     return cases
+
+
+def _header_edit(src, dest, edit):
+    dest.write_bytes(src.read_bytes())
+    with h5py.File(dest, "r+") as f:
+        xml = f["ismrmrd_header"][()].decode()
+        del f["ismrmrd_header"]
+        f.create_dataset("ismrmrd_header", data=np.bytes_(edit(xml)))
+    return dest
+
+
+def _ismrmrd_header_edit(scan, dest, edit):
+    """An ISMRMRD file of ``scan`` whose XML header went through ``edit``."""
+    import ismrmrd
+
+    write_ismrmrd(scan, dest)
+    with ismrmrd.File(str(dest), "r+") as f:
+        ds = f["dataset"]
+        xml = ds._contents["xml"][0]
+        xml = xml.decode() if isinstance(xml, bytes) else xml
+    with h5py.File(dest, "r+") as f:
+        del f["dataset/xml"]
+        f.create_dataset("dataset/xml", data=np.array([edit(xml)], dtype=h5py.string_dtype()))
+    return dest
+
+
+def _swap(xml, space, field, value):
+    """``<space>...<field>x</field>`` -> ``value``: the first ``field`` inside ``space``, a tag
+    or a path of tags (``reconSpace/fieldOfView_mm``)."""
+    start = 0
+    for tag in space.split("/"):
+        start = xml.index(f"<{tag}>", start)
+    i = xml.index(f"<{field}>", start) + len(field) + 2
+    j = xml.index(f"</{field}>", i)
+    return xml[:i] + str(value) + xml[j:]
+
+
+def _peak_rss_mb(code: str) -> tuple[int, str]:
+    """Run ``code`` in a fresh interpreter; (its peak RSS in MB, its stdout)."""
+    import subprocess
+    import sys
+
+    wrapped = code + "\nimport resource; print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    out = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=120)
+    rss = int(out.stdout.rsplit("RSS", 1)[1]) // 1024
+    return rss, out.stdout
+
+
+def test_sizes_geometry_and_structure_are_refused_before_any_allocation(scan, tmp_path):
+    """Issue 22: a header claiming a 100 000 (or 4 000 000) line phase matrix, a fastMRI
+    /kspace declared as 16 GiB of unwritten chunks in a small file, a zero, NaN or negative
+    field of view (a negative one would mirror the anatomy left-right in world space), a
+    0 x 0 matrix, /kspace being a group, an Inf in a noise scan and all-zero k-space: each is
+    one KSpaceError naming the file and the problem, and the size cases stay under 1 GB RSS."""
+    fast = write_fastmri(scan, tmp_path / "fast.h5")
+    cases = {}
+    for name, space, field, value, message in (
+            ("huge-phase.h5", "encodedSpace", "y", 100000, "each side must lie in"),
+            ("huger-phase.h5", "encodedSpace", "y", 4000000, "each side must lie in"),
+            ("zero-matrix.h5", "reconSpace", "x", 0, "each side must lie in"),
+            ("nan-fov.h5", "reconSpace/fieldOfView_mm", "x", "NaN", "positive number of mm"),
+            ("zero-fov.h5", "reconSpace/fieldOfView_mm", "y", 0, "positive number of mm"),
+            ("negative-fov.h5", "reconSpace/fieldOfView_mm", "x", -220, "would mirror the image")):
+        _ismrmrd_header_edit(scan, tmp_path / name,
+                             lambda x, s=space, f=field, v=value: _swap(x, s, f, v))
+        cases[name] = message
+    _header_edit(fast, tmp_path / "fast-negative-fov.h5",
+                 lambda x: _swap(x, "reconSpace/fieldOfView_mm", "y", -200))
+    cases["fast-negative-fov.h5"] = "would mirror the image"
+    sparse = tmp_path / "sparse.h5"
+    with h5py.File(sparse, "w") as f:  # 512 MiB declared, never written: a file of kB
+        f.create_dataset("kspace", shape=(1, 16, 2048, 2048), dtype=np.complex64,
+                         chunks=(1, 1, 64, 64))
+        xml = h5py.File(fast, "r")["ismrmrd_header"][()].decode()
+        xml = _swap(_swap(xml, "encodedSpace", "x", 2048), "encodedSpace", "y", 2048)
+        f.create_dataset("ismrmrd_header", data=np.bytes_(xml))
+    cases["sparse.h5"] = "never written"
+    huge = tmp_path / "sparse-huge.h5"  # the reported file: 1 x 4 x 32768 x 16384, 16 GiB
+    with h5py.File(huge, "w") as f:
+        f.create_dataset("kspace", shape=(1, 4, 32768, 16384), dtype=np.complex64,
+                         chunks=(1, 1, 64, 64))
+        xml = _swap(_swap(xml, "encodedSpace", "x", 32768), "encodedSpace", "y", 16384)
+        f.create_dataset("ismrmrd_header", data=np.bytes_(xml))
+    cases["sparse-huge.h5"] = "each side must lie in"
+    group = tmp_path / "group.h5"
+    with h5py.File(group, "w") as f:
+        f.create_group("kspace")
+        f.create_dataset("ismrmrd_header", data=h5py.File(fast, "r")["ismrmrd_header"][()])
+    cases["group.h5"] = "/kspace is a group, not a dataset"
+    zeros = tmp_path / "zeros.h5"
+    zeros.write_bytes(fast.read_bytes())
+    with h5py.File(zeros, "r+") as f:
+        f["kspace"][...] = 0
+    cases["zeros.h5"] = "every k-space sample is zero"
+    noisy = scan.__class__(**{**scan.__dict__, "noise": np.where(
+        np.arange(scan.noise.shape[1]) == 2, np.inf, scan.noise).astype(np.complex64)})
+    write_ismrmrd(noisy, tmp_path / "inf-noise.h5")
+    cases["inf-noise.h5"] = "non-finite .* noise scans"
+    for name, message in cases.items():
+        with pytest.raises(KSpaceError, match=message) as err:
+            read_kspace(tmp_path / name)
+        assert name in str(err.value), name
+    # as a user meets them: `recon manifest check` says it in one line, exit 2
+    from typer.testing import CliRunner
+
+    from recon import cli
+    from recon.data.manifest import sha256_file
+
+    for name in ("negative-fov.h5", "huge-phase.h5", "group.h5"):
+        manifest = tmp_path / f"{name}.yaml"
+        manifest.write_text(yaml.safe_dump({"schema_version": 1, "name": "m", "volumes": [{
+            "id": "scan", "path": name, "sha256": sha256_file(tmp_path / name),
+            "subject": "s", "split": "test", "modality": "T1w", "kind": "kspace"}]}))
+        out = CliRunner().invoke(cli.app, ["manifest", "check", str(manifest), "--data-root",
+                                           str(tmp_path)])
+        lines = [line for line in out.output.splitlines() if line.strip()]
+        assert out.exit_code == 2 and name in out.output and cases[name].split(" ")[0] in \
+            " ".join(out.output.split()), out.output
+        assert "Traceback" not in out.output and len(lines) <= 3, out.output
+    for name in ("huger-phase.h5", "sparse.h5", "sparse-huge.h5"):
+        rss, out = _peak_rss_mb("from recon.data.kspace import read_kspace, KSpaceError\n"
+                                f"try:\n    read_kspace({str(tmp_path / name)!r})\n"
+                                "except KSpaceError as e:\n    print('refused')")
+        assert "refused" in out and rss < 1024, (name, rss)
 
 
 def test_bad_files_get_one_clear_error_naming_file_and_problem(scan, tmp_path):

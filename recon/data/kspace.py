@@ -206,6 +206,53 @@ def _geometry(enc) -> tuple[tuple[int, int], tuple[float, float, float], tuple[i
             (int(es.matrixSize.x), int(es.matrixSize.y)))
 
 
+MAX_MATRIX = 2048
+"""The largest side of an encoded or reconstructed matrix that is accepted (clinical matrices
+are at most 1024, twice that with readout oversampling)."""
+
+MAX_KSPACE_BYTES = 4 << 30
+"""The most k-space (complex64) a file may ask to hold, checked before anything is allocated."""
+
+
+def _check_geometry(path: Path, recon: tuple[int, int], fov: tuple[float, float, float],
+                    encoded: tuple[int, int]) -> None:
+    """Matrices in ``[1, MAX_MATRIX]``; a field of view of positive, finite mm (a negative one
+    would silently mirror the image in world space; zero or NaN has no affine)."""
+    for what, (a, b) in (("reconSpace matrixSize", recon), ("encodedSpace matrixSize", encoded)):
+        if not (1 <= a <= MAX_MATRIX and 1 <= b <= MAX_MATRIX):
+            raise KSpaceError(f"{path}: the header's {what} is {a} x {b}; each side must lie in "
+                              f"[1, {MAX_MATRIX}]")
+    if not all(np.isfinite(v) and v > 0 for v in fov):
+        mirror = (" (a negative field of view would mirror the image in world space)"
+                  if any(v < 0 for v in fov) else "")
+        raise KSpaceError(f"{path}: the header's reconSpace fieldOfView_mm is "
+                          f"{tuple(float(v) for v in fov)}; each must be a positive number of "
+                          f"mm{mirror}")
+
+
+def _check_size(path: Path, slices: int, coils: int, encoded: tuple[int, int],
+                stored_bytes: int | None = None) -> None:
+    """At least one coil, and a k-space array of at most ``MAX_KSPACE_BYTES``; with
+    ``stored_bytes`` (the file's size) at most 64 times what the file holds, so that a dataset
+    declared huge but never written (unallocated HDF5 chunks) is refused before it is read."""
+    if coils < 1:
+        raise KSpaceError(f"{path}: the k-space has {coils} coils (receive channels)")
+    nbytes = slices * coils * encoded[0] * encoded[1] * 8
+    what = f"{slices} slice(s) x {coils} coil(s) x {encoded[0]} x {encoded[1]}"
+    if nbytes > MAX_KSPACE_BYTES:
+        raise KSpaceError(f"{path}: the k-space would take {nbytes / 2**30:.1f} GiB ({what}), more "
+                          f"than the {MAX_KSPACE_BYTES >> 30} GiB accepted")
+    if stored_bytes is not None and nbytes > 64 * stored_bytes + (64 << 20):
+        raise KSpaceError(f"{path}: the file declares {nbytes / 2**30:.2f} GiB of k-space ({what}) "
+                          f"but holds {stored_bytes / 2**20:.1f} MiB: most of it was never written")
+
+
+def _check_signal(k: np.ndarray, path: Path) -> None:
+    if not np.any(k):
+        raise KSpaceError(f"{path}: every k-space sample is zero: there is no signal to "
+                          "reconstruct")
+
+
 def _check_finite(k: np.ndarray, path: Path) -> None:
     if not np.isfinite(k).all():
         raise KSpaceError(f"{path}: {int(np.size(k) - np.isfinite(k).sum())} non-finite (NaN/Inf) "
@@ -240,16 +287,17 @@ def read_ismrmrd(path: str | Path) -> KSpaceScan:
             if not ds.has_header():
                 raise KSpaceError(f"{path}: no ISMRMRD XML header (/dataset/xml)")
             xml = ds._contents["xml"][0]
+            _, enc = _parse_header(xml, path)
+            (r, p), fov, (r_enc, p_enc) = _geometry(enc)
+            _check_geometry(path, (r, p), fov, (r_enc, p_enc))
             if not ds.has_acquisitions():
                 raise KSpaceError(f"{path}: no acquisitions (/dataset/data)")
-            acqs = ds.acquisitions[:]
+            acqs = ds.acquisitions[:]  # as large as the file: the header's sizes are checked
     except KSpaceError:
         raise
     except Exception as err:  # noqa: BLE001 - h5py/ctypes errors on damaged files
         raise KSpaceError(f"{path}: cannot read the ISMRMRD acquisitions (truncated or corrupt?): "
                           f"{type(err).__name__}: {err}") from None
-    _, enc = _parse_header(xml, path)
-    (r, p), fov, (r_enc, p_enc) = _geometry(enc)
     limits = enc.encodingLimits
     lim1 = None if limits is None else limits.kspace_encoding_step_1
     centre_line = p_enc // 2 if lim1 is None else int(lim1.center)
@@ -293,6 +341,7 @@ def read_ismrmrd(path: str | Path) -> KSpaceScan:
                           f"{sorted(coils)}")
     n_coils = coils.pop()
     slice_ids = sorted({s for s, *_ in lines})
+    _check_size(path, len(slice_ids), n_coils, (r_enc, p_enc))
     rank = {s: i for i, s in enumerate(slice_ids)}
     kspace = np.zeros((len(slice_ids), n_coils, r_enc, p_enc), np.complex64)
     counts = np.zeros((len(slice_ids), p_enc), np.int32)
@@ -312,12 +361,16 @@ def read_ismrmrd(path: str | Path) -> KSpaceScan:
             raise KSpaceError(f"{path}: slices with different orientations: not supported")
     kspace /= np.maximum(counts, 1)[:, None, None, :]
     _check_finite(kspace, path)
+    _check_signal(kspace, path)
     noise_arr = None
     if noise:
         if {n.shape[0] for n in noise} != {n_coils}:
             raise KSpaceError(f"{path}: noise scans have a different number of channels than the "
                               "image data")
         noise_arr = np.concatenate(noise, axis=1).astype(np.complex64)
+        if not np.isfinite(noise_arr).all():
+            raise KSpaceError(f"{path}: {int(np.size(noise_arr) - np.isfinite(noise_arr).sum())} "
+                              "non-finite (NaN/Inf) samples in the noise scans")
     return KSpaceScan(kspace=kspace, mask=mask, recon_matrix=(r, p), fov_mm=fov,
                       positions=positions, read_dir=dirs["read"], phase_dir=dirs["phase"],
                       slice_dir=dirs["slice"], noise=noise_arr, source=str(path),
@@ -404,6 +457,8 @@ def read_fastmri(path: str | Path) -> KSpaceScan:
     ``(S, R_enc, P_enc)``: one coil), ``ismrmrd_header`` (XML) for the matrix and field of view,
     the acquired lines from ``mask`` when given (fastMRI's test files) else from the non-zero
     columns, and ``reconstruction_rss`` as the reference when present."""
+    import h5py
+
     path = Path(path)
     with _open_h5(path) as f:
         if "kspace" not in f:
@@ -411,29 +466,41 @@ def read_fastmri(path: str | Path) -> KSpaceScan:
         if "ismrmrd_header" not in f:
             raise KSpaceError(f"{path}: no /ismrmrd_header: the matrix and field of view are "
                               "unknown")
+        for name in ("kspace", "ismrmrd_header", "mask", "reconstruction_rss"):
+            if name in f and not isinstance(f[name], h5py.Dataset):
+                raise KSpaceError(f"{path}: /{name} is a {type(f[name]).__name__.lower()}, not "
+                                  "a dataset")
+        shape, dtype = f["kspace"].shape, f["kspace"].dtype
+        if dtype.kind != "c":
+            raise KSpaceError(f"{path}: kspace must be complex, got {dtype}")
+        if len(shape) not in (3, 4):
+            raise KSpaceError(f"{path}: kspace must be (slices, coils, readout, phase), got shape "
+                              f"{shape}")
+        try:
+            xml = f["ismrmrd_header"][()]
+        except (OSError, ValueError) as err:
+            raise KSpaceError(f"{path}: cannot read the ISMRMRD header: {err}") from None
+        _, enc = _parse_header(np.asarray(xml).reshape(-1)[0] if np.ndim(xml) else xml, path)
+        (r, p), fov, (r_enc, p_enc) = _geometry(enc)
+        _check_geometry(path, (r, p), fov, (r_enc, p_enc))
+        if tuple(shape[-2:]) != (r_enc, p_enc):
+            raise KSpaceError(f"{path}: kspace is {shape[-2]} x {shape[-1]} but the header's "
+                              f"encoded matrix is {r_enc} x {p_enc}")
+        _check_size(path, shape[0], 1 if len(shape) == 3 else shape[1], (r_enc, p_enc),
+                    stored_bytes=path.stat().st_size)
         try:
             k = np.asarray(f["kspace"][()])
-            xml = f["ismrmrd_header"][()]
             mask = np.asarray(f["mask"][()]) if "mask" in f else None
             ref = np.asarray(f["reconstruction_rss"][()], np.float32) \
                 if "reconstruction_rss" in f else None
         except (OSError, KeyError, ValueError) as err:
             raise KSpaceError(f"{path}: cannot read the fastMRI datasets (truncated or corrupt?): "
                               f"{err}") from None
-    if not np.iscomplexobj(k):
-        raise KSpaceError(f"{path}: kspace must be complex, got {k.dtype}")
     if k.ndim == 3:
         k = k[:, None]
-    if k.ndim != 4:
-        raise KSpaceError(f"{path}: kspace must be (slices, coils, readout, phase), got shape "
-                          f"{k.shape}")
-    _, enc = _parse_header(np.asarray(xml).reshape(-1)[0] if np.ndim(xml) else xml, path)
-    (r, p), fov, (r_enc, p_enc) = _geometry(enc)
-    if k.shape[-2:] != (r_enc, p_enc):
-        raise KSpaceError(f"{path}: kspace is {k.shape[-2]} x {k.shape[-1]} but the header's encoded "
-                          f"matrix is {r_enc} x {p_enc}")
     k = k.astype(np.complex64, copy=False)
     _check_finite(k, path)
+    _check_signal(k, path)
     if mask is not None:
         if np.size(mask) != p_enc:
             raise KSpaceError(f"{path}: the mask has {np.size(mask)} entries, not one per "

@@ -28,6 +28,7 @@ import yaml  # noqa: E402
 
 from pipelines import tasks, tracking  # noqa: E402
 from pipelines.figures import quality_cost, volume_figure  # noqa: E402
+from recon.baselines import LAMBDA_GRID  # noqa: E402
 from recon.config import ConfigError, load_config  # noqa: E402
 from recon.network import (  # noqa: E402
     CHECKPOINT_FORMAT,
@@ -282,6 +283,26 @@ def test_baselines_are_rows_of_the_same_tables(workspace, harness):
     arts = set(artifact_paths(cfg, rec.info.run_id))
     assert {"nifti/test_head/fourier-tv/recon.nii.gz", "nifti/test_head/fourier/recon.nii.gz"} <= arts
     assert "figures/test_head_fourier-l1_wavelet.png" in artifact_paths(cfg, ev.info.run_id)
+
+
+def test_a_warm_start_takes_the_operators_lam_or_chooses_it_on_validation(workspace, harness):
+    """``reconstruct.warm_start`` from TV: with the operator's ``lam`` in the config it is used
+    as is; without, it is chosen on the validation volume (the cached task the baselines use)
+    and logged. The chains start at t0: the method's label says so and the NFE is steps + 1."""
+    from pipelines.flows import reconstruct
+
+    common = [*workspace["overrides"], "reconstruct.baselines=[]", "reconstruct.steps=3",
+              "reconstruct.integrator=diffpir",
+              "reconstruct.warm_start={baseline: tv, t0: 0.3}"]
+    cfg = load_config(None, [*common, "reconstruct.operators=[{name: fourier, lam: {tv: 0.002}}]"])
+    out = reconstruct(cfg.to_dict())
+    assert out["outputs"][0]["nfe"] == 4 and "warm tv(lam=0.002) t0=0.3" in out["outputs"][0]["label"]
+    run = mlflow_client(cfg).get_run(out["run_id"])
+    assert run.data.metrics["lam/fourier-tv"] == pytest.approx(0.002)
+    cfg = load_config(None, [*common, "reconstruct.operators=[fourier]"])
+    out = reconstruct(cfg.to_dict())
+    lam = mlflow_client(cfg).get_run(out["run_id"]).data.metrics["lam/fourier-tv"]
+    assert lam in LAMBDA_GRID and np.isfinite(out["outputs"][0]["seconds"])
 
 
 def test_compare_methods_parent_and_children(workspace, harness):

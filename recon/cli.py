@@ -538,12 +538,14 @@ def manifest_check(manifest: Annotated[Path, typer.Argument(help="manifest YAML"
 
 @manifest_app.command("describe")
 def manifest_describe(
-        files: Annotated[list[Path], typer.Argument(help="NIfTI files")], data_root: DataRootOpt,
+        files: Annotated[list[Path], typer.Argument(help="NIfTI, ISMRMRD or fastMRI files")],
+        data_root: DataRootOpt,
         split: Annotated[str, typer.Option(help="train, val or test")] = "train",
         subject: Annotated[str, typer.Option(help="subject id; {id} is each file's id")] = "{id}",
         modality: Annotated[str, typer.Option(help="e.g. T1w, T2w, FLAIR")] = "T1w") -> None:
-    """YAML manifest entries (id, path, sha256, subject, split, modality, shape, spacing) for
-    new NIfTI files, ready for ``recon manifest check``."""
+    """YAML manifest entries (id, path, sha256, subject, split, modality, shape, spacing; kind:
+    kspace for raw k-space) for new NIfTI / ISMRMRD / fastMRI files, ready for ``recon manifest
+    check``."""
     try:
         entries = [describe_file(f, data_root, split, subject, modality) for f in files]
     except DataError as err:

@@ -205,6 +205,47 @@ def test_ismrmrd_and_fastmri_files_round_trip(scan, tmp_path):
         assert f.attrs["max"] == pytest.approx(float(scan.reference.max()))
 
 
+def test_manifest_describe_writes_kspace_entries_that_check(scan, tmp_path):
+    """``recon manifest describe`` on ISMRMRD and fastMRI files: ``kind: kspace`` entries with
+    the k-space shape and sha256 that ``manifest check`` accepts as they are (before: "Cannot
+    work out file type")."""
+    from typer.testing import CliRunner
+
+    from recon import cli
+
+    write_ismrmrd(scan, tmp_path / "a.h5")
+    write_fastmri(scan, tmp_path / "b.h5")
+    run = CliRunner()
+    out = run.invoke(cli.app, ["manifest", "describe", str(tmp_path / "a.h5"),
+                               str(tmp_path / "b.h5"), "--data-root", str(tmp_path),
+                               "--split", "test"])
+    assert out.exit_code == 0, out.output
+    manifest = yaml.safe_load(out.output)
+    assert [v["kind"] for v in manifest["volumes"]] == ["kspace", "kspace"]
+    assert manifest["volumes"][0]["shape"] == list(scan.shape)
+    (tmp_path / "m.yaml").write_text(out.output)
+    checked = run.invoke(cli.app, ["manifest", "check", str(tmp_path / "m.yaml"), "--data-root",
+                                   str(tmp_path)])
+    assert checked.exit_code == 0 and "2 volume(s) ok" in checked.output, checked.output
+
+
+def test_a_fastmri_file_with_its_readout_oversampling_removed_is_read_with_a_warning(scan, tmp_path):
+    """The header's encoded readout is twice what the file holds (the oversampling was removed
+    before saving, as in many fastMRI exports): read on the stored matrix, with one warning,
+    not refused."""
+    from recon.coils import remove_readout_oversampling
+    from recon.data.kspace import KSpaceWarning
+
+    path = write_fastmri(scan, tmp_path / "fast.h5")
+    with h5py.File(path, "r+") as f:
+        k = remove_readout_oversampling(f["kspace"][()], scan.recon_matrix[0])
+        del f["kspace"]
+        f.create_dataset("kspace", data=k.astype(np.complex64))
+    with pytest.warns(KSpaceWarning, match="oversampling already removed"):
+        read = read_kspace(path)
+    assert read.kspace.shape[-2] == scan.recon_matrix[0] and read.readout_oversampling == 1
+
+
 def _bad_files(scan, tmp_path):
     """(file, expected message) for one kind of damage each."""
     good = write_ismrmrd(scan, tmp_path / "good.h5")

@@ -34,6 +34,7 @@ k-space whose shape disagrees with the header, non-finite samples.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import numpy as np
 
 from recon.data.errors import DataError
 
-__all__ = ["KSpaceError", "KSpaceScan", "kspace_format", "read_fastmri", "read_ismrmrd",
+__all__ = ["KSpaceError", "KSpaceScan", "KSpaceWarning", "kspace_format", "read_fastmri", "read_ismrmrd",
            "read_kspace", "write_fastmri", "write_ismrmrd"]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -50,6 +51,10 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 class KSpaceError(DataError):
     """A raw k-space file that cannot be read as a Cartesian 2-D multi-slice acquisition."""
+
+
+class KSpaceWarning(UserWarning):
+    """A raw k-space file read with an assumption the user should know about."""
 
 
 @dataclass
@@ -483,6 +488,13 @@ def read_fastmri(path: str | Path) -> KSpaceScan:
         _, enc = _parse_header(np.asarray(xml).reshape(-1)[0] if np.ndim(xml) else xml, path)
         (r, p), fov, (r_enc, p_enc) = _geometry(enc)
         _check_geometry(path, (r, p), fov, (r_enc, p_enc))
+        if shape[-1] == p_enc and shape[-2] != r_enc and shape[-2] == r:
+            # the header describes the oversampled readout, the file holds it already removed
+            warnings.warn(f"{path}: the header's encoded readout is {r_enc} but the k-space "
+                          f"holds {shape[-2]} samples (oversampling already removed): "
+                          f"reconstructing on the stored {shape[-2]} x {shape[-1]} matrix",
+                          KSpaceWarning, stacklevel=2)
+            r_enc = shape[-2]
         if tuple(shape[-2:]) != (r_enc, p_enc):
             raise KSpaceError(f"{path}: kspace is {shape[-2]} x {shape[-1]} but the header's "
                               f"encoded matrix is {r_enc} x {p_enc}")

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint data prior prior-64 heldout bench clean
+.PHONY: install test demo lint data prior prior-64 heldout bench gpu-check gpu-bundle clean
 
 install: $(STAMP)
 
@@ -56,6 +56,14 @@ bench: $(STAMP) data
 	$(BIN)/python benchmarks/training_throughput.py --threads 1
 	$(BIN)/python benchmarks/kspace.py
 	$(BIN)/python benchmarks/methods.py
+
+# The prepared GPU check (benchmarks/gpu.py): on a CUDA machine with this venv, or, where the
+# GPU machine has no network, `make gpu-bundle` here and `bash gpu_bundle/run.sh` there.
+gpu-check: $(STAMP) data
+	$(BIN)/python benchmarks/gpu.py --out gpu_check.json
+
+gpu-bundle: $(STAMP) data
+	$(BIN)/python benchmarks/gpu.py --bundle gpu_bundle
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -365,6 +365,9 @@ class ReconstructSection(_Section):
         "lowres", description="raw k-space: the image phase absorbed into the coil maps "
         "(recon.raw): of the calibration image, of a SENSE solution, or none")
     device: str = "auto"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="the prior's forward passes: fp32, or bf16 autocast (a GPU's "
+        "tensor cores; the samplers' arithmetic and data consistency stay float32)")
     num_threads: int | None = Field(None, ge=1, le=1024, strict=True,
                                     description="torch CPU threads (None: torch's "
                                     "default); 1 avoids oversubscription on shared CPUs")

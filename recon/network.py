@@ -32,6 +32,7 @@ on it directly.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,16 @@ def build_network(cfg: NetworkConfig | dict, diffusion: DiffusionModel | None = 
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters."""
     return sum(p.numel() for p in module.parameters())
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The network's forward passes in ``precision`` on ``device``: ``bf16`` / ``fp16``
+    autocast (matrix products and convolutions; FFTs, norms and the samplers' arithmetic stay
+    float32), ``fp32`` / ``none`` as they are."""
+    if precision in ("fp32", "none"):
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type,
+                          dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -64,7 +64,7 @@ from recon.data.loading import FOREGROUND_MEDIAN
 from recon.data.manifest import DataError
 from recon.data.nifti import atomic_dir, atomic_path, atomic_write_bytes, write_nifti
 from recon.data.simulate import head_median
-from recon.network import resolve_device
+from recon.network import autocast, resolve_device
 from recon.operators import UndersampledFourier
 from recon.reconstruction import load_network, method_summary, slice_seed
 from recon.volumes import STACKS, PreparedVolume, VolumeBuffer
@@ -396,8 +396,9 @@ def reconstruct_scan(prepared: str | Path, operator: OperatorConfig, settings: R
                 sampler = make_sampler(problem.operator.to(device))
                 gen = torch.Generator(device).manual_seed(slice_seed(settings.seed, problem.index,
                                                                       salt=2))
-                post = sampler.sample(problem.y.to(device), settings.n_samples, generator=gen,
-                                      keep_samples=False)
+                with autocast(device, "fp32" if baseline is not None else settings.precision):
+                    post = sampler.sample(problem.y.to(device), settings.n_samples,
+                                          generator=gen, keep_samples=False)
                 nfe, vjp = post.nfe, post.vjp
                 p_recon = shape[1]
                 stacks = {

@@ -37,7 +37,7 @@ from recon.data.nifti import atomic_path, atomic_write_bytes
 from recon.guidance import Guidance
 from recon.integrator import Integrator
 from recon.metrics import psnr
-from recon.network import EpsNetwork, load_prior, resolve_device
+from recon.network import EpsNetwork, autocast, load_prior, resolve_device
 from recon.operators import Operator
 from recon.timer import Timer
 from recon.volumes import STACKS, PreparedVolume, write_outputs
@@ -109,8 +109,9 @@ class SliceReconstructor:
 
     def __init__(self, operator: Operator, sampler, n_samples: int = 2, seed: int = 0,
                  measure_seed: int | None = None, device: str | torch.device = "cpu",
-                 progress: bool = False):
+                 progress: bool = False, precision: str = "fp32"):
         self.device = torch.device(device)
+        self.precision = precision
         self.operator = operator.to(self.device)
         self.sampler = sampler
         self.n_samples, self.seed = int(n_samples), int(seed)
@@ -147,8 +148,9 @@ class SliceReconstructor:
             naive = self.operator.pseudo_inverse(y)
         naive = naive.real if naive.is_complex() else naive
         gen = torch.Generator(self.device).manual_seed(slice_seed(self.seed, int(indices[0]), salt=2))
-        post = self.sampler.sample(y, self.n_samples, generator=gen, progress=self.progress,
-                                   keep_samples=False)
+        with autocast(self.device, self.precision):
+            post = self.sampler.sample(y, self.n_samples, generator=gen, progress=self.progress,
+                                       keep_samples=False)
 
         def host(t: Tensor) -> np.ndarray:
             return t[:, 0].detach().float().cpu().numpy()
@@ -185,6 +187,20 @@ def method_summary(settings: ReconstructSection, operator: OperatorConfig,
             "steps": settings.steps}
 
 
+def batch_size_for(free_bytes: int, slice_shape: Sequence[int], n_samples: int,
+                   bytes_per_pixel: float, fraction: float = 0.8, limit: int = 1024) -> int:
+    """The most slices per batch whose ``n_samples`` chains each fit in ``fraction`` of
+    ``free_bytes``, given the sampler's peak memory per chain pixel (measured on the device:
+    ``benchmarks/gpu.py``); at least 1, at most ``limit``."""
+    if not (free_bytes > 0 and bytes_per_pixel > 0 and 0 < fraction <= 1 and n_samples >= 1):
+        raise ValueError(f"need free_bytes > 0, bytes_per_pixel > 0, 0 < fraction <= 1 and "
+                         f"n_samples >= 1; got {free_bytes}, {bytes_per_pixel}, {fraction}, "
+                         f"{n_samples}")
+    pixels = int(np.prod([int(n) for n in slice_shape]))
+    per_slice = n_samples * pixels * bytes_per_pixel
+    return int(max(1, min(limit, (fraction * free_bytes) // per_slice)))
+
+
 def slab_ranges(n: int, slab_slices: int | None) -> list[tuple[int, int]]:
     """``[start, stop)`` ranges of at most ``slab_slices`` consecutive slice positions covering
     ``0..n-1`` (one range for None): the slabs a volume is cut into."""
@@ -200,6 +216,7 @@ def _reconstructor(vol: PreparedVolume, operator: OperatorConfig, settings: Reco
     if baseline is not None:
         return SliceReconstructor(op, baseline.build(op), **common)
     network, diffusion = load_network(prior, device)
+    common["precision"] = settings.precision
     warm, t_max = None, None
     if settings.warm_start is not None:
         start = settings.warm_start.for_operator(operator)

@@ -55,6 +55,7 @@ from recon.network import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     EpsNetwork,
+    autocast,
     build_network,
     check_state_dict,
     count_parameters,
@@ -175,9 +176,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if device.type != "cuda" or amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    """Mixed precision for training on CUDA only (``training.amp``; float32 on the CPU)."""
+    return autocast(device, amp if device.type == "cuda" else "none")
 
 
 def make_batch(dataset: Any, sampler: BatchSampler, tc: TrainingConfig, t_max: float, step: int,

@@ -52,6 +52,20 @@ prior_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Train the prior from its own config (outside the flows).")
 app.add_typer(manifest_app, name="manifest")
 app.add_typer(prior_app, name="prior")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"recon {version('recon')}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Diffusion-prior reconstruction of brain MRI: Prefect flows + MLflow tracking."""
 ROOT = Path(__file__).resolve().parents[1]
 _probe = Console()
 console = Console(width=max(_probe.width, 150) if _probe.is_terminal else 160)

@@ -7,10 +7,10 @@ for every method, exactly as the `reconstruct` flow does. The baselines' lam (an
 start's) is chosen per operator on the validation split (`recon.reconstruction.tune_baseline`,
 the best mean PSNR on `LAMBDA_GRID`), never on the test volumes. Prints one row per volume x
 operator x method (PSNR, SSIM, NFE, VJP, seconds per slice: a warm start's TV solve included),
-then per operator the worst-volume margins of the best diffusion method over the best
-classical one, over naive and in SSIM over TV, against the bars (>= 1 dB over TV and
-L1-wavelet on every operator, SSIM not below TV's on any volume; >= 6 dB over naive on 4x
-Fourier). The diffusion rows:
+then per operator the worst-volume margins of the config's sampler (the default a user gets)
+over the best classical method, over naive and in SSIM over TV, against the bars (>= 1 dB over
+TV and L1-wavelet on every operator, SSIM not below TV's on any volume; >= 6 dB over naive on
+4x Fourier), and the other rows' margins. The diffusion rows:
 
 - ``config``: the config's own sampler (configs/demo.yaml: DiffPIR re-noising, data
   consistency with TV, warm start from TV; every knob chosen on the validation split);
@@ -120,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     for op in operators:
         margins = {label: (over_classical[label][op.name], over_naive[label][op.name])
                    for label in diffusion}
-        best = max(margins, key=lambda k: margins[k][0])
+        # the bars judge what a user gets: the config's sampler (else the best by PSNR margin)
+        best = "config" if "config" in margins else max(margins, key=lambda k: margins[k][0])
         classical_db, naive_db = margins[best]
         ssim = ssim_over_tv[best][op.name]
         good = classical_db >= BARS["over_classical_db"]
         ssim_ok = ssim >= BARS["ssim_over_tv"]
-        line = (f"  {op.name:8s} best diffusion ({best}) worst volume: {classical_db:+.2f} dB over "
+        line = (f"  {op.name:8s} {best} worst volume: {classical_db:+.2f} dB over "
                 f"the best of TV / L1-wavelet ({'meets' if good else 'MISSES'} >= "
                 f"+{BARS['over_classical_db']:g}), SSIM {ssim:+.3f} over TV "
                 f"({'meets' if ssim_ok else 'MISSES'} >= 0), {naive_db:+.2f} dB over naive")

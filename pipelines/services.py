@@ -67,7 +67,7 @@ def training_config(cfg: Config) -> PriorConfig:
 
 def checkpoint_matches(checkpoint: str | Path, prior_cfg: PriorConfig) -> bool:
     """True when ``checkpoint`` exists and was trained, to the end, with exactly ``prior_cfg``
-    (device and logging cadence aside)."""
+    (device, loader workers and logging cadence aside)."""
     if not Path(checkpoint).is_file():
         return False
     try:
@@ -75,7 +75,7 @@ def checkpoint_matches(checkpoint: str | Path, prior_cfg: PriorConfig) -> bool:
         stored = PriorConfig.model_validate(ckpt["config"]).model_dump(mode="json")
     except (CheckpointError, KeyError, ValueError):
         return False
-    ignore = {"device", "log_every", "val_every", "checkpoint_every"}
+    ignore = {"device", "log_every", "val_every", "checkpoint_every", "loader_workers"}
 
     def strip(c: dict) -> dict:
         return {**c, "training": {k: v for k, v in c["training"].items() if k not in ignore}}

@@ -491,3 +491,20 @@ def test_mirrored_mask_is_the_mask_at_minus_k(n):
     k = fft2c(rand((n, n), F64, 0).to(C128))
     flipped = torch.roll(torch.flip(k, (-2, -1)), (1 - n % 2, 1 - n % 2), (-2, -1))
     torch.testing.assert_close(flipped, k.conj())
+
+
+def test_real_fourier_prox_in_float32_with_a_tiny_lam_stays_bounded():
+    """At the start of a chain lam is ~1e-10: where neither k nor -k is sampled, float32
+    round-off of the FFTs divided by lam once flooded the image (+-3000 from inputs in [0, 1]).
+    There the prox keeps F x0 exactly."""
+    op = UndersampledFourier(cartesian_mask((48, 40), 4, 0.08, generator=0), sigma_y=0.01,
+                             real_output=True)
+    x = torch.rand(1, 1, 48, 40, generator=torch.Generator().manual_seed(0))
+    y = op.measure(x, generator=1)
+    x0 = torch.rand(1, 1, 48, 40, generator=torch.Generator().manual_seed(2))
+    for lam in (1e-10, 1e-6, 1e-2):
+        out = op.prox(x0, y, lam)
+        assert out.dtype == torch.float32 and float(out.abs().max()) < 3.0, lam
+        reference = op.double().prox(x0.double(), y.to(torch.complex128), lam)
+        op.float()
+        torch.testing.assert_close(out.double(), reference, atol=1e-4, rtol=0)

@@ -347,9 +347,12 @@ class UndersampledFourier(Operator):
             return ifft2c(torch.where(self.mask, (y + lam * k0) / (1.0 + lam), k0))
         data = fft2c(ifft2c(y * self.mask).real.to(k0.dtype))  # F Re(A^H y)
         weight = (0.5 * (self.mask.to(x0.dtype) + self.mirrored_mask().to(x0.dtype)))
-        denom = weight + lam
-        safe = torch.where(denom > 0, denom, torch.ones((), dtype=denom.dtype, device=denom.device))
-        x = ifft2c(torch.where(denom > 0, (data + lam * k0) / safe, k0))
+        # where neither k nor -k is sampled the data term is zero: keep F x0 exactly (the FFTs'
+        # round-off there, divided by a tiny lam, would otherwise flood the image)
+        seen = weight > 0
+        denom = torch.where(seen, weight + lam, torch.ones((), dtype=weight.dtype,
+                                                             device=weight.device))
+        x = ifft2c(torch.where(seen, (data + lam * k0) / denom, k0))
         return x.real
 
 

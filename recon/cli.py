@@ -296,9 +296,11 @@ def _fmt(v: Any) -> str:
 
 def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
     table = Table(title=title, title_justify="left")
-    for key, header in columns:
-        table.add_column(header, no_wrap=True, justify="left" if key in (
-            "volume", "operator", "guidance", "integrator") else "right")
+    for key, header in columns:  # a long method label wraps in its cell; numbers never do
+        table.add_column(header, no_wrap=key not in ("label", "method"),
+                         max_width=36 if key in ("label", "method") else None,
+                         justify="left" if key in ("volume", "operator", "guidance", "integrator",
+                                                   "label", "method") else "right")
     for r in rows:
         table.add_row(*[_fmt(r.get(k, "")) for k, _ in columns])
     console.print(table)

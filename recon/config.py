@@ -316,7 +316,8 @@ class WarmStartConfig(_Section):
 
     @property
     def label(self) -> str:
-        return f"warm {self.baseline.label} t0={self.t0:g}"
+        """``warm tv t0=0.2`` (its lam is in the run's parameters)."""
+        return f"warm {self.baseline.name} t0={self.t0:g}"
 
     def for_operator(self, op: OperatorConfig) -> WarmStartConfig:
         """This warm start with the operator's ``lam`` where its own is null."""

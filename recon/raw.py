@@ -367,17 +367,17 @@ def reconstruct_scan(prepared: str | Path, operator: OperatorConfig, settings: R
     else:
         network, diffusion = load_network(prior, device)
         network = ViewOriented(network, scan.view)
-        start = settings.warm_start and settings.warm_start.for_operator(operator)
-        if start is not None and start.baseline.lam is None:
-            raise ValueError(f"the warm start's {start.baseline.name} has lam: null and operator "
-                             f"{operator.name!r} gives none (its lam: {{{start.baseline.name}: "
+        warm_cfg = settings.warm_start and settings.warm_start.for_operator(operator)
+        if warm_cfg is not None and warm_cfg.baseline.lam is None:
+            raise ValueError(f"the warm start's {warm_cfg.baseline.name} has lam: null and operator "
+                             f"{operator.name!r} gives none (its lam: {{{warm_cfg.baseline.name}: "
                              f"...}}); set one or choose it on validation data (tune_baseline)")
         parts = (settings.integrator.build(),
-                 settings.timer.build(settings.steps, None if start is None else start.t0))
+                 settings.timer.build(settings.steps, None if warm_cfg is None else warm_cfg.t0))
         guidance = settings.guidance_for(operator).build()
 
         def make_sampler(op: UndersampledFourier) -> CondDenoiser:  # one per slice: its maps
-            warm = None if start is None else start.baseline.build(op).solve
+            warm = None if warm_cfg is None else warm_cfg.baseline.build(op).solve
             return CondDenoiser(diffusion, network, *parts, op, guidance,
                                 x0_range=settings.x0_range, warm_start=warm)
     out_dir = Path(out_dir)

@@ -171,9 +171,14 @@ def test_a_new_users_own_nifti_start_to_finish(tmp_path):
         "reconstruct.steps=3", "reconstruct.n_samples=1", "reconstruct.num_threads=1"]),
         timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "lam = 0.0032 (the operator's lam in the config)" in out.stdout
     for op in ("mask", "blur", "fourier"):
         assert list((tmp_path / "work" / "runs").rglob(f"scan/{op}/recon.nii.gz")), op
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`mlflow.runName` = 'reconstruct'")
+    assert runs[0].data.metrics["lam/fourier-tv"] == pytest.approx(3.2e-3)  # the config's
 
 
 def test_a_fully_sampled_measurement_is_said_to_have_nothing_to_reconstruct(capsys):

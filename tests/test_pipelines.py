@@ -296,7 +296,7 @@ def test_a_warm_start_takes_the_operators_lam_or_chooses_it_on_validation(worksp
               "reconstruct.warm_start={baseline: tv, t0: 0.3}"]
     cfg = load_config(None, [*common, "reconstruct.operators=[{name: fourier, lam: {tv: 0.002}}]"])
     out = reconstruct(cfg.to_dict())
-    assert out["outputs"][0]["nfe"] == 4 and "warm tv(lam=0.002) t0=0.3" in out["outputs"][0]["label"]
+    assert out["outputs"][0]["nfe"] == 4 and "warm tv t0=0.3" in out["outputs"][0]["label"]
     run = mlflow_client(cfg).get_run(out["run_id"])
     assert run.data.metrics["lam/fourier-tv"] == pytest.approx(0.002)
     cfg = load_config(None, [*common, "reconstruct.operators=[fourier]"])

@@ -70,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=2, help="central slices per validation volume")
     p.add_argument("--operators", nargs="*", default=None)
     p.add_argument("--groups", nargs="*", default=None, help="of step weight tv warm samples")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="config override, e.g. prior.checkpoint=PATH")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, [f"reconstruct.num_threads={args.threads}"])
+    cfg = load_config(args.config, [*args.overrides, f"reconstruct.num_threads={args.threads}"])
     rs = cfg.reconstruct
     with tempfile.TemporaryDirectory() as tmp:
         val = prepare_split(load_manifest(cfg.data.manifest), cfg, cfg.data.val_split,

@@ -148,7 +148,7 @@ def synthetic_head(path: Path, shape: tuple[int, int, int]) -> Path:
 
 
 MEMORY_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 from recon.config import load_config
 from recon.reconstruction import reconstruct_prepared
@@ -156,7 +156,9 @@ cfg = load_config(sys.argv[1], json.loads(sys.argv[2])).absolute(sys.argv[3])
 op = next(o for o in cfg.reconstruct.operators if o.name == "fourier")
 t0 = time.perf_counter()
 out = reconstruct_prepared(sys.argv[4], op, cfg.reconstruct, cfg.prior, sys.argv[5], progress=False)
-print(json.dumps({"peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+# this process's own high-water mark (ru_maxrss keeps the parent's across vfork + exec)
+peak_kb = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+print(json.dumps({"peak_kb": peak_kb,
                   "slices": out["slices"], "seconds": time.perf_counter() - t0}))
 """
 

@@ -318,11 +318,14 @@ def _swap(xml, space, field, value):
 
 
 def _peak_rss_mb(code: str) -> tuple[int, str]:
-    """Run ``code`` in a fresh interpreter; (its peak RSS in MB, its stdout)."""
+    """Run ``code`` in a fresh interpreter; (its peak RSS in MB, its stdout). The peak is the
+    child's own ``VmHWM``: ``ru_maxrss`` would carry over the parent's (pytest's) high-water
+    mark, since Linux keeps it across the vfork + exec that starts the child."""
     import subprocess
     import sys
 
-    wrapped = code + "\nimport resource; print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    wrapped = code + ("\nprint('RSS', open('/proc/self/status').read().split('VmHWM:')[1]"
+                      ".split()[0])")
     out = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=120)
     rss = int(out.stdout.rsplit("RSS", 1)[1]) // 1024
     return rss, out.stdout

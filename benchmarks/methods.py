@@ -39,9 +39,9 @@ from recon.volumes import prepare_volume, read_stacks
 DIFFUSION = {  # every one at <= 30 network evaluations per sample
     "config": {},
     "dc diffpir x29": {"integrator": {"name": "diffpir"}, "steps": 29,
-                       "guidance": {"name": "data_consistency"}},
+                       "guidance": {"name": "data_consistency"}, "warm_start": None},
     "dc ddim(eta=1) x29": {"integrator": {"name": "ddim", "params": {"eta": 1.0}}, "steps": 29,
-                           "guidance": {"name": "data_consistency"}},
+                           "guidance": {"name": "data_consistency"}, "warm_start": None},
 }
 BASELINES = ("tv", "l1_wavelet")
 BARS = {"over_classical_db": 1.0, "fourier_over_naive_db": 6.0, "ssim_over_tv": 0.0}

@@ -44,8 +44,8 @@ def _method(integrator=("diffpir", {}), steps=29, weight=None, tv=None, t0=None,
     params = {**({"prior_weight": weight} if weight else {}), **({"tv": tv} if tv else {})}
     m = {"integrator": {"name": integrator[0], "params": integrator[1]}, "steps": steps,
          "guidance": {"name": "data_consistency", "params": params}}
-    if t0 is not None:
-        m["warm_start"] = {"baseline": {"name": "tv", "params": {"lam": lam}}, "t0": t0}
+    m["warm_start"] = None if t0 is None else {"baseline": {"name": "tv", "params": {"lam": lam}},
+                                               "t0": t0}  # null: from noise, not the config's
     return m
 
 

@@ -25,9 +25,9 @@ from recon.cond_denoiser import CondDenoiser
 from recon.denoiser import Denoiser
 from recon.diffusion import VPLinear
 from recon.guidance import DPS, DataConsistency
-from recon.integrator import INTEGRATORS, DDIMIntegrator
+from recon.integrator import DDIMIntegrator
 from recon.network import load_prior, resolve_device
-from recon.operators import OPERATORS
+from recon.registry import INTEGRATORS, OPERATORS
 from recon.timer import LinearTimer
 
 

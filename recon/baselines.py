@@ -235,10 +235,6 @@ class L1Wavelet(Baseline):
                 "solver": "GradientMethod", "accelerate": True}
 
 
-BASELINES: dict[str, type[Baseline]] = {"sense": Sense, "tv": TotalVariation,
-                                         "l1_wavelet": L1Wavelet}
-
-
 def select_lambda(score: Callable[[float], float],
                   grid: Sequence[float] = LAMBDA_GRID) -> tuple[float, dict[float, float]]:
     """``(best lam, {lam: score(lam)})``: ``score(lam)`` rates the reconstruction of the

@@ -40,8 +40,6 @@ from rich.table import Table
 from recon.config import Config, ConfigError, load_config
 from recon.data.manifest import DataError, describe_file, load_manifest, verify
 from recon.data.public import materialise as build_public_data
-from recon.demo import mixture_table
-from recon.metrics import worst_margins
 from recon.prior_config import CheckpointError, load_prior_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -323,6 +321,8 @@ FULLY_SAMPLED_DB = 100.0
 def print_reconstruction(cfg, rows: list[dict]) -> bool:
     """The held-out PSNR/SSIM table and each operator's margin over the naive pseudo-inverse;
     True when every operator beats it."""
+    from recon.metrics import worst_margins
+
     r = cfg.reconstruct
     print_table(f"held-out reconstruction vs the naive pseudo-inverse ({r.integrator.label}, "
                 f"{r.steps} steps, {r.n_samples} posterior samples, sigma_y={r.sigma_y:g} on images; "
@@ -456,6 +456,8 @@ def demo(which: Annotated[str, typer.Argument(help="pipeline (default) or mixtur
          overrides: SetOpt = None) -> None:
     """The demo: the pipeline on held-out brain MRI (``make demo``), or the 2-D mixture table."""
     if which == "mixture":
+        from recon.demo import mixture_table
+
         mixture_table(console=console)
         return
     if which != "pipeline":

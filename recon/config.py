@@ -18,19 +18,24 @@ import inspect
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from recon.baselines import BASELINES, Baseline
-from recon.guidance import GUIDANCES, Guidance
-from recon.integrator import INTEGRATORS, Integrator
-from recon.operators import OPERATORS, Operator
 from recon.prior_config import CheckpointError, PriorConfig, SliceSource, load_prior_config
-from recon.timer import TIMERS, Timer
+from recon.registry import BASELINES, GUIDANCES, INTEGRATORS, OPERATORS, TIMERS
 from recon.yaml_io import YamlError, parse_yaml, read_yaml
+
+if TYPE_CHECKING:  # the components themselves are imported only when built
+    from recon.baselines import Baseline
+    from recon.guidance import Guidance
+    from recon.integrator import Integrator
+    from recon.operators import Operator
+    from recon.timer import Timer
 
 NOMINAL_NATIVE = 256
 """Slice size the operators are trial-built at when ``data.image_size`` is null (native)."""
@@ -38,6 +43,21 @@ NOMINAL_NATIVE = 256
 
 class ConfigError(ValueError):
     """An invalid configuration file, value or override; the message names the field."""
+
+
+_BUILD_COMPONENTS: ContextVar[bool] = ContextVar("build_components", default=True)
+"""False while ``fields_only``: components are checked by name, not imported and built."""
+
+
+@contextmanager
+def fields_only():
+    """Validate fields, names and ranges only: no component is imported or trial-built (so
+    neither torch nor sigpy is imported). ``validate_config`` runs this pass first."""
+    token = _BUILD_COMPONENTS.set(False)
+    try:
+        yield
+    finally:
+        _BUILD_COMPONENTS.reset(token)
 
 
 def _check_name(kind: str, name: str, valid: Iterable[str]) -> str:
@@ -158,6 +178,8 @@ class _Component(_Section):
 
     @model_validator(mode="after")
     def _params(self) -> _Component:
+        if not _BUILD_COMPONENTS.get():
+            return self
         _check_params(self.KIND, self.name, self.REGISTRY[self.name], self.params,
                       reserved=self.RESERVED)
         _try_build(self.KIND, self.name, self._trial)
@@ -221,7 +243,7 @@ def _label(name: str, params: Mapping[str, Any]) -> str:
 
 
 class GuidanceConfig(_Component):
-    """Posterior guidance from ``recon.guidance.GUIDANCES`` and its keyword arguments."""
+    """Posterior guidance from ``recon.registry.GUIDANCES`` and its keyword arguments."""
 
     KIND = "guidance"
     REGISTRY = GUIDANCES
@@ -237,7 +259,7 @@ class GuidanceConfig(_Component):
 
 
 class BaselineConfig(_Component):
-    """A classical reconstruction from ``recon.baselines.BASELINES`` (``tv``, ``l1_wavelet``)
+    """A classical reconstruction from ``recon.registry.BASELINES`` (``tv``, ``l1_wavelet``)
     and its keyword arguments: ``lam`` (null: chosen on the validation split for each
     operator, ``recon.reconstruction.tune_baseline``) and ``iterations``."""
 
@@ -266,7 +288,7 @@ class BaselineConfig(_Component):
 
 
 class IntegratorConfig(_Component):
-    """An integrator from ``recon.integrator.INTEGRATORS`` and its keyword arguments."""
+    """An integrator from ``recon.registry.INTEGRATORS`` and its keyword arguments."""
 
     KIND = "integrator"
     REGISTRY = INTEGRATORS
@@ -283,7 +305,7 @@ class IntegratorConfig(_Component):
 
 
 class TimerConfig(_Component):
-    """A time grid from ``recon.timer.TIMERS``; ``steps`` comes from ``reconstruct.steps``."""
+    """A time grid from ``recon.registry.TIMERS``; ``steps`` comes from ``reconstruct.steps``."""
 
     KIND = "timer"
     REGISTRY = TIMERS
@@ -425,8 +447,10 @@ class ReconstructSection(_Section):
 
 class MethodConfig(_Section):
     """One row of a comparison: the diffusion sampler of ``reconstruct`` with some of
-    ``guidance`` / ``integrator`` / ``steps`` changed, or a classical ``baseline``. Short forms:
-    ``tv`` (a baseline name) and ``{baseline: l1_wavelet, ...}``."""
+    ``guidance`` / ``integrator`` / ``steps`` / ``warm_start`` / ``n_samples`` changed, or a
+    classical ``baseline``. A field left out keeps ``reconstruct``'s value; ``warm_start: null``
+    given explicitly starts from pure noise. Short forms: ``tv`` (a baseline name) and
+    ``{baseline: l1_wavelet, ...}``."""
 
     baseline: BaselineConfig | None = None
     guidance: GuidanceConfig | None = None
@@ -458,6 +482,8 @@ class MethodConfig(_Section):
         update = {k: v for k, v in (("guidance", self.guidance), ("integrator", self.integrator),
                                     ("steps", self.steps), ("warm_start", self.warm_start),
                                     ("n_samples", self.n_samples)) if v is not None}
+        if "warm_start" in self.model_fields_set:  # given, null included: no warm start
+            update["warm_start"] = self.warm_start
         if self.guidance is not None:  # one guidance for every operator in the comparison
             update["operators"] = [o.model_copy(update={"guidance": None}) for o in rs.operators]
         return rs.model_copy(update=update)
@@ -601,6 +627,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> Config:
+        if not _BUILD_COMPONENTS.get():
+            return self
         size = (self.data.image_size or NOMINAL_NATIVE,) * 2  # native: trial-build at a common size
         for i, op in enumerate(self.reconstruct.operators):
             if op.name == "acquired":  # sampled as the raw k-space was: built from the data
@@ -694,7 +722,10 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any,
     from ``data`` are copied from ``defaults`` (the default config) on the way, and the short
     form ``heun`` becomes ``{name: heun}`` when a key below it is set."""
     node: Any = data
-    dflt: Any = Config().to_dict() if defaults is None else defaults
+    if defaults is None:
+        with fields_only():
+            defaults = Config().to_dict()
+    dflt: Any = defaults
     full = ".".join(path)
     for i, part in enumerate(path):
         last = i == len(path) - 1
@@ -738,8 +769,12 @@ def _format_errors(err: ValidationError) -> str:
 
 def validate_config(data: Mapping[str, Any], base_dir: str | Path | None = None,
                     source: str = "config") -> Config:
-    """Validate a nested dict; raise ``ConfigError`` listing every bad field."""
+    """Validate a nested dict; raise ``ConfigError`` listing every bad field. Two passes: the
+    fields, names and ranges first (nothing imported: a bad value is refused at once), then
+    every component's parameters, by building each once (this imports torch)."""
     try:
+        with fields_only():
+            Config.model_validate(dict(data))
         cfg = Config.model_validate(dict(data))
     except ValidationError as err:
         raise ConfigError(f"invalid {source}:\n{_format_errors(err)}") from None

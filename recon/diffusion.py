@@ -218,5 +218,3 @@ class VPCosine(VPDiffusion):
         u = torch.arccos(torch.exp(0.5 * log_ab + self._log_cos0))
         return u / self._du - self.c
 
-
-DIFFUSIONS = {"vp_linear": VPLinear, "vp_cosine": VPCosine}

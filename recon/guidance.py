@@ -33,6 +33,7 @@ from torch import Tensor
 from recon.diffusion import DiffusionModel, eps_from_x0, tweedie
 from recon.integrator import EpsFn, scales
 from recon.linalg import batch_dot, conjugate_gradient
+from recon.registry import GUIDANCES
 from recon.total_variation import tv_prox
 
 __all__ = ["batch_dot", "conjugate_gradient"]  # re-exported: the guidances' linear algebra
@@ -230,14 +231,6 @@ class DataConsistency(Guidance):
         else:  # a duck-typed operator: one step towards the data (exact when A A^H = I)
             x0_dc = x0 + self.weight(s, sigma, var_y) * real_adjoint(operator, y - operator.forward(x0))
         return eps_from_x0(x, x0_dc, s, sigma)
-
-
-GUIDANCES: dict[str, type[Guidance]] = {
-    "dps": DPS,
-    "tweedie_covariance": TweedieCovariance,
-    "mmps": TweedieCovariance,
-    "data_consistency": DataConsistency,
-}
 
 
 def make_guidance(name: str, **kwargs) -> Guidance:

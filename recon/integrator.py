@@ -190,12 +190,3 @@ class EulerMaruyamaIntegrator(Integrator):
         drift = f * x + (g * g / sigma) * eps_fn(x, t)
         return x + h * drift + g * math.sqrt(-h) * _randn_like(x, generator)
 
-
-INTEGRATORS = {
-    "euler": EulerIntegrator,
-    "heun": HeunIntegrator,
-    "ddim": DDIMIntegrator,
-    "dpmpp2s": DPMpp2sIntegrator,
-    "diffpir": DiffPIRIntegrator,
-    "euler_maruyama": EulerMaruyamaIntegrator,
-}

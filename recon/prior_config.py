@@ -1,8 +1,9 @@
 """The prior's schema: what defines a trained prior (network, diffusion, training, data).
 
 One low module that ``recon.network`` (building and loading), ``recon.training`` (fitting) and
-``recon.config`` (the pipeline's ``data`` section shares ``SliceSource``) all import; it imports
-only ``recon.diffusion``. A ``PriorConfig`` is stored, as a JSON dict, in every checkpoint.
+``recon.config`` (the pipeline's ``data`` section shares ``SliceSource``) all import; it names
+the diffusion models through ``recon.registry`` and imports no torch itself. A ``PriorConfig``
+is stored, as a JSON dict, in every checkpoint.
 
     cfg = load_prior_config("configs/prior_64.yaml")
     diffusion = cfg.diffusion.build()          # VPCosine(c=0.008, t_max=0.999)
@@ -11,12 +12,15 @@ only ``recon.diffusion``. A ``PriorConfig`` is stored, as a JSON dict, in every 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from recon.diffusion import DIFFUSIONS, DiffusionModel
+from recon.registry import DIFFUSIONS
 from recon.yaml_io import read_yaml
+
+if TYPE_CHECKING:
+    from recon.diffusion import DiffusionModel
 
 
 class CheckpointError(ValueError):
@@ -66,7 +70,7 @@ class NetworkConfig(_Strict):
 
 
 class DiffusionConfig(_Strict):
-    """A forward model from ``recon.diffusion.DIFFUSIONS`` and its keyword arguments."""
+    """A forward model from ``recon.registry.DIFFUSIONS`` and its keyword arguments."""
 
     name: str = "vp_cosine"
     params: dict[str, float] = Field(default_factory=dict)

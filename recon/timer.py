@@ -77,5 +77,3 @@ class KarrasTimer(Timer):
         nu = (nu_max + u * (nu_min - nu_max)) ** self.rho
         return diffusion.t_of_lambda(-torch.log(nu))
 
-
-TIMERS = {"linear": LinearTimer, "cosine": CosineTimer, "karras": KarrasTimer}

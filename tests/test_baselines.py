@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from recon.baselines import (
-    BASELINES,
     LAMBDA_GRID,
     L1Wavelet,
     OperatorLinop,
     TotalVariation,
     select_lambda,
 )
-from recon.operators import OPERATORS
+from recon.registry import BASELINES, OPERATORS
 
 SHAPE = (24, 20)
 

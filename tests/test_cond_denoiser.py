@@ -28,14 +28,12 @@ from recon.cond_denoiser import CondDenoiser, Posterior
 from recon.diffusion import VPLinear
 from recon.guidance import (
     DPS,
-    GUIDANCES,
     DataConsistency,
     TweedieCovariance,
     conjugate_gradient,
     make_guidance,
 )
 from recon.integrator import (
-    INTEGRATORS,
     DDIMIntegrator,
     DiffPIRIntegrator,
     DPMpp2sIntegrator,
@@ -43,6 +41,7 @@ from recon.integrator import (
     EulerMaruyamaIntegrator,
     HeunIntegrator,
 )
+from recon.registry import GUIDANCES, INTEGRATORS
 from recon.timer import CosineTimer
 
 F64 = torch.float64

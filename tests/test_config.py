@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from recon.config import Config, ConfigError, flatten, load_config, parse_override
+from recon.config import Config, ConfigError, MethodConfig, flatten, load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,6 +111,18 @@ def test_methods_short_forms_and_settings():
     assert all(o.guidance is None for o in dps.operators)  # one guidance for every operator
     assert rows[1].setting(cfg.reconstruct) == cfg.reconstruct
     assert [b.name for b in cfg.reconstruct.baselines] == ["l1_wavelet"]
+
+
+def test_a_method_keeps_the_warm_start_unless_it_says_null():
+    cfg = load_config("configs/demo.yaml")
+    assert cfg.reconstruct.warm_start is not None
+    keep = MethodConfig.model_validate({"guidance": "data_consistency", "steps": 29})
+    assert keep.setting(cfg.reconstruct).warm_start == cfg.reconstruct.warm_start
+    cold = MethodConfig.model_validate({"guidance": "data_consistency", "warm_start": None})
+    assert cold.setting(cfg.reconstruct).warm_start is None
+    assert "warm" not in cold.setting(cfg.reconstruct).label(cfg.reconstruct.operators[0])
+    other = MethodConfig.model_validate({"warm_start": {"baseline": "tv", "t0": 0.5}})
+    assert other.setting(cfg.reconstruct).warm_start.t0 == 0.5
 
 
 def test_every_problem_is_reported_at_once():

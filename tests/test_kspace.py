@@ -626,7 +626,7 @@ def test_image_baselines_still_run_after_a_kspace_one(prepared):
     data, a real TV / L1-wavelet solve of an image in the same process must still work (it
     failed with a complex128 -> float32 cast before the real loops were compiled first)."""
     from recon.baselines import TotalVariation
-    from recon.operators import OPERATORS
+    from recon.registry import OPERATORS
 
     _, problems = scan_problems(prepared, OperatorConfig(name="acquired"), seed=0)
     pr = next(problems)

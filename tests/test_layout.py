@@ -98,7 +98,7 @@ def test_the_graph_is_read():
     graph = import_graph()
     assert "recon.config" in graph["recon.reconstruction"]
     assert "recon.prior_config" in graph["recon.network"]
-    assert "recon.operators" in graph["recon.config"]
+    assert graph["recon.config"] == {"recon.prior_config", "recon.registry", "recon.yaml_io"}
     assert "pipelines.flows" in graph["recon.cli"]  # an import inside a function counts
 
 
@@ -119,3 +119,45 @@ def test_the_math_does_not_import_the_pipeline():
     offenders = sorted(m for m, deps in graph.items() if m.startswith("recon")
                        and m != "recon.cli" and any(d.startswith("pipelines") for d in deps))
     assert offenders == []
+
+
+def _imported(args: list[str]) -> tuple[int, set[str], str]:
+    """Run ``python -X importtime -m recon ARGS``: (exit code, top-level packages imported,
+    stdout)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "recon", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    names = {line.rpartition("|")[2].strip().split(".")[0]
+             for line in done.stderr.splitlines() if line.startswith("import time:")}
+    return done.returncode, names, done.stdout
+
+
+def test_help_and_a_refused_config_import_neither_torch_nor_sigpy():
+    """``recon --help`` and a config refused for a bad value never import torch or sigpy (the
+    config checks names against ``recon.registry``; components are built only once every field
+    is valid), so both answer at once."""
+    code, names, out = _imported(["--help"])
+    assert code == 0 and "reconstruct" in out
+    assert not names & {"torch", "sigpy", "monai", "prefect", "mlflow"}, names
+    code, names, out = _imported(["config", "demo", "--set", "reconstruct.steps=true"])
+    assert code == 2 and "reconstruct.steps" in out, out
+    assert not names & {"torch", "sigpy", "monai"}, names
+
+
+def test_every_registry_name_resolves_to_its_component():
+    """Each name of ``recon.registry`` imports to the object its module defines."""
+    import importlib
+
+    from recon import registry
+
+    kinds = [registry.OPERATORS, registry.GUIDANCES, registry.INTEGRATORS, registry.TIMERS,
+             registry.BASELINES, registry.DIFFUSIONS]
+    for reg in kinds:
+        assert len(reg) >= 2 and sorted(reg) == sorted(reg._entries)
+        for name in reg:
+            module, _, attribute = reg.where(name).partition(":")
+            assert reg[name] is getattr(importlib.import_module(module), attribute), name
+            assert callable(reg[name]), name
+    assert "nope" not in registry.OPERATORS

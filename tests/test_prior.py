@@ -520,7 +520,7 @@ def native_slices() -> dict[str, torch.Tensor]:
 
 
 def _native_operators(shape):
-    from recon.operators import OPERATORS
+    from recon.registry import OPERATORS
 
     return {"mask": OPERATORS["mask"](shape, keep=0.3, sigma_y=0.01, seed=0),
             "blur": OPERATORS["blur"](shape, sigma=2.0, sigma_y=0.01, seed=0),

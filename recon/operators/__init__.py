@@ -3,11 +3,9 @@
 Every operator has ``forward`` (A x), ``adjoint`` (A^H y), ``pseudo_inverse`` (naive baseline),
 ``measure`` (noisy y), ``check_measurement`` and a ``sigma_y`` noise level; see ``base``.
 
-``OPERATORS`` maps the names a config uses to builders ``build(shape, **params, sigma_y, seed)``
-that draw the operator's mask/kernel for slices of ``shape`` from ``seed``.
+The builders ``build_*(shape, **params, sigma_y, seed)`` draw the operator's mask/kernel for
+slices of ``shape`` from ``seed``; ``recon.registry.OPERATORS`` names them for configs.
 """
-
-from collections.abc import Callable
 
 from recon.operators.base import Operator, as_generator, complex_dtype, real_dtype
 from recon.operators.blur import Blur, build_blur, gaussian_kernel
@@ -29,13 +27,7 @@ from recon.operators.mask import (
     random_pixel_mask,
 )
 
-OPERATORS: dict[str, Callable[..., Operator]] = {
-    "mask": build_mask, "blur": build_blur, "fourier": build_fourier, "acquired": build_acquired}
-"""Operator name -> builder ``(shape, **params, sigma_y=, seed=) -> Operator``; ``acquired``
-(raw k-space as measured) takes its sampling from the data (``recon.raw``)."""
-
 __all__ = [
-    "OPERATORS",
     "Blur",
     "Mask",
     "Operator",

@@ -1,0 +1,71 @@
+"""The names a config may use for each kind of component, and where each one lives.
+
+A ``Registry`` maps a name to ``"module:attribute"`` and imports the module only when the
+name is looked up (``REGISTRY[name]``), so the config schema can check names without
+importing torch or sigpy: ``recon --help`` and a config refused for a bad value stay fast.
+Membership, iteration and ``sorted(REGISTRY)`` never import anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+
+class Registry(Mapping[str, Any]):
+    """``name -> "module:attribute"``, resolved (imported) on lookup."""
+
+    def __init__(self, kind: str, entries: Mapping[str, str]):
+        self.kind = kind
+        self._entries = dict(entries)
+
+    def __getitem__(self, name: str) -> Any:
+        module, _, attribute = self._entries[name].partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def where(self, name: str) -> str:
+        """``"module:attribute"`` of ``name``, without importing it."""
+        return self._entries[name]
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {sorted(self._entries)})"
+
+
+OPERATORS = Registry("operator", {
+    "mask": "recon.operators:build_mask", "blur": "recon.operators:build_blur",
+    "fourier": "recon.operators:build_fourier", "acquired": "recon.operators:build_acquired"})
+"""Operator name -> builder ``(shape, **params, sigma_y=, seed=) -> Operator``; ``acquired``
+(raw k-space as measured) takes its sampling from the data (``recon.raw``)."""
+
+GUIDANCES = Registry("guidance", {
+    "dps": "recon.guidance:DPS", "tweedie_covariance": "recon.guidance:TweedieCovariance",
+    "mmps": "recon.guidance:TweedieCovariance",
+    "data_consistency": "recon.guidance:DataConsistency"})
+
+INTEGRATORS = Registry("integrator", {
+    "euler": "recon.integrator:EulerIntegrator", "heun": "recon.integrator:HeunIntegrator",
+    "ddim": "recon.integrator:DDIMIntegrator", "dpmpp2s": "recon.integrator:DPMpp2sIntegrator",
+    "diffpir": "recon.integrator:DiffPIRIntegrator",
+    "euler_maruyama": "recon.integrator:EulerMaruyamaIntegrator"})
+
+TIMERS = Registry("timer", {"linear": "recon.timer:LinearTimer", "cosine": "recon.timer:CosineTimer",
+                            "karras": "recon.timer:KarrasTimer"})
+
+BASELINES = Registry("baseline", {"sense": "recon.baselines:Sense",
+                                  "tv": "recon.baselines:TotalVariation",
+                                  "l1_wavelet": "recon.baselines:L1Wavelet"})
+
+DIFFUSIONS = Registry("diffusion", {"vp_linear": "recon.diffusion:VPLinear",
+                                    "vp_cosine": "recon.diffusion:VPCosine"})
+
+__all__ = ["BASELINES", "DIFFUSIONS", "GUIDANCES", "INTEGRATORS", "OPERATORS", "TIMERS", "Registry"]

@@ -111,13 +111,19 @@ class _Section(BaseModel):
 # -- data -------------------------------------------------------------------------------------
 class DataConfig(SliceSource, _Section):
     """Where the volumes are and how slices are cut from them (the manifest, slicing and split
-    fields are the prior's, ``recon.prior_config.SliceSource``)."""
+    fields are the prior's, ``recon.prior_config.SliceSource``; the pipeline's defaults are the
+    native prior's: the native grid, foreground normalisation)."""
 
+    image_size: int | None = Field(None, ge=8, le=1024, description="slices are resized to "
+                                   "image_size^2; null: the native in-plane grid, untouched")
+    normalise: Literal["percentile", "foreground"] = Field(
+        "foreground", description="intensity scaling: head median -> 0.5 (the native prior's) "
+        "or percentile (0.5/99.5 -> [0, 1], prior_64's)")
     data_root: Path = Path("data/public")
     materialise: bool = Field(True, description="materialise the offline public data when missing")
     test_split: str = "test"
-    max_slices: int | None = Field(16, ge=1, le=4096, strict=True,
-                                   description="central slices kept per test volume")
+    max_slices: int | None = Field(None, ge=1, le=4096, strict=True,
+                                   description="central slices kept per test volume (None: all)")
     volumes: list[str] | None = Field(None, description="ids of the test volumes to reconstruct "
                                       "(None: every volume of test_split)")
     max_volumes: int | None = Field(None, ge=1, le=100_000, strict=True,
@@ -128,8 +134,8 @@ class DataConfig(SliceSource, _Section):
 class PriorSection(_Section):
     """The trained prior used for reconstruction."""
 
-    checkpoint: Path = Path("checkpoints/prior_64.pt")
-    config: Path | None = Field(Path("configs/prior_64.yaml"),
+    checkpoint: Path = Path("checkpoints/prior_native.pt")
+    config: Path | None = Field(Path("configs/prior_native.yaml"),
                                 description="network/diffusion config the checkpoint must match")
     weights: Literal["ema", "model"] = "ema"
 
@@ -350,24 +356,43 @@ class WarmStartConfig(_Section):
             update={"params": {**b.params, "lam": op.lam[b.name]}})})
 
 
-class ReconstructSection(_Section):
-    """Posterior sampling of every test volume, slice-batched, for each operator."""
+def _default_operators() -> list[OperatorConfig]:
+    """Mask 30 %, blur 2 px and 4x Cartesian k-space, each with the TV weight inside its data
+    consistency and the baselines' lam chosen on the public validation split (sigma_y 0.01;
+    README, "Choosing the sampler")."""
+    def op(name: str, params: dict, tv: float, lam: dict[str, float]) -> OperatorConfig:
+        return OperatorConfig(name=name, params=params, lam=lam, guidance=GuidanceConfig(
+            name="data_consistency", params={"tv": tv}))
 
-    operators: list[OperatorConfig] = Field(
-        default_factory=lambda: [OperatorConfig(name="fourier")], min_length=1, max_length=64)
+    return [op("mask", {"kind": "random", "keep": 0.3}, 1e-3, {"tv": 1e-2, "l1_wavelet": 1e-2}),
+            op("blur", {"sigma": 2.0}, 1e-4, {"tv": 3.2e-4, "l1_wavelet": 1e-3}),
+            op("fourier", {"acceleration": 4, "center_fraction": 0.08, "kind": "random"}, 1e-3,
+               {"tv": 3.2e-3, "l1_wavelet": 3.2e-4})]
+
+
+class ReconstructSection(_Section):
+    """Posterior sampling of every test volume, slice-batched, for each operator. The defaults
+    are the sampler chosen on the validation split: DiffPIR's full re-noising, data consistency
+    with a little TV, a warm start from TV noised to t0 = 0.2, 29 steps (30 NFE)."""
+
+    operators: list[OperatorConfig] = Field(default_factory=_default_operators, min_length=1,
+                                            max_length=64)
     sigma_y: float = Field(0.01, ge=0, le=100.0,
                            description="measurement noise std (image units [0, 1])")
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
-    integrator: IntegratorConfig = Field(default_factory=IntegratorConfig)
+    integrator: IntegratorConfig = Field(
+        default_factory=lambda: IntegratorConfig(name="diffpir", params={"zeta": 1.0}))
     timer: TimerConfig = Field(default_factory=TimerConfig)
     x0_range: tuple[float, float] | None = Field(
-        None, description="keep every guided x0 estimate finite and inside [lo, hi] (image "
+        (0.0, 1.5), description="keep every guided x0 estimate finite and inside [lo, hi] (image "
         "units); e.g. [0, 1.5] for foreground-normalised slices. null: no guard")
-    steps: int = Field(32, ge=1, le=10_000, strict=True)
+    steps: int = Field(29, ge=1, le=10_000, strict=True)
     warm_start: WarmStartConfig | None = Field(
-        None, description="start from a classical solution noised to t0 (null: from noise)")
+        default_factory=lambda: WarmStartConfig(t0=0.2),
+        description="start from a classical solution noised to t0 (null: from noise)")
     baselines: list[BaselineConfig] = Field(
-        default_factory=list, max_length=64, description="classical reconstructions of the same "
+        default_factory=lambda: [BaselineConfig(name="tv"), BaselineConfig(name="l1_wavelet")],
+        max_length=64, description="classical reconstructions of the same "
         "y, rows of the same tables (e.g. [tv, l1_wavelet]); lam null: chosen on the validation "
         "split")
     tune_slices: int = Field(2, ge=1, le=64, strict=True, description="central slices per validation volume "
@@ -375,9 +400,9 @@ class ReconstructSection(_Section):
     tune_volumes: int | None = Field(None, ge=1, le=1000, strict=True,
                                      description="validation volumes used to choose "
                                      "lam (None: every T1-weighted one of data.val_split)")
-    n_samples: int = Field(2, ge=1, le=64, strict=True,
+    n_samples: int = Field(4, ge=1, le=64, strict=True,
                            description="posterior samples per slice (mean, std)")
-    batch_size: int = Field(8, ge=1, le=1024, strict=True, description="slices per batch "
+    batch_size: int = Field(16, ge=1, le=1024, strict=True, description="slices per batch "
                             "(memory bound; n_samples x batch_size chains run at once)")
     slab_slices: int | None = Field(32, ge=1, le=100_000, strict=True, description="slices per "
                                     "slab, the unit of work the task runner spreads over workers "
@@ -494,13 +519,16 @@ class CompareSection(_Section):
     ``integrators`` x ``steps`` (with ``reconstruct.guidance``) followed by ``methods``."""
 
     integrators: list[IntegratorConfig] = Field(
-        default_factory=lambda: [IntegratorConfig(name=n) for n in ("euler", "heun", "dpmpp2s", "ddim")],
+        default_factory=lambda: [IntegratorConfig(name=n)
+                                 for n in ("euler", "heun", "dpmpp2s", "ddim", "diffpir")],
         max_length=64)
-    steps: list[int] = Field(default_factory=lambda: [16], min_length=1, max_length=64)
+    steps: list[int] = Field(default_factory=lambda: [8, 16, 32], min_length=1, max_length=64)
     methods: list[MethodConfig] = Field(
-        default_factory=list, max_length=64, description="further rows: diffusion settings and "
+        default_factory=lambda: [MethodConfig(guidance=GuidanceConfig(name="dps"), steps=16),
+                                 MethodConfig.model_validate("tv"),
+                                 MethodConfig.model_validate("l1_wavelet")], max_length=64, description="further rows: diffusion settings and "
         "baselines, e.g. [{guidance: dps, steps: 16}, tv, l1_wavelet]")
-    operator: str | None = Field(None, description="operator name (default: the first one)")
+    operator: str | None = Field("fourier", description="operator name (null: the first one)")
     max_volumes: int = Field(1, ge=1, le=100_000, strict=True)
 
     @field_validator("integrators", mode="before")
@@ -615,7 +643,7 @@ class TrackingSection(_Section):
 class Config(_Section):
     """The whole project configuration."""
 
-    name: str = "recon"
+    name: str = "default"
     work_dir: Path = Field(Path("work"), description="outputs, caches, PREFECT_HOME, mlflow.db")
     data: DataConfig = Field(default_factory=DataConfig)
     prior: PriorSection = Field(default_factory=PriorSection)
@@ -748,6 +776,8 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any,
             child = copy.deepcopy(dflt) if isinstance(dflt, dict | list) else {}
         elif isinstance(child, str) and not path[i + 1].isdigit():
             child = {"name": child}  # short form "heun" -> {name: heun}
+            if not (isinstance(dflt, Mapping) and dflt.get("name") == child["name"]):
+                dflt = {}  # another component than the default's: none of its params
         node[key] = child
         node = child
 

@@ -40,6 +40,9 @@ def workspace(tmp_path_factory):
         "reconstruct.operators=[{name: mask, params: {keep: 0.5}, guidance: data_consistency}, "
         "{name: fourier, params: {acceleration: 4, center_fraction: 0.08}, guidance: data_consistency}]",
         "reconstruct.steps=3", "reconstruct.n_samples=2", "reconstruct.batch_size=1",
+        # the tiny sampler of these tests, not the shipped one (no TV warm start, no baselines)
+        "data.normalise=percentile", "reconstruct.integrator=heun", "reconstruct.x0_range=null",
+        "reconstruct.warm_start=null", "reconstruct.baselines=[]", "compare.methods=[]",
         "reconstruct.num_threads=1", "reconstruct.progress=false", "reconstruct.device=cpu",
         "compare.integrators=[euler, ddim]", "compare.steps=[2, 3]", "compare.operator=fourier",
         "tracking.experiment=test",

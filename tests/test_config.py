@@ -50,7 +50,7 @@ def test_resolved_is_flat_and_complete():
     flat = cfg.resolved()
     assert flat["reconstruct.steps"] == cfg.reconstruct.steps
     assert flat["reconstruct.operators.0.name"] == "fourier"
-    assert flat["compare.steps"] == [16]
+    assert flat["compare.steps"] == [8, 16, 32]
     assert all(not isinstance(v, dict) or v == {} for v in flat.values())
     assert flatten({"a": {"b": 1}, "l": [{"x": 2}], "e": {}}) == {"a.b": 1, "l.0.x": 2, "e": {}}
     # the dict round-trips through validation (what subflows receive)
@@ -92,7 +92,8 @@ def test_resolved_is_flat_and_complete():
     ("compare.integrators=[]", "nothing to compare"),
 ])
 def test_invalid_values_give_clear_errors(override, fragment):
-    overrides = [override]
+    overrides = [override, "compare.methods=[]"] if override == "compare.integrators=[]" \
+        else [override]
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert fragment in str(info.value)
@@ -157,7 +158,8 @@ def test_compare_operator_is_checked_when_a_comparison_runs():
     cfg = load_config(None, ["reconstruct.operators=[mask]", "compare.operator=fourier"])
     with pytest.raises(ConfigError, match="compare.operator: 'fourier' is not among"):
         _ = cfg.compare_operator
-    assert load_config(None, ["reconstruct.operators=[mask]"]).compare_operator.name == "mask"
+    assert load_config(None, ["reconstruct.operators=[mask]", "compare.operator=null"]
+                       ).compare_operator.name == "mask"  # null: the first operator
 
 
 def test_the_readme_kspace_example_loads_as_written():
@@ -165,3 +167,37 @@ def test_the_readme_kspace_example_loads_as_written():
     compare section naming fourier no longer refuses it."""
     cfg = load_config(ROOT / "configs" / "kspace.yaml", ["reconstruct.operators=[acquired]"])
     assert [o.name for o in cfg.reconstruct.operators] == ["acquired"]
+
+
+def test_default_yaml_spells_out_the_schema_defaults():
+    """One source of defaults: ``configs/default.yaml`` is the schema's defaults, written out."""
+    assert load_config("configs/default.yaml", base_dir=ROOT).to_dict() == \
+        Config().absolute(ROOT).to_dict()
+
+
+def test_the_readme_reference_table_gives_the_schema_defaults():
+    """Every backticked default of the README's reference table equals the schema's (keys and
+    defaults pair up in order: "`a`, `b` | `1`, `2`")."""
+    import re
+
+    import yaml
+
+    defaults = flatten(Config().to_dict())
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| key | default | meaning |"):]
+    table = table[:table.index("\n\n")]
+    checked = 0
+    for row in table.splitlines()[2:]:
+        keys_cell, default_cell = row.split(" | ")[:2]
+        keys = re.findall(r"`([a-z_.]+)(?:\[\])?`", keys_cell)
+        values = [v.strip() for v in default_cell.split(", ")]
+        if len(keys) != len(values):
+            continue
+        for key, value in zip(keys, values, strict=True):
+            if not (value.startswith("`") and value.endswith("`")) or key not in defaults \
+                    or "<" in value:  # `<work_dir>/...`: a description, not a value
+                continue
+            given = yaml.safe_load(value.strip("`"))
+            assert given == defaults[key], f"README says {key} = {given!r}, schema {defaults[key]!r}"
+            checked += 1
+    assert checked >= 20, checked

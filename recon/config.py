@@ -526,7 +526,8 @@ class CompareSection(_Section):
     methods: list[MethodConfig] = Field(
         default_factory=lambda: [MethodConfig(guidance=GuidanceConfig(name="dps"), steps=16),
                                  MethodConfig.model_validate("tv"),
-                                 MethodConfig.model_validate("l1_wavelet")], max_length=64, description="further rows: diffusion settings and "
+                                 MethodConfig.model_validate("l1_wavelet")],
+        max_length=64, description="further rows: diffusion settings and "
         "baselines, e.g. [{guidance: dps, steps: 16}, tv, l1_wavelet]")
     operator: str | None = Field("fourier", description="operator name (null: the first one)")
     max_volumes: int = Field(1, ge=1, le=100_000, strict=True)

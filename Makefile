@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint data prior prior-64 heldout bench gpu-check gpu-bundle clean
+.PHONY: install test test-fast demo lint data prior prior-64 heldout bench gpu-check gpu-bundle clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+# The inner loop: the unit tiers only (no flows, servers or subprocesses), about 2 minutes.
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
 demo: $(STAMP)
 	$(BIN)/recon demo

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from recon import cli
 
+pytestmark = pytest.mark.integration  # flows, servers, subprocesses: not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 

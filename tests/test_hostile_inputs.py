@@ -17,6 +17,8 @@ from recon.data.manifest import ManifestError, load_manifest
 from recon.prior_config import load_prior_config
 from recon.yaml_io import MAX_BYTES, YamlError, parse_yaml, read_yaml
 
+pytestmark = pytest.mark.integration  # flows, servers, subprocesses: not in make test-fast
+
 runner = CliRunner()
 
 

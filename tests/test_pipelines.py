@@ -36,6 +36,8 @@ from recon.network import (  # noqa: E402
     build_network,
 )
 
+pytestmark = pytest.mark.integration  # flows, servers, subprocesses: not in make test-fast
+
 SIZE = 32
 TINY_NET = {"channels": [16, 16], "attention_levels": [False, False], "norm_num_groups": 8,
             "num_head_channels": 16}

@@ -19,6 +19,8 @@ from recon.config import load_config
 from recon.reconstruction import assemble_volume, reconstruct_prepared, slab_ranges
 from recon.volumes import read_stacks
 
+pytestmark = pytest.mark.integration  # flows, servers, subprocesses: not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from test_schedule import _env, _free_port, _stop, _wait_for_api
 
+pytestmark = pytest.mark.integration  # flows, servers, subprocesses: not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = """\
 from prefect import flow

@@ -15,7 +15,9 @@ from the previous winner:
 - ``tv``: total variation inside the data-consistency step, as a fraction of TV's own lam;
 - ``warm``: a warm start from the TV solution noised to t0, with and without TV in the step;
 - ``samples``: the posterior mean over n samples (one batch) of the config's own sampler (the
-  winner of the groups above).
+  winner of the groups above);
+- ``end``: where the chains stop, the timer's ``t_min``: the output is the guided Tweedie
+  estimate there (the config's own sampler otherwise), nearer the posterior mean the later.
 
     python benchmarks/sampler_choice.py                       # every group, every operator
     python benchmarks/sampler_choice.py --groups warm samples --operators fourier
@@ -61,6 +63,9 @@ def groups(lam: float) -> dict[str, dict[str, dict]]:
                  **{f"warm t0={t0:g} tv={f:g} lam": _method(t0=t0, lam=lam, tv=f * lam)
                     for t0 in (0.2, 0.3) for f in (0.1, 0.3)}},
         "samples": {f"the config's sampler, n={n}": {"n_samples": n} for n in (1, 2, 4, 8)},
+        "end": {f"the config's sampler, t_min={t:g}": {"timer": {"name": "cosine",
+                                                               "params": {"t_min": t}}}
+                for t in (0.001, 0.01, 0.03, 0.06, 0.1)},
     }
 
 
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--slices", type=int, default=2, help="central slices per validation volume")
     p.add_argument("--operators", nargs="*", default=None)
-    p.add_argument("--groups", nargs="*", default=None, help="of step weight tv warm samples")
+    p.add_argument("--groups", nargs="*", default=None, help="of step weight tv warm samples end")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override, e.g. prior.checkpoint=PATH")
     p.add_argument("--threads", type=int, default=2)

@@ -1,0 +1,220 @@
+"""The components a config names: ``{name, params}`` checked against ``recon.registry``
+(operators, guidances, integrators, timers, classical baselines) and the warm start."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import Field, field_validator, model_validator
+
+from recon.config.base import (
+    BUILD_COMPONENTS,
+    Section,
+    check_name,
+    check_params,
+    named,
+    try_build,
+)
+from recon.registry import BASELINES, GUIDANCES, INTEGRATORS, OPERATORS, TIMERS
+
+if TYPE_CHECKING:  # the components themselves are imported only when built
+    from recon.baselines import Baseline
+    from recon.guidance import Guidance
+    from recon.integrator import Integrator
+    from recon.operators import Operator
+    from recon.timer import Timer
+
+
+class _Component(Section):
+    """A library object named from its registry, plus its keyword arguments: an unknown name
+    lists the valid ones; unknown or bad parameters fail at load time."""
+
+    KIND: ClassVar[str]
+    REGISTRY: ClassVar[Mapping[str, Callable[..., Any]]]
+    RESERVED: ClassVar[tuple[str, ...]] = ()
+    """Arguments the library fills in, never the user."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(cls.KIND, v, cls.REGISTRY)
+
+    @model_validator(mode="after")
+    def _params(self) -> _Component:
+        if not BUILD_COMPONENTS.get():
+            return self
+        check_params(self.KIND, self.name, self.REGISTRY[self.name], self.params,
+                      reserved=self.RESERVED)
+        try_build(self.KIND, self.name, self._trial)
+        return self
+
+    def _trial(self) -> Any:
+        """One throwaway instance, so that bad values fail at load time."""
+        return self.build()
+
+    def build(self, **given: Any) -> Any:
+        """The object: ``REGISTRY[name](**params, **given)`` (``given``: the reserved
+        arguments the library fills in). The name and params were checked on load."""
+        return self.REGISTRY[self.name](**self.params, **given)
+
+
+class OperatorConfig(_Component):
+    """A measurement operator: ``mask``, ``blur`` or ``fourier`` plus its keyword arguments
+    (e.g. ``{keep: 0.5}``, ``{sigma: 1.5}``, ``{acceleration: 4, center_fraction: 0.08}``);
+    ``guidance`` overrides the reconstruction's guidance for this operator; ``lam`` gives the
+    classical baselines' ``lam`` for it (``{tv: 3.2e-3}``), used where a baseline or warm start
+    says ``lam: null`` instead of choosing it on the validation split."""
+
+    KIND = "operator"
+    REGISTRY = OPERATORS
+    RESERVED = ("shape", "sigma_y", "seed")
+
+    guidance: GuidanceConfig | None = None
+    lam: dict[str, float] = Field(default_factory=dict, description="baseline name -> lam for "
+                                  "this operator (e.g. chosen once on the public validation "
+                                  "split); missing: chosen on data.val_split when needed")
+
+    @field_validator("lam")
+    @classmethod
+    def _lam(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, lam in v.items():
+            check_name("baseline", name, BASELINES)
+            if not (lam >= 0 and lam < float("inf")):
+                raise ValueError(f"lam of {name} must be a finite number >= 0, got {lam}")
+        return v
+
+    @field_validator("guidance", mode="before")
+    @classmethod
+    def _short_guidance(cls, v: Any) -> Any:
+        return named(v)
+
+    def _trial(self) -> None:
+        """Nothing here: building needs the slice size and sigma_y (``Config._cross`` does it)."""
+
+    def build(self, shape: tuple[int, int], sigma_y: float, seed: int = 0) -> Operator:
+        """The operator for slices of ``shape``; its mask/kernel drawn from ``seed``."""
+        return self.REGISTRY[self.name](tuple(int(n) for n in shape), **self.params,
+                                        sigma_y=sigma_y, seed=seed)
+
+
+def label_of(name: str, params: Mapping[str, Any]) -> str:
+    """``ddim`` or ``ddim(eta=1.0)``: short and unique per setting."""
+    if not params:
+        return name
+    return name + "(" + ",".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in sorted(params.items())) + ")"
+
+
+class GuidanceConfig(_Component):
+    """Posterior guidance from ``recon.registry.GUIDANCES`` and its keyword arguments."""
+
+    KIND = "guidance"
+    REGISTRY = GUIDANCES
+
+    name: str = "data_consistency"
+
+    def build(self) -> Guidance:
+        return super().build()
+
+    @property
+    def label(self) -> str:
+        return label_of(self.name, self.params)
+
+
+class BaselineConfig(_Component):
+    """A classical reconstruction from ``recon.registry.BASELINES`` (``tv``, ``l1_wavelet``)
+    and its keyword arguments: ``lam`` (null: chosen on the validation split for each
+    operator, ``recon.reconstruction.tune_baseline``) and ``iterations``."""
+
+    KIND = "baseline"
+    REGISTRY = BASELINES
+    RESERVED = ("operator",)
+
+    def _trial(self) -> Any:
+        return self.build(OPERATORS["mask"]((8, 8), keep=0.5, sigma_y=0.01, seed=0))
+
+    def build(self, operator: Operator) -> Baseline:
+        """The baseline for this operator."""
+        return self.REGISTRY[self.name](operator, **self.params)
+
+    @property
+    def lam(self) -> float | None:
+        return self.params.get("lam")
+
+    @property
+    def iterations(self) -> int:
+        return self.params.get("iterations") or self.REGISTRY[self.name].iterations
+
+    @property
+    def label(self) -> str:
+        return label_of(self.name, self.params)
+
+
+class IntegratorConfig(_Component):
+    """An integrator from ``recon.registry.INTEGRATORS`` and its keyword arguments."""
+
+    KIND = "integrator"
+    REGISTRY = INTEGRATORS
+
+    name: str = "heun"
+
+    def build(self) -> Integrator:
+        return super().build()
+
+    @property
+    def label(self) -> str:
+        """``ddim`` or ``ddim(eta=1.0)``: short and unique per setting."""
+        return label_of(self.name, self.params)
+
+
+class TimerConfig(_Component):
+    """A time grid from ``recon.registry.TIMERS``; ``steps`` comes from ``reconstruct.steps``."""
+
+    KIND = "timer"
+    REGISTRY = TIMERS
+    RESERVED = ("steps",)
+
+    name: str = "cosine"
+    params: dict[str, Any] = Field(default_factory=lambda: {"t_min": 1e-3})
+
+    def _trial(self) -> Any:
+        return self.build(1)
+
+    def build(self, steps: int, t_max: float | None = None) -> Timer:
+        """The time grid of ``steps`` steps (from ``t_max`` when given: a warm start)."""
+        params = self.params if t_max is None else {**self.params, "t_max": t_max}
+        return self.REGISTRY[self.name](steps, **params)
+
+
+class WarmStartConfig(Section):
+    """Start the sampler near a classical answer (CCDF, Chung et al. 2022): the ``baseline``'s
+    solution of the same y (``lam`` null: chosen on the validation split), noised to ``t0``;
+    ``reconstruct.steps`` then run from ``t0`` down to the timer's ``t_min``."""
+
+    baseline: BaselineConfig = Field(default_factory=lambda: BaselineConfig(name="tv"))
+    t0: float = Field(0.4, gt=0.0, lt=1.0, description="diffusion time the chains start at")
+
+    @field_validator("baseline", mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return named(v)
+
+    @property
+    def label(self) -> str:
+        """``warm tv t0=0.2`` (its lam is in the run's parameters)."""
+        return f"warm {self.baseline.name} t0={self.t0:g}"
+
+    def for_operator(self, op: OperatorConfig) -> WarmStartConfig:
+        """This warm start with the operator's ``lam`` where its own is null."""
+        b = self.baseline
+        if b.lam is not None or b.name not in op.lam:
+            return self
+        return self.model_copy(update={"baseline": b.model_copy(
+            update={"params": {**b.params, "lam": op.lam[b.name]}})})
+
+
+OperatorConfig.model_rebuild()

@@ -1,0 +1,226 @@
+"""The sampler's sections: ``reconstruct`` (operators, guidance, integrator, timer, warm start,
+baselines, batching) and ``compare`` (the methods side by side, each a ``MethodConfig``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from recon.config.base import Section, check_name, named, named_list
+from recon.config.components import (
+    BaselineConfig,
+    GuidanceConfig,
+    IntegratorConfig,
+    OperatorConfig,
+    TimerConfig,
+    WarmStartConfig,
+)
+from recon.registry import BASELINES, OPERATORS
+
+
+def _default_operators() -> list[OperatorConfig]:
+    """Mask 30 %, blur 2 px and 4x Cartesian k-space, each with the TV weight inside its data
+    consistency and the baselines' lam chosen on the public validation split (sigma_y 0.01;
+    README, "Choosing the sampler")."""
+    def op(name: str, params: dict, tv: float, lam: dict[str, float]) -> OperatorConfig:
+        return OperatorConfig(name=name, params=params, lam=lam, guidance=GuidanceConfig(
+            name="data_consistency", params={"tv": tv}))
+
+    return [op("mask", {"kind": "random", "keep": 0.3}, 1e-3, {"tv": 1e-2, "l1_wavelet": 1e-2}),
+            op("blur", {"sigma": 2.0}, 1e-4, {"tv": 3.2e-4, "l1_wavelet": 1e-3}),
+            op("fourier", {"acceleration": 4, "center_fraction": 0.08, "kind": "random"}, 1e-3,
+               {"tv": 3.2e-3, "l1_wavelet": 3.2e-4})]
+
+
+class ReconstructSection(Section):
+    """Posterior sampling of every test volume, slice-batched, for each operator. The defaults
+    are the sampler chosen on the validation split: DiffPIR's full re-noising, data consistency
+    with a little TV, a warm start from TV noised to t0 = 0.2, 29 steps (30 NFE)."""
+
+    operators: list[OperatorConfig] = Field(default_factory=_default_operators, min_length=1,
+                                            max_length=64)
+    sigma_y: float = Field(0.01, ge=0, le=100.0,
+                           description="measurement noise std (image units [0, 1])")
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    integrator: IntegratorConfig = Field(
+        default_factory=lambda: IntegratorConfig(name="diffpir", params={"zeta": 1.0}))
+    timer: TimerConfig = Field(default_factory=TimerConfig)
+    x0_range: tuple[float, float] | None = Field(
+        (0.0, 1.5), description="keep every guided x0 estimate finite and inside [lo, hi] (image "
+        "units); e.g. [0, 1.5] for foreground-normalised slices. null: no guard")
+    steps: int = Field(29, ge=1, le=10_000, strict=True)
+    warm_start: WarmStartConfig | None = Field(
+        default_factory=lambda: WarmStartConfig(t0=0.2),
+        description="start from a classical solution noised to t0 (null: from noise)")
+    baselines: list[BaselineConfig] = Field(
+        default_factory=lambda: [BaselineConfig(name="tv"), BaselineConfig(name="l1_wavelet")],
+        max_length=64, description="classical reconstructions of the same "
+        "y, rows of the same tables (e.g. [tv, l1_wavelet]); lam null: chosen on the validation "
+        "split")
+    tune_slices: int = Field(2, ge=1, le=64, strict=True, description="central slices per validation volume "
+                             "on which a baseline's lam is chosen")
+    tune_volumes: int | None = Field(None, ge=1, le=1000, strict=True,
+                                     description="validation volumes used to choose "
+                                     "lam (None: every T1-weighted one of data.val_split)")
+    n_samples: int = Field(4, ge=1, le=64, strict=True,
+                           description="posterior samples per slice (mean, std)")
+    batch_size: int = Field(16, ge=1, le=1024, strict=True, description="slices per batch "
+                            "(memory bound; n_samples x batch_size chains run at once)")
+    slab_slices: int | None = Field(32, ge=1, le=100_000, strict=True, description="slices per "
+                                    "slab, the unit of work the task runner spreads over workers "
+                                    "and that a re-run skips once done (None: a volume per slab)")
+    seed: int = Field(0, ge=0, le=2**63 - 1, strict=True, description="measurement and "
+                      "sampler seed (below 2^63: torch generators take 64-bit seeds)")
+    kspace_phase: Literal["lowres", "sense", "none"] = Field(
+        "lowres", description="raw k-space: the image phase absorbed into the coil maps "
+        "(recon.raw): of the calibration image, of a SENSE solution, or none")
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="the prior's forward passes: fp32, or bf16 autocast (a GPU's "
+        "tensor cores; the samplers' arithmetic and data consistency stay float32)")
+    num_threads: int | None = Field(None, ge=1, le=1024, strict=True,
+                                    description="torch CPU threads (None: torch's "
+                                    "default); 1 avoids oversubscription on shared CPUs")
+    progress: bool = True
+
+    @field_validator("operators", "baselines", mode="before")
+    @classmethod
+    def _short_lists(cls, v: Any) -> Any:
+        return named_list(v)
+
+    @field_validator("guidance", "integrator", "timer", mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return named(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v == "auto" or v == "cpu" or v == "mps" or v == "cuda" or v.startswith("cuda:"):
+            return v
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {v!r}")
+
+    @field_validator("x0_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"x0_range must be [lo, hi] with lo < hi, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> ReconstructSection:
+        names = [o.name for o in self.operators]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"operators listed more than once: {dup} (outputs are named by operator)")
+        names = [b.name for b in self.baselines]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"baselines listed more than once: {dup} (outputs are named by method)")
+        return self
+
+    def guidance_for(self, op: OperatorConfig) -> GuidanceConfig:
+        return op.guidance or self.guidance
+
+    def family(self, op: OperatorConfig) -> str:
+        """The sampler for ``op`` without its step count: ``dps ddim(eta=1.0)``."""
+        warm = "" if self.warm_start is None else f" {self.warm_start.label}"
+        return f"{self.guidance_for(op).label} {self.integrator.label}{warm}"
+
+    def label(self, op: OperatorConfig) -> str:
+        """The sampler for ``op``, as tables and run names show it: ``dps ddim(eta=1.0) x16``."""
+        return f"{self.family(op)} x{self.steps}"
+
+
+class MethodConfig(Section):
+    """One row of a comparison: the diffusion sampler of ``reconstruct`` with some of
+    ``guidance`` / ``integrator`` / ``timer`` / ``steps`` / ``warm_start`` / ``n_samples``
+    changed, or a classical ``baseline``. A field left out keeps ``reconstruct``'s value; ``warm_start: null``
+    given explicitly starts from pure noise. Short forms: ``tv`` (a baseline name) and
+    ``{baseline: l1_wavelet, ...}``."""
+
+    baseline: BaselineConfig | None = None
+    guidance: GuidanceConfig | None = None
+    integrator: IntegratorConfig | None = None
+    timer: TimerConfig | None = None
+    steps: int | None = Field(None, ge=1, le=10_000)
+    warm_start: WarmStartConfig | None = None
+    n_samples: int | None = Field(None, ge=1, le=64, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {"baseline": {"name": v}} if v in BASELINES else {"guidance": {"name": v}}
+        if isinstance(v, dict):
+            v = {k: (named(x) if k in ("baseline", "guidance", "integrator", "timer") else x)
+                 for k, x in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> MethodConfig:
+        if self.baseline is not None and (self.guidance or self.integrator or self.timer
+                                          or self.steps or self.warm_start or self.n_samples):
+            raise ValueError("a method is either a baseline or a diffusion setting (guidance, "
+                             "integrator, timer, steps, warm_start, n_samples), not both")
+        return self
+
+    def setting(self, rs: ReconstructSection) -> ReconstructSection:
+        """``reconstruct`` with this method's diffusion fields (unchanged for a baseline)."""
+        update = {k: v for k, v in (("guidance", self.guidance), ("integrator", self.integrator),
+                                    ("timer", self.timer), ("steps", self.steps),
+                                    ("warm_start", self.warm_start),
+                                    ("n_samples", self.n_samples)) if v is not None}
+        if "warm_start" in self.model_fields_set:  # given, null included: no warm start
+            update["warm_start"] = self.warm_start
+        if self.guidance is not None:  # one guidance for every operator in the comparison
+            update["operators"] = [o.model_copy(update={"guidance": None}) for o in rs.operators]
+        return rs.model_copy(update=update)
+
+
+class CompareSection(Section):
+    """Method comparison, same data, seed and measurement, one child run per method: the grid
+    ``integrators`` x ``steps`` (with ``reconstruct.guidance``) followed by ``methods``."""
+
+    integrators: list[IntegratorConfig] = Field(
+        default_factory=lambda: [IntegratorConfig(name=n)
+                                 for n in ("euler", "heun", "dpmpp2s", "ddim", "diffpir")],
+        max_length=64)
+    steps: list[int] = Field(default_factory=lambda: [8, 16, 32], min_length=1, max_length=64)
+    methods: list[MethodConfig] = Field(
+        default_factory=lambda: [MethodConfig(guidance=GuidanceConfig(name="dps"), steps=16),
+                                 MethodConfig.model_validate("tv"),
+                                 MethodConfig.model_validate("l1_wavelet")],
+        max_length=64, description="further rows: diffusion settings and "
+        "baselines, e.g. [{guidance: dps, steps: 16}, tv, l1_wavelet]")
+    operator: str | None = Field("fourier", description="operator name (null: the first one)")
+    max_volumes: int = Field(1, ge=1, le=100_000, strict=True)
+
+    @field_validator("integrators", mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return named_list(v)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= s <= 10_000 for s in v):
+            raise ValueError(f"steps must be integers in [1, 10000], got {v}")
+        return v
+
+    @field_validator("operator")
+    @classmethod
+    def _operator(cls, v: str | None) -> str | None:
+        return None if v is None else check_name("operator", v, OPERATORS)
+
+    @model_validator(mode="after")
+    def _rows(self) -> CompareSection:
+        if not self.integrators and not self.methods:
+            raise ValueError("nothing to compare: give integrators or methods")
+        return self
+
+    def rows(self) -> list[MethodConfig]:
+        """Every method compared: the integrator x steps grid, then ``methods``."""
+        grid = [MethodConfig(integrator=i, steps=n) for i in self.integrators for n in self.steps]
+        return grid + list(self.methods)

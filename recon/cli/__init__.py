@@ -19,28 +19,31 @@ default ``configs/default.yaml``. The flow commands run Prefect flows (embedded 
 Each command imports what it needs when it runs: ``pipelines`` only after ``setup_prefect``
 has pointed Prefect at the config's work dir (Prefect reads its settings on import), and the
 MONAI/torch modules only for the commands that compute, so ``recon config`` stays quick.
+The commands are here; how a flow is run (config, Prefect set-up, signals, exit codes) is in
+``recon.cli.runtime``, what is printed in ``recon.cli.console``.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 import yaml
-from rich.console import Console
-from rich.table import Table
 
-from recon.config import Config, ConfigError, load_config
+from recon.cli.console import (
+    COMPARE_COLUMNS,
+    console,
+    print_reconstruction,
+    print_table,
+    where,
+)
+from recon.cli.runtime import ROOT, config_path, load, prepare, run_flow
 from recon.data.manifest import DataError, describe_file, load_manifest, verify
 from recon.data.public import materialise as build_public_data
-from recon.prior_config import CheckpointError, load_prior_config
+from recon.prior_config import load_prior_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Diffusion-prior reconstruction of brain MRI: Prefect flows + MLflow tracking.")
@@ -64,294 +67,10 @@ def _version(value: bool) -> None:
 def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="print the version and exit")] = False) -> None:
     """Diffusion-prior reconstruction of brain MRI: Prefect flows + MLflow tracking."""
-ROOT = Path(__file__).resolve().parents[1]
-_probe = Console()
-console = Console(width=max(_probe.width, 150) if _probe.is_terminal else 160)
-
 ConfigArg = Annotated[str, typer.Argument(help="config YAML, or a name in configs/ (e.g. demo)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="dotted override "
                                                   "section.key=value (repeatable)")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's INFO logs")]
-
-
-# -- helpers ------------------------------------------------------------------------------------
-def config_path(config: str) -> Path:
-    """``demo`` -> ``configs/demo.yaml`` when no such file exists as given."""
-    p = Path(config)
-    if p.is_file():
-        return p
-    for root in (Path.cwd(), ROOT):
-        for cand in (root / "configs" / config, root / "configs" / f"{config}.yaml"):
-            if cand.is_file():
-                return cand
-    return p
-
-
-def load(config: str, overrides: list[str] | None, record: bool = False,
-         base_dir: Path | None = None) -> Config:
-    """The validated config, or exit 2 with the reasons (``record``: also leave a FAILED
-    MLflow run saying why)."""
-    try:
-        return load_config(config_path(config), overrides or [], base_dir=base_dir)
-    except ConfigError as err:
-        console.print(f"[bold red]invalid configuration[/]\n{err}", highlight=False)
-        if record:
-            _record_config_failure(config, overrides, err)
-        raise typer.Exit(2) from None
-
-
-def prepare(config: str, overrides: list[str] | None, verbose: bool = False,
-            base_dir: Path | None = None, embedded_api: bool = True,
-            operator_check: bool = False) -> Config:
-    """Validate the config (exit 2 with the reasons if invalid; ``operator_check``: its
-    ``compare.operator`` too) and set up Prefect's settings for its work dir *before* Prefect
-    is imported (``embedded_api``: and start Prefect's embedded API as a child of this process
-    unless ``PREFECT_API_URL`` names a server)."""
-    cfg = load(config, overrides, record=True, base_dir=base_dir)
-    if operator_check:
-        try:
-            _ = cfg.compare_operator
-        except ConfigError as err:
-            console.print(f"[bold red]invalid configuration[/]\n{err}", highlight=False)
-            raise typer.Exit(2) from None
-    problem = unwritable(cfg.work_dir)
-    if problem:
-        console.print(f"[bold red]invalid configuration[/]\n  work_dir: {problem}",
-                      highlight=False)
-        raise typer.Exit(2)
-    setup_prefect(cfg, verbose, embedded_api)
-    return cfg
-
-
-WORK_SUBFOLDERS = ("runs", "cache", "prefect", "mlartifacts", "prior")
-"""What the flows create below ``work_dir`` (a user may link them to a bigger disk)."""
-
-
-def unwritable(folder: Path) -> str | None:
-    """Why nothing can be written under ``folder`` (created if missing), or None; a link in it
-    (``runs``, ``cache``, ...) to a folder that does not exist is named too."""
-    for sub in (Path(folder), *(Path(folder) / name for name in WORK_SUBFOLDERS)):
-        if sub.is_symlink() and not sub.exists():
-            return (f"{sub} is a symbolic link to {os.readlink(sub)}, which does not exist; "
-                    "create that folder or remove the link")
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        return (f"{folder} is not a writable folder ({err.strerror or type(err).__name__}); "
-                "set work_dir to one you can write to")
-    return None
-
-
-VERBOSE = False
-"""``--verbose``: Prefect's INFO logs and the traceback of a failure."""
-
-
-def setup_prefect(cfg, verbose: bool = False, embedded_api: bool = True) -> None:
-    """Quiet Prefect's INFO logs unless ``verbose``; its state under ``cfg.work_dir``; its
-    embedded API started now, from this (main) thread, as a child that dies with this process
-    (``pipelines.embedded_api``), unless ``PREFECT_API_URL`` is set."""
-    global VERBOSE
-    VERBOSE = verbose
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # a local cluster's chatter
-    use_work_dir(cfg.work_dir)
-    if embedded_api:
-        from pipelines.embedded_api import start
-
-        try:
-            start()
-        except RuntimeError as err:
-            console.print(f"[bold red]Prefect API:[/] {err}", highlight=False)
-            raise typer.Exit(1) from None
-
-
-def use_work_dir(work_dir: str | Path) -> None:
-    """Make ``work_dir`` the pipelines' work dir (PREFECT_HOME below it unless set by the
-    user). Must happen before ``pipelines`` (and Prefect) is first imported: importing the
-    package configures Prefect from ``RECON_WORK_DIR``."""
-    if "pipelines" in sys.modules:
-        from pipelines.settings import default_work_dir
-
-        if Path(work_dir).resolve() != default_work_dir():
-            console.print(f"[yellow]note:[/] Prefect was already set up for "
-                          f"{default_work_dir()}; PREFECT_HOME stays there", highlight=False)
-        return
-    os.environ["RECON_WORK_DIR"] = str(Path(work_dir).resolve())
-    from pipelines.settings import configure
-
-    configure(work_dir)
-
-
-def _record_config_failure(config: str, overrides: list[str] | None, err: Exception) -> None:
-    """Invalid configs still leave a FAILED MLflow run saying why (best effort)."""
-    try:
-        from pipelines.tracking import fallback_config, run_failed
-
-        run_failed(fallback_config(str(config_path(config)), overrides), "config", err,
-                   tags={"recon.flow": "config", "recon.overrides": " ".join(overrides or [])})
-    except Exception:  # noqa: BLE001 - never hide the config error behind a tracking error
-        pass
-
-
-class _NoTracebacks(logging.Filter):
-    """Keeps Prefect's console quiet about a failure the CLI reports in one line: drops its
-    ``Encountered exception`` records (with their tracebacks) and ``Finished in state Failed``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("prefect"):
-            return True
-        return record.exc_info is None and not record.getMessage().startswith(
-            ("Encountered exception", "Finished in state Failed", "Crash detected"))
-
-
-def _quiet_failures() -> None:
-    """``_NoTracebacks`` on the console handlers Prefect put on the root logger when it was
-    imported (its API log shipping, on the flow and task run loggers, keeps everything)."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not any(
-                isinstance(f, _NoTracebacks) for f in handler.filters):
-            handler.addFilter(_NoTracebacks())
-
-
-USER_ERRORS = (DataError, ConfigError, CheckpointError)
-"""What the user can fix in their files: exit code 2, like an invalid config on load."""
-
-
-class Terminated(BaseException):
-    """SIGTERM (``timeout``, systemd, Slurm) while a flow runs; ``signal`` names it for the
-    FAILED run's reason (``pipelines.tracking.describe``)."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"terminated by {signal.Signals(signum).name}")
-        self.signal = signum
-
-
-def _terminated(signum: int, _frame) -> None:
-    raise Terminated(signum)
-
-
-def _stop_now(code: int, message: str) -> None:
-    """Print ``message`` and end the process with ``code`` at once. The flow's MLflow runs are
-    already marked (the interrupt passed through their contexts); what is left are task threads
-    busy in a slab, which an ordinary exit would wait for (minutes); Prefect's embedded API and
-    a local Dask cluster's workers end with this process (``pipelines.embedded_api``, Dask's
-    parent watch)."""
-    console.print(message, highlight=False)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def run_flow(fn, *args, **kwargs) -> Any:
-    """Run a flow; a failure prints one line (the reason and the FAILED MLflow run, whose
-    ``error.txt`` holds the traceback) and exits 2 for bad data, config or checkpoint
-    (``USER_ERRORS``), else 1; ``--verbose`` also prints the traceback.
-    Ctrl-C (SIGINT) and SIGTERM stop it within seconds, its runs marked FAILED with the signal:
-    one line, exit 130 / 143."""
-    if not VERBOSE:
-        _quiet_failures()
-    previous = signal.signal(signal.SIGTERM, _terminated)  # Prefect hands SIGTERM back to it
-    try:
-        return fn(*args, **kwargs)
-    except KeyboardInterrupt:
-        _stop_now(130, f"[red]{fn.__name__} interrupted (SIGINT); its runs are marked FAILED[/]")
-    except Terminated:
-        _stop_now(143, f"[red]{fn.__name__} terminated (SIGTERM); its runs are marked FAILED[/]")
-    except Exception as err:  # noqa: BLE001 - the flow's error, shown plainly
-        from pipelines.tracking import FAILED_RUN_NOTE, describe
-
-        if VERBOSE:
-            console.print_exception()
-        reason = " ".join(line.strip() for line in describe(err).splitlines() if line.strip())
-        notes = [n for n in getattr(err, "__notes__", []) if n.startswith(FAILED_RUN_NOTE)]
-        where_ = f" ({notes[0]}; its error.txt has the traceback)" if notes else ""
-        console.print(f"[bold red]{fn.__name__} failed:[/] {reason[:500]}{where_}",
-                      highlight=False, soft_wrap=True)
-        raise typer.Exit(2 if isinstance(err, USER_ERRORS) else 1) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def where(cfg) -> None:
-    """Where to find the results."""
-    from pipelines.tracking import tracking_uri, ui_command
-
-    console.print(f"\nMLflow runs: [bold]{tracking_uri(cfg)}[/] (experiment "
-                  f"[bold]{cfg.tracking.experiment}[/])", highlight=False)
-    console.print(f"  browse them: [bold]{ui_command(cfg)}[/]", highlight=False)
-    console.print(f"  outputs (NIfTI on the input grid, per-slice arrays): "
-                  f"{Path(cfg.work_dir) / 'runs'}", highlight=False)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
-    return str(v)
-
-
-def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
-    table = Table(title=title, title_justify="left")
-    for key, header in columns:  # a long method label wraps in its cell; numbers never do
-        table.add_column(header, no_wrap=key not in ("label", "method"),
-                         max_width=36 if key in ("label", "method") else None,
-                         justify="left" if key in ("volume", "operator", "guidance", "integrator",
-                                                   "label", "method") else "right")
-    for r in rows:
-        table.add_row(*[_fmt(r.get(k, "")) for k, _ in columns])
-    console.print(table)
-
-
-RECON_COLUMNS = [("volume", "volume"), ("operator", "operator"), ("label", "method"),
-                 ("nfe", "NFE"),
-                 ("slices", "slices"), ("psnr_naive", "PSNR naive"), ("psnr", "PSNR recon"),
-                 ("gain_db", "gain dB"), ("ssim_naive", "SSIM naive"), ("ssim", "SSIM recon"),
-                 ("seconds", "seconds"), ("slices_per_s", "slices/s")]
-COMPARE_COLUMNS = [("method", "method"), ("nfe", "NFE"), ("vjp", "VJP"), ("psnr", "PSNR"),
-                   ("ssim", "SSIM"), ("seconds", "seconds"), ("slices_per_s", "slices/s"),
-                   ("gain_db", "gain over naive dB")]
-
-
-FULLY_SAMPLED_DB = 100.0
-"""A naive reconstruction this close to the reference (PSNR in dB) means nothing was missing."""
-
-
-def print_reconstruction(cfg, rows: list[dict]) -> bool:
-    """The held-out PSNR/SSIM table and each operator's margin over the naive pseudo-inverse;
-    True when every operator beats it."""
-    from recon.metrics import worst_margins
-
-    r = cfg.reconstruct
-    print_table(f"held-out reconstruction vs the naive pseudo-inverse ({r.integrator.label}, "
-                f"{r.steps} steps, {r.n_samples} posterior samples, sigma_y={r.sigma_y:g} on images; "
-                "raw k-space keeps its measured noise)",
-                rows, RECON_COLUMNS)
-    console.print("PSNR margins over the naive pseudo-inverse:")
-    ok = True
-    full = {r["operator"] for r in rows if r.get("psnr_naive", 0) >= FULLY_SAMPLED_DB}
-    for op in sorted(full):
-        console.print(f"  {op:8s} the measurement is fully sampled: the naive reconstruction "
-                      f"already equals the reference, there is nothing to reconstruct or score",
-                      highlight=False)
-    rows = [r for r in rows if r["operator"] not in full]
-    for op, gain in worst_margins(rows, "diffusion").items():
-        good = gain > 0
-        ok &= good
-        mark = "[green]beats[/]" if good else "[bold red]does NOT beat[/]"
-        console.print(f"  {op:8s} reconstruction {mark} the naive pseudo-inverse by "
-                      f"{gain:+.2f} dB (worst volume)", highlight=False)
-    baselines = sorted({r["method"] for r in rows} - {"diffusion"})
-    classical = worst_margins(rows, "diffusion", baselines)
-    if classical:
-        names = ", ".join(baselines)
-        console.print(f"PSNR margins over the best classical baseline ({names}):")
-        for op, gain in classical.items():
-            word = "leads" if gain > 0 else "[bold]trails[/]"
-            console.print(f"  {op:8s} reconstruction {word} it by {gain:+.2f} dB (worst volume)",
-                          highlight=False)
-    return ok
 
 
 # -- commands -----------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ import time
 
 import torch
 
+from recon.batches import BatchSampler, make_batch
 from recon.network import build_network, count_parameters, resolve_device
 from recon.prior_config import load_prior_config
-from recon.training import BatchSampler, lr_at, make_batch, train_step
+from recon.training import lr_at, train_step
 
 
 def _maxrss_mb() -> float:

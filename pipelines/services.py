@@ -14,7 +14,8 @@ from recon.data.manifest import verify as check
 from recon.data.public import materialise as build
 from recon.network import CheckpointError, read_checkpoint
 from recon.prior_config import PriorConfig
-from recon.training import export_prior, load_slices, train_prior
+from recon.prior_files import export_prior, load_slices
+from recon.training import train_prior
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def train_and_export(cfg: PriorConfig, data_root: str | Path, manifest: str | Pa
                      callback: Callable[[int, dict[str, float]], None] | None = None,
                      axis: int = 2, cache_dir: str | Path | None = None) -> dict:
     """Train with ``recon.training.train_prior`` on the train/val slices of ``manifest`` (cut
-    as the prior config says: ``recon.training.load_slices``, crops for a patch prior), export
+    as the prior config says: ``recon.prior_files.load_slices``, crops for a patch prior), export
     the EMA weights (a state dict + config, loadable with ``load_prior``) to
     ``out_dir/prior.pt``."""
     data = cfg.data.model_copy(update={"manifest": Path(manifest), "axis": axis,

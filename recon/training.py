@@ -31,37 +31,34 @@ checkpoint).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from recon.data.loading import SliceConfig, SliceDataset
+from recon.batches import BatchSampler, batch_stream
 from recon.data.nifti import atomic_path
-from recon.data.patches import CropDataset
 from recon.diffusion import DiffusionModel
 from recon.network import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     EpsNetwork,
-    autocast,
     build_network,
     check_state_dict,
     count_parameters,
     read_checkpoint,
     resolve_device,
 )
+from recon.objective import ValidationSet, prior_loss, train_autocast
 from recon.prior_config import PriorConfig, TrainingConfig
 
 log = logging.getLogger(__name__)
@@ -82,67 +79,6 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
     return path
-
-
-def _mix(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (no Python ``hash``: it is salted for str)."""
-    h = 0x243F6A8885A308D3
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) % 2**64
-        h ^= h >> 29
-    return h % 2**63
-
-
-def _generator(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_mix(*parts))
-
-
-_STREAM_DATA, _STREAM_STEP, _STREAM_VAL = 1, 2, 3
-
-
-def as_image(item: Any, key: str = "image") -> Tensor:
-    """A dataset item (tensor, array or dict with ``key``) as a float32 tensor ``(C, *spatial)``."""
-    if isinstance(item, dict):
-        item = item[key]
-    elif isinstance(item, (tuple, list)):
-        item = item[0]
-    return torch.as_tensor(np.asarray(item) if not isinstance(item, Tensor) else item,
-                           dtype=torch.float32)
-
-
-def stack_items(dataset: Any, indices: Sequence[int] | Tensor) -> Tensor:
-    """``dataset[indices]`` as a batch: fast path for a tensor, item by item otherwise."""
-    if isinstance(dataset, Tensor):
-        return dataset[torch.as_tensor(indices, dtype=torch.long)].float()
-    return torch.stack([as_image(dataset[int(i)]) for i in indices])
-
-
-class BatchSampler:
-    """Batch indices for step ``k``: epoch-wise permutations seeded by ``(seed, epoch)``.
-
-    Stateless: ``indices(k)`` depends on ``(seed, n, batch_size, k)`` only, so resuming at any
-    step reproduces the uninterrupted order.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if n < 1:
-            raise ValueError("the training set is empty")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self._perm: dict[int, Tensor] = {}
-
-    def _permutation(self, epoch: int) -> Tensor:
-        if epoch not in self._perm:
-            if len(self._perm) > 2:  # a batch spans at most two epochs (or many if n < batch)
-                self._perm.clear()
-            g = _generator(self.seed, _STREAM_DATA, epoch)
-            self._perm[epoch] = torch.randperm(self.n, generator=g)
-        return self._perm[epoch]
-
-    def indices(self, step: int) -> Tensor:
-        pos = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        epochs, within = pos // self.n, pos % self.n
-        pairs = zip(epochs.tolist(), within.tolist(), strict=True)
-        return torch.stack([self._permutation(e)[i] for e, i in pairs])
 
 
 def lr_at(cfg: TrainingConfig, step: int) -> float:
@@ -175,68 +111,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         eb.copy_(mb)
 
 
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for training on CUDA only (``training.amp``; float32 on the CPU)."""
-    return autocast(device, amp if device.type == "cuda" else "none")
-
-
-def make_batch(dataset: Any, sampler: BatchSampler, tc: TrainingConfig, t_max: float, step: int,
-               device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x0, t, eps)`` of 0-based ``step``: the sampler's slices (augmented crops of them for a
-    ``CropDataset``), random flips, ``t ~ U[t_eps, t_max]`` and ``eps ~ N(0, I)``, all drawn
-    from generators seeded by ``(seed, step)``."""
-    g = _generator(tc.seed, _STREAM_STEP, step)
-    indices = sampler.indices(step)
-    x0 = dataset.batch(indices, step) if isinstance(dataset, CropDataset) \
-        else stack_items(dataset, indices)
-    if tc.flip_prob > 0:
-        for d in tc.flip_dims:
-            flip = torch.rand(x0.shape[0], generator=g) < tc.flip_prob
-            if flip.any():
-                x0[flip] = x0[flip].flip(d)
-    t = tc.t_eps + (t_max - tc.t_eps) * torch.rand(x0.shape[0], generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    return x0.to(device), t.to(device), eps.to(device)
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """``make_batch`` as a map-style dataset over step numbers, so that a ``DataLoader`` with
-    worker processes makes the batches of the coming steps while the optimiser runs; each
-    batch depends on its step alone, so the workers change nothing but the speed."""
-
-    def __init__(self, dataset: Any, sampler: BatchSampler, tc: TrainingConfig, t_max: float):
-        self.dataset, self.sampler, self.tc, self.t_max = dataset, sampler, tc, t_max
-
-    def __len__(self) -> int:
-        return self.tc.steps
-
-    def __getitem__(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        return make_batch(self.dataset, self.sampler, self.tc, self.t_max, int(step),
-                          torch.device("cpu"))
-
-
-def _one_thread(_worker: int) -> None:
-    torch.set_num_threads(1)  # a crop worker shares the CPU with the optimiser
-
-
-def batch_stream(dataset: Any, sampler: BatchSampler, tc: TrainingConfig, t_max: float,
-                 start: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """The batches of steps ``start .. tc.steps - 1`` on ``device``, made by
-    ``tc.loader_workers`` DataLoader workers (in this process when 0)."""
-    steps = range(start, tc.steps)
-    if tc.loader_workers == 0:
-        for step in steps:
-            yield make_batch(dataset, sampler, tc, t_max, step, device)
-        return
-    loader = torch.utils.data.DataLoader(
-        StepBatches(dataset, sampler, tc, t_max), batch_size=None, sampler=steps,
-        num_workers=tc.loader_workers, prefetch_factor=4, worker_init_fn=_one_thread,
-        pin_memory=device.type == "cuda")
-    for x0, t, eps in loader:
-        yield (x0.to(device, non_blocking=True), t.to(device, non_blocking=True),
-               eps.to(device, non_blocking=True))
-
-
 def train_step(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, diffusion: DiffusionModel,
                batch: tuple[Tensor, Tensor, Tensor], tc: TrainingConfig, step: int, lr: float,
@@ -247,7 +121,7 @@ def train_step(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
     for group in opt.param_groups:
         group["lr"] = lr
     device = x0.device
-    with _autocast(device, amp):
+    with train_autocast(device, amp):
         loss = prior_loss(model, diffusion, x0, t, eps)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -257,65 +131,6 @@ def train_step(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
     scaler.update()
     ema_update(ema, model, ema_decay_at(tc, step + 1))
     return loss.detach(), grad_norm.detach()
-
-
-def eps_loss(network: nn.Module, diffusion: DiffusionModel, x0: Tensor, t: Tensor,
-             eps: Tensor) -> Tensor:
-    """``mean ||eps - eps_theta(s x0 + sigma eps, t)||^2`` (float32 reduction)."""
-    x_t = diffusion.add_noise(x0, t, eps)
-    return torch.nn.functional.mse_loss(network(x_t, t).float(), eps)
-
-
-def prior_loss(network: EpsNetwork, diffusion: DiffusionModel, x0: Tensor, t: Tensor,
-               eps: Tensor) -> Tensor:
-    """The training objective ``mean ||F_target - F_theta(x_t, t)||^2`` in the network's own
-    parameterisation: the eps-loss above for ``eps``; for ``v`` the v-loss
-    ``||v - v_theta||^2 = ||eps - eps_theta||^2 / s^2`` (Salimans & Ho 2022), which keeps
-    weight on the high-noise end where ``x0_hat`` needs ``eps`` to a precision ``~ s``."""
-    x_t = diffusion.add_noise(x0, t, eps)
-    return torch.nn.functional.mse_loss(network.raw(x_t, t).float(),
-                                        network.target(x0, eps, t).float())
-
-
-@dataclass
-class ValidationSet:
-    """``size`` held-out triples ``(x0, t, eps)`` with fixed ``t`` (stratified over
-    ``[t_eps, t_max]``) and fixed ``eps``, so the validation loss is comparable across
-    evaluations and runs. The slices are evenly spaced over the dataset, repeated (with other
-    ``t`` and ``eps``) when it has fewer than ``size``."""
-
-    x0: Tensor
-    t: Tensor
-    eps: Tensor
-
-    @classmethod
-    def build(cls, dataset: Any, size: int, t_eps: float, t_max: float, seed: int) -> ValidationSet:
-        n = len(dataset)
-        idx = torch.arange(size) * n // size
-        x0 = stack_items(dataset, idx)
-        g = _generator(seed, _STREAM_VAL)
-        k = x0.shape[0]
-        strata = (torch.arange(k, dtype=torch.float64) + 0.5) / k
-        t = (t_eps + (t_max - t_eps) * strata)[torch.randperm(k, generator=g)].float()
-        eps = torch.randn(x0.shape, generator=g)
-        return cls(x0, t, eps)
-
-    @torch.no_grad()
-    def loss(self, network: EpsNetwork, diffusion: DiffusionModel, batch_size: int,
-             device: torch.device, amp: str = "none", kind: str = "objective") -> float:
-        """Mean training objective (``kind="objective"``) or eps-MSE (``kind="eps"``)."""
-        fn = prior_loss if kind == "objective" else eps_loss
-        total = 0.0
-        was_training = network.training
-        network.eval()
-        for i in range(0, self.x0.shape[0], batch_size):
-            sl = slice(i, i + batch_size)
-            with _autocast(device, amp):
-                loss = fn(network, diffusion, self.x0[sl].to(device), self.t[sl].to(device),
-                          self.eps[sl].to(device))
-            total += float(loss) * self.x0[sl].shape[0]
-        network.train(was_training)
-        return total / self.x0.shape[0]
 
 
 @dataclass
@@ -559,82 +374,3 @@ def train_prior(cfg: PriorConfig, train_dataset: Any, val_dataset: Any | None, o
                        val_loss=v_ema, val_loss_raw=v_raw, seconds=trainer.seconds,
                        n_params=count_parameters(trainer.model),
                        resumed_from=trainer.resumed_from, history=trainer.history)
-
-
-def export_prior(checkpoint: str | Path, dest: str | Path,
-                 dtype: torch.dtype = torch.float32, extra: dict[str, Any] | None = None) -> Path:
-    """Write the shipped prior: EMA weights (as ``dtype``), config and a summary, atomically."""
-    ckpt = read_checkpoint(checkpoint)
-    ema = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
-    history = ckpt.get("history", [])
-    summary = {
-        "step": int(ckpt["step"]),
-        "seconds": float(ckpt.get("seconds", 0.0)),
-        "n_train": int(ckpt.get("n_train", 0)),
-        "train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
-        "val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
-        "val_loss_raw": next((h["val_loss_raw"] for h in reversed(history)
-                              if "val_loss_raw" in h), None),
-        "val_eps_mse": next((h["val_eps_mse"] for h in reversed(history)
-                             if "val_eps_mse" in h), None),
-        "torch": str(torch.__version__),
-    } | (extra or {})
-    return save_atomic({"format": CHECKPOINT_FORMAT, "kind": "prior", "config": ckpt["config"],
-                        "step": int(ckpt["step"]), "ema": ema, "summary": summary}, dest)
-
-
-def save_heldout_slices(slices: Tensor, path: str | Path, n: int = 48,
-                        source: str = "") -> Path:
-    """Ship ``n`` held-out slices for the quality tests: evenly spaced over ``slices`` (so over
-    every volume of the split, deterministic), float16 (|error| < 3e-4 in [0, 1]) in a compressed
-    ``.npz`` with ``slices`` ``(n, C, H, W)``, their ``indices`` and a ``source`` note."""
-    idx = torch.linspace(0, len(slices) - 1, min(n, len(slices))).round().long().unique()
-    arr = stack_items(slices, idx).numpy().astype(np.float16)
-    path = Path(path)
-    with atomic_path(path, suffix=".npz") as tmp:  # np.savez adds .npz to other names
-        np.savez_compressed(tmp, slices=arr, indices=idx.numpy(), source=np.array(source))
-    return path
-
-
-def save_native_heldout(cfg: PriorConfig, data_root: str | Path, path: str | Path,
-                        per_volume: int = 1) -> Path:
-    """Ship the ``per_volume`` central foreground slices of every ``heldout_split`` volume at
-    its native grid (sizes differ per volume) for the native prior's tests: a compressed
-    ``.npz`` with one float16 array ``(k, 1, H, W)`` per volume id (normalised as the prior
-    sees them) and a ``source`` note."""
-    d = cfg.data
-    ds = SliceDataset(d.manifest, data_root, d.heldout_split,
-                      SliceConfig(size=None, axis=d.axis, normalise=d.normalise, **d.loader),
-                      d.cache_dir, ids=d.heldout_ids)
-    arrays = {}
-    for vid, vol in ds.volumes.items():
-        keep = [z for v, z in ds.index if v == vid]
-        start = max(0, (len(keep) - per_volume) // 2)
-        arrays[vid] = vol[keep[start:start + per_volume]].numpy().astype(np.float16)
-    source = (f"{d.manifest} split={d.heldout_split}: central {per_volume} foreground slice(s) "
-              f"per volume, native grid, normalise={d.normalise}")
-    path = Path(path)
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez_compressed(tmp, source=np.array(source), **arrays)
-    return path
-
-
-# -- data ---------------------------------------------------------------------------------------
-def load_slices(cfg: PriorConfig, data_root: str | Path, split: str,
-                ids: Sequence[str] | None = None) -> Tensor | CropDataset:
-    """The foreground slices of ``split`` (of volumes ``ids`` if given), via
-    ``recon.data.loading.SliceDataset``: a float32 tensor ``(N, 1, S, S)``, or with
-    ``data.patch_size`` a ``CropDataset`` of the native-grid slices (random crops, MONAI
-    augmentation when ``data.augment``)."""
-    d = cfg.data
-    ds = SliceDataset(d.manifest, data_root, split,
-                      SliceConfig(size=d.image_size, axis=d.axis, normalise=d.normalise,
-                                  **d.loader), d.cache_dir, ids=ids)
-    if len(ds) == 0:
-        raise ValueError(f"no slices in split {split!r} under {data_root}"
-                         + (f" for volumes {list(ids)}" if ids else ""))
-    if d.patch_size is None:
-        return ds.tensor()
-    return CropDataset([ds[i]["image"] for i in range(len(ds))], d.patch_size,
-                       augment=d.augment, seed=cfg.training.seed,
-                       synthetic=d.synthetic if split == d.train_split else 0.0)

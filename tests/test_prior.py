@@ -2,7 +2,7 @@
 
 Unit tests use a tiny UNet on 16x16 images (seconds on two CPU cores). The quality tests load
 ``checkpoints/prior_64.pt`` and the held-out slices shipped in ``tests/data/heldout_slices_64.npz``
-(made by ``recon.training.save_heldout_slices`` from the test split), so they need no data
+(made by ``recon.prior_files.save_heldout_slices`` from the test split), so they need no data
 download and always run.
 """
 
@@ -17,6 +17,7 @@ import torch
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from scipy import ndimage
 
+from recon.batches import BatchSampler
 from recon.denoiser import Denoiser
 from recon.diffusion import VPCosine
 from recon.integrator import DDIMIntegrator
@@ -28,14 +29,9 @@ from recon.network import (
     load_prior,
 )
 from recon.prior_config import PriorConfig, load_prior_config
+from recon.prior_files import export_prior
 from recon.timer import LinearTimer
-from recon.training import (
-    LAST,
-    BatchSampler,
-    export_prior,
-    save_atomic,
-    train_prior,
-)
+from recon.training import LAST, save_atomic, train_prior
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "prior_64.pt"

@@ -311,7 +311,8 @@ def prior_train(config: PriorConfigArg, data_root: DataRootOpt,
     """Train (or resume) the prior on its manifest's train/val slices; export the EMA weights."""
     import torch
 
-    from recon.training import export_prior, load_slices, train_prior  # MONAI: only when training
+    from recon.prior_files import export_prior, load_slices  # MONAI: only when training
+    from recon.training import train_prior
 
     if threads:
         torch.set_num_threads(threads)
@@ -337,7 +338,7 @@ def prior_heldout(config: PriorConfigArg, data_root: DataRootOpt,
                   n: Annotated[int, typer.Option(help="slices to keep (per volume for a "
                                                  "native prior)")] = 48) -> None:
     """Write the held-out test slices the prior's quality tests use."""
-    from recon.training import load_slices, save_heldout_slices, save_native_heldout
+    from recon.prior_files import load_slices, save_heldout_slices, save_native_heldout
 
     cfg = load_prior_config(config)
     if cfg.data.image_size is None:  # native grid: a few central slices per volume

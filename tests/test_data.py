@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
+from recon.data import archives, conversion, public, sources
 from recon.data import nifti as nifti_mod
-from recon.data import public
 from recon.data.manifest import (
     DataError,
     ManifestError,
@@ -290,7 +290,7 @@ def fake_public(tmp_path):
     with zipfile.ZipFile(whl, "w") as zf:
         zf.writestr("fakepkg/data/vol.nii.gz", raw)
         zf.writestr("fakepkg/data/slice.jpg", jpg)
-    converted = public.jpg_to_nifti_bytes(jpg, "recon: fakepkg-1.0 fakepkg/data/slice.jpg")
+    converted = conversion.jpg_to_nifti_bytes(jpg, "recon: fakepkg-1.0 fakepkg/data/slice.jpg")
     sources = {"fake": {"kind": "pypi", "package": "fakepkg", "version": "1.0",
                         "filename": whl.name, "sha256": sha256_file(whl)},
                "deb": {"kind": "debian", "package": "recon-no-such-package-xyz",
@@ -395,7 +395,7 @@ def test_read_member_tar_and_deb(tmp_path):
         tf.addfile(info, io.BytesIO(payload))
     sdist = tmp_path / "p-1.0.tar.xz"
     sdist.write_bytes(tar_bytes.getvalue())
-    assert public.read_member(sdist, "usr/share/x.nii.gz") == payload
+    assert archives.read_member(sdist, "usr/share/x.nii.gz") == payload
     body = tar_bytes.getvalue()
 
     def ar_member(name: str, data: bytes) -> bytes:
@@ -405,15 +405,15 @@ def test_read_member_tar_and_deb(tmp_path):
     deb = tmp_path / "p_1.0_all.deb"
     deb.write_bytes(b"!<arch>\n" + ar_member("debian-binary", b"2.0\n")
                     + ar_member("control.tar.xz", b"x") + ar_member("data.tar.xz", body))
-    assert public.read_member(deb, "usr/share/x.nii.gz") == payload
+    assert archives.read_member(deb, "usr/share/x.nii.gz") == payload
     with pytest.raises(DataError, match="no member"):
-        public.read_member(deb, "usr/share/y.nii.gz")
+        archives.read_member(deb, "usr/share/y.nii.gz")
 
 
 def test_jpg_conversion_is_deterministic():
     jpg = jpeg_bytes()
-    a = public.jpg_to_nifti_bytes(jpg, "d")
-    assert a == public.jpg_to_nifti_bytes(jpg, "d")
+    a = conversion.jpg_to_nifti_bytes(jpg, "d")
+    assert a == conversion.jpg_to_nifti_bytes(jpg, "d")
     img = nib.Nifti1Image.from_bytes(a)
     assert img.shape == (16, 24, 1) and img.get_data_dtype() == np.uint8
     assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
@@ -431,8 +431,8 @@ def test_nrrd_conversion_keeps_values_and_world_geometry(tmp_path):
                                                 "space directions": directions,
                                                 "space origin": origin})
     raw = (tmp_path / "a.nrrd").read_bytes()
-    out = public.nrrd_to_nifti_bytes(raw, "d")
-    assert out == public.nrrd_to_nifti_bytes(raw, "d")  # deterministic bytes
+    out = conversion.nrrd_to_nifti_bytes(raw, "d")
+    assert out == conversion.nrrd_to_nifti_bytes(raw, "d")  # deterministic bytes
     img = nib.Nifti1Image.from_bytes(out)
     np.testing.assert_array_equal(np.asanyarray(img.dataobj), data)
     voxel = np.array([3, 1, 2])
@@ -440,7 +440,7 @@ def test_nrrd_conversion_keeps_values_and_world_geometry(tmp_path):
     np.testing.assert_allclose(img.affine[:3, :3] @ voxel + img.affine[:3, 3],
                                lps * [-1, -1, 1], atol=1e-9)
     with pytest.raises(DataError, match="not a readable NRRD"):
-        public.nrrd_to_nifti_bytes(b"NRRD0004\ngarbage", "d")
+        conversion.nrrd_to_nifti_bytes(b"NRRD0004\ngarbage", "d")
 
 
 def _dicom_slice(pixels, position, slope=2.0):
@@ -475,7 +475,7 @@ def test_dicom_series_conversion_orders_slices_and_places_voxels():
     first = np.array([-50.0, 10.0, 30.0])
     frames = [np.full((6, 4), 10 * k, dtype=np.uint16) + np.arange(4) for k in range(3)]
     files = [_dicom_slice(frames[k], first + 4.0 * k * normal) for k in (2, 0, 1)]
-    out = public.dicom_series_to_nifti_bytes(files, "d")
+    out = conversion.dicom_series_to_nifti_bytes(files, "d")
     img = nib.Nifti1Image.from_bytes(out)
     data = np.asanyarray(img.dataobj)
     assert data.shape == (4, 6, 3) and data.dtype == np.int16
@@ -486,9 +486,9 @@ def test_dicom_series_conversion_orders_slices_and_places_voxels():
     np.testing.assert_allclose(img.affine[:3, :3] @ [col, row, k] + img.affine[:3, 3],
                                lps * [-1, -1, 1], atol=1e-6)
     with pytest.raises(DataError, match="at least 2 slices"):
-        public.dicom_series_to_nifti_bytes(files[:1])
+        conversion.dicom_series_to_nifti_bytes(files[:1])
     with pytest.raises(DataError, match="not a readable DICOM"):
-        public.dicom_series_to_nifti_bytes([files[0], b"not dicom"])
+        conversion.dicom_series_to_nifti_bytes([files[0], b"not dicom"])
 
 
 def test_archives_come_straight_from_the_package_indexes(tmp_path, monkeypatch):
@@ -524,14 +524,14 @@ def test_archives_come_straight_from_the_package_indexes(tmp_path, monkeypatch):
     try:
         pypi = Source(kind="pypi", package="Some.Pkg", version="1.0", dist="sdist",
                       filename="some_pkg-1.0.tar.gz", sha256=digest)
-        got = public.fetch_source("p", pypi, tmp_path / "cache", echo=lambda _: None)
+        got = sources.fetch_source("p", pypi, tmp_path / "cache", echo=lambda _: None)
         assert got.read_bytes() == payload
         npm = Source(kind="npm", package="somepkg", version="2.0", dist="tgz",
                      filename="somepkg-2.0.tgz", sha256=digest)
-        assert public.fetch_source("n", npm, tmp_path / "npm", echo=lambda _: None).is_file()
+        assert sources.fetch_source("n", npm, tmp_path / "npm", echo=lambda _: None).is_file()
         bad = pypi.model_copy(update={"sha256": "0" * 64})
         with pytest.raises(DataError, match="the manifest pins 0000"):
-            public.fetch_source("p", bad, tmp_path / "bad", echo=lambda _: None)
+            sources.fetch_source("p", bad, tmp_path / "bad", echo=lambda _: None)
         assert not any((tmp_path / "bad").iterdir())
     finally:
         server.shutdown()

@@ -566,7 +566,7 @@ def real_scan(tmp_path_factory):
     ``make data`` ran), the member checked, the fastMRI file's sha256 checked."""
     from pathlib import Path
 
-    from recon.data import public
+    from recon.data import public, sources
     from recon.data.manifest import DataError, load_manifest
 
     manifest = load_manifest(Path(__file__).parents[1] / "data_manifests" / "public_kspace.yaml")
@@ -575,7 +575,7 @@ def real_scan(tmp_path_factory):
     if not cache.is_dir():
         cache = tmp_path_factory.mktemp("downloads")
     try:
-        archive = public.fetch_source("pyqmri", manifest.sources["pyqmri"], cache,
+        archive = sources.fetch_source("pyqmri", manifest.sources["pyqmri"], cache,
                                       members=[entry.provenance.member], echo=lambda _msg: None)
     except DataError as err:  # PyPI unreachable: nothing real to test against
         pytest.skip(f"PyQMRI's sdist could not be fetched: {err}")

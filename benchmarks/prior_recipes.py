@@ -29,9 +29,10 @@ import torch
 from methods import prepare_split, warm_settings  # benchmarks/methods.py, beside this script
 
 from recon.config import MethodConfig, load_config
-from recon.data.loading import SliceConfig, SliceDataset
+from recon.data.loading import SliceDataset
 from recon.data.manifest import load_manifest
 from recon.data.patches import CropDataset
+from recon.data.slicing import SliceConfig
 from recon.metrics import evaluate_stacks
 from recon.network import load_prior, read_checkpoint
 from recon.objective import ValidationSet

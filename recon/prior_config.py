@@ -125,7 +125,7 @@ class SliceSource(_Strict):
     image_size: int | None = Field(64, ge=8, le=1024, description="slices are resized to "
                                    "image_size^2; null: the native in-plane grid, untouched")
     normalise: Literal["percentile", "foreground"] = Field(
-        "percentile", description="intensity scaling (recon.data.loading.SliceConfig)")
+        "percentile", description="intensity scaling (recon.data.slicing.SliceConfig)")
     axis: Literal[0, 1, 2] = Field(2, description="slicing axis of the (RAS-oriented) volume")
     train_split: str = "train"
     val_split: str = "val"

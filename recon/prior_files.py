@@ -12,9 +12,10 @@ import torch
 from torch import Tensor
 
 from recon.batches import stack_items
-from recon.data.loading import SliceConfig, SliceDataset
+from recon.data.loading import SliceDataset
 from recon.data.nifti import atomic_path
 from recon.data.patches import CropDataset
+from recon.data.slicing import SliceConfig
 from recon.network import (
     CHECKPOINT_FORMAT,
     read_checkpoint,

@@ -60,10 +60,10 @@ from recon import coils
 from recon.cond_denoiser import CondDenoiser
 from recon.config import BaselineConfig, OperatorConfig, PriorSection, ReconstructSection
 from recon.data.kspace import LPS_TO_RAS, read_kspace
-from recon.data.loading import FOREGROUND_MEDIAN
 from recon.data.manifest import DataError
 from recon.data.nifti import atomic_dir, atomic_path, atomic_write_bytes, write_nifti
 from recon.data.simulate import head_median
+from recon.data.slicing import FOREGROUND_MEDIAN
 from recon.network import autocast, resolve_device
 from recon.operators import UndersampledFourier
 from recon.reconstruction import load_network, method_summary, slice_seed

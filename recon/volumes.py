@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recon.data.loading import SliceConfig, SliceGeometry, load_volume
+from recon.data.loading import load_volume
 from recon.data.manifest import DataError
 from recon.data.nifti import atomic_dir, atomic_path, write_nifti
+from recon.data.slicing import SliceConfig, SliceGeometry
 from recon.prior_config import SliceSource
 
 STACKS = ("truth", "naive", "recon", "std")

@@ -701,7 +701,8 @@ def test_loading_rejects_multi_frame_and_nan(tmp_path):
 def test_native_grid_keeps_odd_non_square_slices_and_round_trips(tmp_path):
     """size=None: slices on the file's own in-plane grid (odd, non-square, anisotropic), no
     resampling, and the way back onto the file's grid is exact."""
-    from recon.data.loading import SliceConfig, load_volume
+    from recon.data.loading import load_volume
+    from recon.data.slicing import SliceConfig
 
     data = brain((21, 34, 9), 3)
     path = save(tmp_path / "odd.nii.gz", data, np.diag([0.8, 1.1, 3.0, 1.0]))
@@ -730,7 +731,8 @@ def test_foreground_normalisation_does_not_depend_on_the_skull(tmp_path):
     """The same brain with and without a bright scalp: percentile scaling (0.5/99.5 of the
     volume) puts the brain at a third of its skull-stripped level; foreground scaling (head
     median -> 0.5) keeps it within 10 %."""
-    from recon.data.loading import SliceConfig, load_volume
+    from recon.data.loading import load_volume
+    from recon.data.slicing import SliceConfig
 
     brain_mask = None
     levels = {}

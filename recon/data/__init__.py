@@ -6,7 +6,8 @@
   ``recon materialise --data-root data/public``.
 - ``recon.data.nifti``: ``read_nifti``, ``write_nifti`` (keeps affine and header, atomic).
 - ``recon.data.loading`` (imports MONAI): ``slice_dataset``, ``SliceDataset``, ``load_slices``,
-  ``load_volume``, ``Volume``, ``SliceGeometry``, ``SliceConfig``.
+  ``load_volume``, ``Volume``; ``recon.data.transforms`` its MONAI transforms;
+  ``recon.data.slicing``: ``SliceConfig``, ``SliceGeometry``.
 
 Names are imported on first use, so ``import recon.data`` is cheap (no torch/MONAI).
 """
@@ -16,15 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from recon.data.loading import (
-        SliceConfig,
-        SliceDataset,
-        SliceGeometry,
-        Volume,
-        load_slices,
-        load_volume,
-        slice_dataset,
-    )
+    from recon.data.loading import SliceDataset, Volume, load_slices, load_volume, slice_dataset
     from recon.data.manifest import (
         SPLITS,
         DataError,
@@ -40,6 +33,7 @@ if TYPE_CHECKING:
     )
     from recon.data.nifti import read_nifti, write_nifti
     from recon.data.public import MaterialiseReport, materialise
+    from recon.data.slicing import SliceConfig, SliceGeometry
 
 _LAZY = {
     **dict.fromkeys(["SPLITS", "DataError", "Manifest", "ManifestError", "VolumeCheck",
@@ -47,9 +41,9 @@ _LAZY = {
                      "verify_volume"], "recon.data.manifest"),
     "read_nifti": "recon.data.nifti",
     "write_nifti": "recon.data.nifti",
-    "SliceConfig": "recon.data.loading",
+    "SliceConfig": "recon.data.slicing",
     "SliceDataset": "recon.data.loading",
-    "SliceGeometry": "recon.data.loading",
+    "SliceGeometry": "recon.data.slicing",
     "Volume": "recon.data.loading",
     "load_slices": "recon.data.loading",
     "load_volume": "recon.data.loading",

@@ -29,7 +29,8 @@ import torch
 
 from recon import coils
 from recon.config import BaselineConfig, OperatorConfig, load_config
-from recon.data.manifest import DataError, load_manifest, resolve, verify
+from recon.data.manifest import DataError, load_manifest, resolve
+from recon.data.verify import verify
 from recon.metrics import evaluate_stacks, psnr, worst_margins
 from recon.raw import (
     PHASES,

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from recon.config import load_config
-from recon.data.manifest import load_manifest, resolve, verify
+from recon.data.manifest import load_manifest, resolve
+from recon.data.verify import verify
 from recon.metrics import evaluate_stacks
 from recon.reconstruction import reconstruct_prepared
 from recon.volumes import prepare_volume, read_stacks

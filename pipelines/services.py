@@ -10,8 +10,8 @@ from pathlib import Path
 
 from recon.config import Config
 from recon.data.manifest import DataError, load_manifest, resolve
-from recon.data.manifest import verify as check
 from recon.data.public import materialise as build
+from recon.data.verify import verify as check
 from recon.network import CheckpointError, read_checkpoint
 from recon.prior_config import PriorConfig
 from recon.prior_files import export_prior, load_slices

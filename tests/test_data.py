@@ -22,17 +22,9 @@ import yaml
 
 from recon.data import archives, conversion, public, sources
 from recon.data import nifti as nifti_mod
-from recon.data.manifest import (
-    DataError,
-    ManifestError,
-    Source,
-    load_manifest,
-    resolve,
-    sha256_file,
-    verify,
-    verify_volume,
-)
+from recon.data.manifest import DataError, ManifestError, Source, load_manifest, resolve
 from recon.data.nifti import read_nifti, write_nifti
+from recon.data.verify import sha256_file, verify, verify_volume
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -135,8 +135,9 @@ def test_a_nifti_without_usable_geometry_is_refused(tmp_path, affine, fragment):
     import nibabel as nib
 
     from recon.data.loading import load_volume
-    from recon.data.manifest import DataError, verify
+    from recon.data.manifest import DataError
     from recon.data.nifti import affine_problem
+    from recon.data.verify import verify
 
     assert affine_problem(np.diag([2.0, 2.0, 3.0, 1.0])) is None
     assert "last row" in affine_problem(np.ones((4, 4)))
@@ -474,7 +475,7 @@ def test_the_same_scan_in_two_splits_is_a_leak_whatever_its_file(tmp_path):
 
     import nibabel as nib
 
-    from recon.data.manifest import sha256_file, verify
+    from recon.data.verify import sha256_file, verify
 
     vol = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
     nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "a.nii")

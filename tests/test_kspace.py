@@ -389,7 +389,7 @@ def test_sizes_geometry_and_structure_are_refused_before_any_allocation(scan, tm
     from typer.testing import CliRunner
 
     from recon import cli
-    from recon.data.manifest import sha256_file
+    from recon.data.verify import sha256_file
 
     for name in ("negative-fov.h5", "huge-phase.h5", "group.h5"):
         manifest = tmp_path / f"{name}.yaml"

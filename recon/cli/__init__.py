@@ -41,8 +41,10 @@ from recon.cli.console import (
     where,
 )
 from recon.cli.runtime import ROOT, config_path, load, prepare, run_flow
-from recon.data.manifest import DataError, describe_file, load_manifest, verify
+from recon.data.describe import describe_file
+from recon.data.manifest import DataError, load_manifest
 from recon.data.public import materialise as build_public_data
+from recon.data.verify import verify
 from recon.prior_config import load_prior_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,

@@ -1,7 +1,8 @@
 """Data: dataset manifests, the offline public brain MRI set, NIfTI I/O and MONAI loading.
 
-- ``recon.data.manifest``: ``load_manifest``, ``Manifest``, ``resolve``, ``verify``,
-  ``DataError`` (pydantic-validated YAML manifests, split by subject).
+- ``recon.data.manifest``: ``load_manifest``, ``Manifest``, ``resolve``, ``DataError``
+  (pydantic-validated YAML manifests, split by subject); ``recon.data.verify``: ``verify``,
+  ``verify_volume``, ``sha256_file``; ``recon.data.describe``: entries for new files.
 - ``recon.data.public``: ``materialise(manifest_path, data_root)``, also
   ``recon materialise --data-root data/public``.
 - ``recon.data.nifti``: ``read_nifti``, ``write_nifti`` (keeps affine and header, atomic).
@@ -23,22 +24,19 @@ if TYPE_CHECKING:
         DataError,
         Manifest,
         ManifestError,
-        VolumeCheck,
         VolumeEntry,
         load_manifest,
         resolve,
-        sha256_file,
-        verify,
-        verify_volume,
     )
     from recon.data.nifti import read_nifti, write_nifti
     from recon.data.public import MaterialiseReport, materialise
     from recon.data.slicing import SliceConfig, SliceGeometry
+    from recon.data.verify import VolumeCheck, sha256_file, verify, verify_volume
 
 _LAZY = {
-    **dict.fromkeys(["SPLITS", "DataError", "Manifest", "ManifestError", "VolumeCheck",
-                     "VolumeEntry", "load_manifest", "resolve", "sha256_file", "verify",
-                     "verify_volume"], "recon.data.manifest"),
+    **dict.fromkeys(["SPLITS", "DataError", "Manifest", "ManifestError", "VolumeEntry",
+                     "load_manifest", "resolve"], "recon.data.manifest"),
+    **dict.fromkeys(["VolumeCheck", "sha256_file", "verify", "verify_volume"], "recon.data.verify"),
     "read_nifti": "recon.data.nifti",
     "write_nifti": "recon.data.nifti",
     "SliceConfig": "recon.data.slicing",

@@ -10,9 +10,7 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from recon.data.manifest import (
-    DataError,
-)
+from recon.data.manifest import DataError
 
 
 def read_member(archive: str | Path, member: str) -> bytes:

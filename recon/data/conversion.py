@@ -10,9 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from recon.data.manifest import (
-    DataError,
-)
+from recon.data.manifest import DataError
 
 
 def jpg_to_nifti_bytes(jpg: bytes, description: str = "") -> bytes:

@@ -4,7 +4,7 @@ belong to, validated with pydantic (v2).
     manifest = load_manifest("data_manifests/public_brain.yaml")
     manifest.volumes(split="test")          # [VolumeEntry(id="colin27_t1", ...), ...]
     resolve(manifest.volume("colin27_t1"), "data/public")   # Path, never outside data/public
-    verify(manifest, "data/public")         # checks every file, raises DataError on a problem
+    verify(manifest, "data/public")         # recon.data.verify: checks every file
 
 A manifest file (YAML) holds ``name``, optional ``description`` and ``sources`` (used by
 ``recon.data.public`` to materialise the files) and ``volumes``: one entry per volume with
@@ -22,17 +22,12 @@ person never sit on both sides); population templates only in ``train``.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-import nibabel as nib
-import numpy as np
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -44,7 +39,6 @@ from pydantic import (
 )
 
 from recon.data.errors import DataError
-from recon.data.nifti import affine_problem
 from recon.yaml_io import YamlError, read_yaml
 
 __all__ = [
@@ -54,13 +48,9 @@ __all__ = [
     "ManifestError",
     "Provenance",
     "Source",
-    "VolumeCheck",
     "VolumeEntry",
     "load_manifest",
     "resolve",
-    "sha256_file",
-    "verify",
-    "verify_volume",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -322,181 +312,3 @@ def resolve(volume: VolumeEntry, data_root: str | Path) -> Path:
         raise DataError(f"volume {volume.id!r}: path {volume.path!r} resolves to {target}, "
                         f"outside the data root {root} (symlink?)")
     return target
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class VolumeCheck:
-    """What ``verify`` found for one volume; ``status`` is ``ok`` or ``missing (optional)``."""
-
-    id: str
-    split: str
-    path: Path
-    status: str
-    shape: tuple[int, ...] | None = None
-    spacing: tuple[float, ...] | None = None
-    orientation: str | None = None
-    nbytes: int | None = None
-    content: str | None = None
-    """sha256 of the decoded voxels (dtype, shape and values): the same scan in another file
-    (re-compressed, another header) has the same content."""
-
-
-def content_digest(data: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and values (C order)."""
-    arr = np.ascontiguousarray(data)
-    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(memoryview(arr).cast("B"))
-    return h.hexdigest()
-
-
-def verify_volume(volume: VolumeEntry, data_root: str | Path, *, checksum: bool = True,
-                  read: bool = True) -> VolumeCheck:
-    """Check one volume; ``DataError`` naming the id and the problem when something is wrong.
-
-    Checks, in order: path inside the root, file present (an ``optional`` volume may be
-    missing), sha256, readable NIfTI (header and all voxels), a 3-D volume (a 4-D one only
-    with a 4th dimension of size 1), finite voxels, and ``shape``/``spacing``/``orientation``
-    when the manifest gives them. A ``kspace`` entry is read as raw k-space instead
-    (``recon.data.kspace``: header, acquisitions, shapes, finite samples).
-    """
-    path = resolve(volume, data_root)
-    if not path.is_file():
-        if volume.optional:
-            return VolumeCheck(volume.id, volume.split, path, "missing (optional)")
-        raise DataError(f"volume {volume.id!r}: missing file {path}"
-                        + (" (run `recon materialise`?)"
-                           if volume.provenance.source else ""))
-    if checksum:
-        got = sha256_file(path)
-        if got != volume.sha256:
-            raise DataError(f"volume {volume.id!r}: checksum mismatch for {path}: expected "
-                            f"sha256 {volume.sha256}, got {got}")
-    if not read:
-        return VolumeCheck(volume.id, volume.split, path, "ok", nbytes=path.stat().st_size)
-    if volume.kind == "kspace":
-        return _verify_kspace(volume, path)
-    try:
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)
-    except Exception as err:  # nibabel raises many types for corrupt/truncated files
-        raise DataError(f"volume {volume.id!r}: unreadable NIfTI {path}: "
-                        f"{type(err).__name__}: {err}") from None
-    shape = tuple(int(s) for s in data.shape)
-    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
-        raise DataError(f"volume {volume.id!r}: expected a 3-D volume (or 4-D with a 4th "
-                        f"dimension of size 1), got shape {shape}")
-    if np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
-        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-        if bad:
-            raise DataError(f"volume {volume.id!r}: {bad} non-finite (NaN/Inf) voxels in {path}")
-    zooms = tuple(round(float(z), 4) for z in img.header.get_zooms()[:3])
-    problem = affine_problem(img.affine)
-    if problem:
-        raise DataError(f"volume {volume.id!r}: {problem} in {path}")
-    axcodes = "".join(nib.aff2axcodes(img.affine))
-    if volume.shape is not None and tuple(volume.shape) != shape:
-        raise DataError(f"volume {volume.id!r}: shape {shape} differs from the manifest's "
-                        f"{tuple(volume.shape)}")
-    if volume.spacing is not None and not np.allclose(volume.spacing, zooms[:len(volume.spacing)],
-                                                      rtol=1e-3, atol=1e-3):
-        raise DataError(f"volume {volume.id!r}: spacing {zooms} differs from the manifest's "
-                        f"{tuple(volume.spacing)}")
-    if volume.orientation is not None and volume.orientation != axcodes:
-        raise DataError(f"volume {volume.id!r}: orientation {axcodes} differs from the "
-                        f"manifest's {volume.orientation}")
-    return VolumeCheck(volume.id, volume.split, path, "ok", shape, zooms, axcodes,
-                       path.stat().st_size, content_digest(data))
-
-
-def _verify_kspace(volume: VolumeEntry, path: Path) -> VolumeCheck:
-    """A raw k-space file: readable as a Cartesian 2-D multi-slice acquisition
-    (``recon.data.kspace.read_kspace``: header, shapes, finite samples), its k-space shape
-    ``(slices, coils, readout, phase)`` as the manifest says when it says."""
-    from recon.data.kspace import read_kspace
-
-    try:
-        scan = read_kspace(path)
-    except DataError as err:
-        raise DataError(f"volume {volume.id!r}: {err}") from None
-    if volume.shape is not None and tuple(volume.shape) != scan.shape:
-        raise DataError(f"volume {volume.id!r}: k-space shape {scan.shape} differs from the "
-                        f"manifest's {tuple(volume.shape)}")
-    return VolumeCheck(volume.id, volume.split, path, "ok", scan.shape,
-                       tuple(round(v, 4) for v in scan.voxel_mm), None, path.stat().st_size)
-
-
-def verify(manifest: Manifest, data_root: str | Path, *, split: str | None = None,
-           ids: Iterable[str] | None = None, checksum: bool = True,
-           read: bool = True) -> list[VolumeCheck]:
-    """``verify_volume`` for every volume (of ``split`` / ``ids``); one ``DataError`` listing
-    every problem (one line per volume) if any volume fails."""
-    wanted = None if ids is None else set(ids)
-    checks, problems = [], []
-    for v in manifest.volumes(split):
-        if wanted is not None and v.id not in wanted:
-            continue
-        try:
-            checks.append(verify_volume(v, data_root, checksum=checksum, read=read))
-        except DataError as err:
-            problems.append(str(err))
-    same: dict[str, list[VolumeCheck]] = defaultdict(list)
-    for c in checks:
-        if c.content is not None:
-            same[c.content].append(c)
-    for copies in same.values():
-        if len({c.split for c in copies}) > 1:
-            problems.append("the same scan (identical voxels) is listed in more than one split, "
-                            "a leak between splits: "
-                            + ", ".join(f"{c.id} ({c.split}, {c.path.name})" for c in copies))
-    if problems:
-        head = f"{len(problems)} problem(s) in {manifest.name!r} under {os.fspath(data_root)}:"
-        raise DataError("\n".join([head, *problems]) if len(problems) > 1 else problems[0])
-    return checks
-
-
-# -- command line: check a manifest, or describe files for a new one ---------------------------
-def describe_file(path: str | Path, data_root: str | Path, split: str = "train",
-                  subject: str = "{id}", modality: str = "T1w") -> dict[str, Any]:
-    """A manifest entry for a NIfTI file under ``data_root``: id (the file name without its
-    extensions), path, sha256, ``subject`` (``{id}`` is replaced by the id: one subject per
-    file), ``split``, ``modality``, shape, spacing and orientation; add the provenance. An
-    ISMRMRD or fastMRI HDF5 file (read with ``recon.data.kspace``, so it is checked as
-    ``manifest check`` would) gives a ``kind: kspace`` entry with its k-space shape
-    ``(slices, coils, readout, phase)``."""
-    root = Path(data_root).resolve()
-    full = Path(path).resolve()
-    if not full.is_relative_to(root):
-        raise DataError(f"{full} is not under the data root {root}")
-    if split not in ("train", "val", "test"):
-        raise DataError(f"split must be train, val or test, got {split!r}")
-    if not full.is_file():
-        raise DataError(f"{full}: no such file")
-    vid = full.name.split(".")[0]
-    entry = {"id": vid, "path": full.relative_to(root).as_posix(), "sha256": sha256_file(full),
-             "subject": subject.replace("{id}", vid), "split": split, "modality": modality}
-    with open(full, "rb") as fh:
-        hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
-    if hdf5:  # raw k-space
-        from recon.data.kspace import read_kspace
-
-        scan = read_kspace(full)  # KSpaceError (a DataError) names what it cannot read
-        return {**entry, "kind": "kspace", "shape": [int(n) for n in scan.shape]}
-    try:
-        img = nib.load(full)
-    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
-        raise DataError(f"{full}: not a readable NIfTI file ({err})") from None
-    return {
-        **entry,
-        "shape": [int(s) for s in img.shape],
-        "spacing": [round(float(z), 4) for z in img.header.get_zooms()[:3]],
-        "orientation": "".join(nib.aff2axcodes(img.affine)),
-    }

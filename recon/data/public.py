@@ -43,17 +43,10 @@ from recon.data.conversion import (
     pyqmri_to_fastmri_bytes,
     simulated_kspace_bytes,
 )
-from recon.data.manifest import (
-    DataError,
-    Manifest,
-    VolumeEntry,
-    load_manifest,
-    resolve,
-    sha256_file,
-    verify_volume,
-)
+from recon.data.manifest import DataError, Manifest, VolumeEntry, load_manifest, resolve
 from recon.data.nifti import atomic_write_bytes
 from recon.data.sources import fetch_source, member_bytes
+from recon.data.verify import sha256_file, verify_volume
 
 __all__ = ["DEFAULT_DATA_ROOT", "DEFAULT_MANIFEST", "MaterialiseReport", "VolumeStatus", "materialise"]
 

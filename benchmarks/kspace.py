@@ -32,15 +32,8 @@ from recon.config import BaselineConfig, OperatorConfig, load_config
 from recon.data.manifest import DataError, load_manifest, resolve
 from recon.data.verify import verify
 from recon.metrics import evaluate_stacks, psnr, worst_margins
-from recon.raw import (
-    PHASES,
-    PreparedScan,
-    crop_phase,
-    prepare_scan,
-    reconstruct_scan,
-    scan_problems,
-    tune_scans,
-)
+from recon.raw import PHASES, reconstruct_scan, scan_problems, tune_scans
+from recon.scans import PreparedScan, crop_phase, prepare_scan
 from recon.volumes import read_stacks
 
 ACCELERATIONS = {"4x": {"acceleration": 4, "center_fraction": 0.08},

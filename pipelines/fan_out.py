@@ -16,8 +16,8 @@ from pipelines.flow_common import cached_call, fresh, metric_key, run_dir, with_
 from pipelines.runners import check_scheduler, task_runner
 from pipelines.tracking import Run
 from recon.config import BaselineConfig, Config, OperatorConfig, ReconstructSection
-from recon.raw import is_scan, open_prepared
 from recon.reconstruction import load_network, slab_file, slab_ranges
+from recon.scans import is_scan, open_prepared
 
 
 def series(out: Mapping[str, Any]) -> str:

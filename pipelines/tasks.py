@@ -32,11 +32,12 @@ from recon.config import BaselineConfig, DataConfig, OperatorConfig, PriorSectio
 from recon.data.nifti import atomic_write_bytes
 from recon.metrics import evaluate_stacks
 from recon.prior_config import PriorConfig
-from recon.raw import is_scan, prepare_scan, reconstruct_scan, tune_scans
+from recon.raw import reconstruct_scan, tune_scans
 from recon.reconstruction import assemble_volume as assemble
 from recon.reconstruction import reconstruct_prepared
 from recon.reconstruction import reconstruct_slab as reconstruct_span
 from recon.reconstruction import tune_baseline as tune
+from recon.scans import is_scan, prepare_scan
 from recon.volumes import prepare_volume as prepare
 from recon.volumes import read_stacks
 
@@ -149,7 +150,7 @@ def list_volumes(manifest: str, data_root: str, split: str, verify: bool = True,
 @task(name="prepare-volume", **EXPENSIVE, **IO_RETRIES)
 def prepare_volume(volume: dict, data: DataConfig, out_dir: str) -> str:
     """Preprocess one volume (``{"id", "path", "kind"}``) into slices on disk
-    (``recon.volumes.prepare_volume``; raw k-space: ``recon.raw.prepare_scan``); returns the
+    (``recon.volumes.prepare_volume``; raw k-space: ``recon.scans.prepare_scan``); returns the
     prepared directory."""
     if volume.get("kind") == "kspace":
         return str(prepare_scan(volume["path"], out_dir, data.max_slices, name=volume["id"]))

@@ -35,13 +35,8 @@ from recon.data.kspace import (
 )
 from recon.data.simulate import coil_sensitivities, head_median, simulate_scan
 from recon.operators import UndersampledFourier, fft2c
-from recon.raw import (
-    PreparedScan,
-    ViewTransform,
-    calibration_width,
-    prepare_scan,
-    scan_problems,
-)
+from recon.raw import calibration_width, scan_problems
+from recon.scans import PreparedScan, ViewTransform, prepare_scan
 
 
 def phantom(shape=(40, 36, 6), seed=0) -> np.ndarray:

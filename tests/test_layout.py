@@ -166,3 +166,10 @@ def test_every_registry_name_resolves_to_its_component():
             assert reg[name] is getattr(importlib.import_module(module), attribute), name
             assert callable(reg[name]), name
     assert "nope" not in registry.OPERATORS
+
+
+def test_no_module_is_over_400_lines():
+    """One concept per file: every module of recon/ and pipelines/ stays under 400 lines."""
+    long = {m: n for m, path in project_modules().items()
+            if (n := len(path.read_text().splitlines())) > 400}
+    assert long == {}, long

@@ -12,15 +12,12 @@ is stored, as a JSON dict, in every checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recon.registry import DIFFUSIONS
 from recon.yaml_io import read_yaml
-
-if TYPE_CHECKING:
-    from recon.diffusion import DiffusionModel
 
 
 class CheckpointError(ValueError):
@@ -81,8 +78,8 @@ class DiffusionConfig(_Strict):
             raise ValueError(f"unknown diffusion {self.name!r}; choose one of {sorted(DIFFUSIONS)}")
         return self
 
-    def build(self) -> DiffusionModel:
-        """The forward model named here."""
+    def build(self) -> Any:
+        """The forward model named here (a ``recon.diffusion.DiffusionModel``)."""
         return DIFFUSIONS[self.name](**self.params)
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -17,13 +17,6 @@ from recon.config.base import (
     try_build,
 )
 from recon.registry import BASELINES, GUIDANCES, INTEGRATORS, OPERATORS, TIMERS
-
-if TYPE_CHECKING:  # the components themselves are imported only when built
-    from recon.baselines import Baseline
-    from recon.guidance import Guidance
-    from recon.integrator import Integrator
-    from recon.operators import Operator
-    from recon.timer import Timer
 
 
 class _Component(Section):
@@ -95,8 +88,9 @@ class OperatorConfig(_Component):
     def _trial(self) -> None:
         """Nothing here: building needs the slice size and sigma_y (``Config._cross`` does it)."""
 
-    def build(self, shape: tuple[int, int], sigma_y: float, seed: int = 0) -> Operator:
-        """The operator for slices of ``shape``; its mask/kernel drawn from ``seed``."""
+    def build(self, shape: tuple[int, int], sigma_y: float, seed: int = 0) -> Any:
+        """The ``recon.operators.Operator`` for slices of ``shape``; its mask/kernel drawn
+        from ``seed``."""
         return self.REGISTRY[self.name](tuple(int(n) for n in shape), **self.params,
                                         sigma_y=sigma_y, seed=seed)
 
@@ -117,7 +111,8 @@ class GuidanceConfig(_Component):
 
     name: str = "data_consistency"
 
-    def build(self) -> Guidance:
+    def build(self) -> Any:
+        """The ``recon.guidance.Guidance``."""
         return super().build()
 
     @property
@@ -137,8 +132,8 @@ class BaselineConfig(_Component):
     def _trial(self) -> Any:
         return self.build(OPERATORS["mask"]((8, 8), keep=0.5, sigma_y=0.01, seed=0))
 
-    def build(self, operator: Operator) -> Baseline:
-        """The baseline for this operator."""
+    def build(self, operator: Any) -> Any:
+        """The ``recon.baselines.Baseline`` for this ``recon.operators.Operator``."""
         return self.REGISTRY[self.name](operator, **self.params)
 
     @property
@@ -162,7 +157,8 @@ class IntegratorConfig(_Component):
 
     name: str = "heun"
 
-    def build(self) -> Integrator:
+    def build(self) -> Any:
+        """The ``recon.integrator.Integrator``."""
         return super().build()
 
     @property
@@ -184,8 +180,9 @@ class TimerConfig(_Component):
     def _trial(self) -> Any:
         return self.build(1)
 
-    def build(self, steps: int, t_max: float | None = None) -> Timer:
-        """The time grid of ``steps`` steps (from ``t_max`` when given: a warm start)."""
+    def build(self, steps: int, t_max: float | None = None) -> Any:
+        """The ``recon.timer.Timer`` of ``steps`` steps (from ``t_max`` when given: a warm
+        start)."""
         params = self.params if t_max is None else {**self.params, "t_max": t_max}
         return self.REGISTRY[self.name](steps, **params)
 

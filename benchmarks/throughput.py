@@ -95,7 +95,9 @@ def nfe_overhead(device: str, steps: int, repeats: int) -> bool:
 
 
 def workers_speedup(steps: int, max_slices: int, slab_slices: int) -> bool:
-    import pipelines  # noqa: F401  (Prefect settings)
+    from pipelines.settings import configure
+
+    configure()  # Prefect's settings, before Prefect is imported
     from pipelines.flows import load_data, reconstruct
     from recon.config import load_config
 

@@ -21,7 +21,6 @@ from typing import Any
 
 from prefect import flow
 
-import pipelines  # noqa: F401  (Prefect settings before anything else)
 from pipelines import services, tasks
 from pipelines.fan_out import preflight, reconstruct_all, series, tuned_baselines
 from pipelines.figures import quality_cost

@@ -20,21 +20,8 @@ import socket
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from pipelines.settings import api_url
 from recon.config import RunnerSection
-
-
-def flow_api_url() -> str | None:
-    """The URL of the Prefect API this process talks to, Prefect's own embedded one included
-    (``pipelines.settings.api_url`` answers None for an embedded API)."""
-    from prefect.settings import get_current_settings
-
-    url = get_current_settings().api.url
-    if url:
-        return str(url)
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    return server.api_url if server.running else None
 
 
 def check_scheduler(address: str, timeout: float = 5.0) -> None:
@@ -81,7 +68,7 @@ def task_runner(runner: RunnerSection) -> TaskRunner:
         return DaskTaskRunner(cluster_class=runner.cluster_class,
                               cluster_kwargs=dict(runner.cluster_kwargs),
                               adapt_kwargs=dict(runner.adapt_kwargs) or None)
-    url = flow_api_url()
+    url = api_url(include_embedded=True)
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": runner.workers, "threads_per_worker": runner.threads_per_worker,
         "processes": True, "dashboard_address": None,

@@ -19,7 +19,6 @@ from prefect import serve as prefect_serve
 from prefect.client.orchestration import get_client
 from prefect.schedules import Cron
 
-import pipelines  # noqa: F401  (Prefect settings before prefect is imported)
 from pipelines.flows import FLOWS
 from pipelines.settings import api_url
 from recon.config import load_config

@@ -1,7 +1,9 @@
 """Where the pipelines keep their state, set up *before* Prefect is imported.
 
 Prefect reads its settings from the environment when it is first imported, so ``configure``
-runs from ``pipelines/__init__.py``: everything in ``pipelines`` sees the same settings.
+must run before that: the ``recon`` command calls it (``recon.cli.runtime.use_work_dir``) before
+it imports anything of ``pipelines``; a script that runs the flows itself calls it first.
+Importing ``pipelines`` changes nothing.
 
 - ``PREFECT_HOME`` -> ``<work_dir>/prefect`` (profiles, the embedded API's sqlite database,
   persisted task results and cache records), unless the user set ``PREFECT_HOME``;
@@ -37,16 +39,25 @@ def default_work_dir() -> Path:
     return Path(env).expanduser().resolve() if env else project_root() / "work"
 
 
-def api_url() -> str | None:
-    """The Prefect server the flows talk to, or None for the embedded API (Prefect's own, or
-    the one ``pipelines.embedded_api`` started for the CLI)."""
+def api_url(include_embedded: bool = False) -> str | None:
+    """The Prefect API the flows talk to: a user's server, else None for an embedded API (the
+    one ``pipelines.embedded_api`` started for the CLI, or Prefect's own ephemeral one).
+    ``include_embedded``: the embedded API's URL too (what a Dask worker must be pointed at)."""
+    url = None
     if "prefect" in sys.modules:
         from prefect.settings import get_current_settings
 
         url = get_current_settings().api.url
         url = str(url) if url else None
+        if url is None and include_embedded:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            server = SubprocessASGIServer()  # Prefect's ephemeral server, a singleton
+            url = server.api_url if server.running else None
     else:
         url = os.environ.get("PREFECT_API_URL") or None
+    if include_embedded:
+        return url
     return None if url and url == os.environ.get("RECON_EMBEDDED_API_URL") else url
 
 

@@ -117,9 +117,9 @@ def setup_prefect(cfg, verbose: bool = False, embedded_api: bool = True) -> None
 
 def use_work_dir(work_dir: str | Path) -> None:
     """Make ``work_dir`` the pipelines' work dir (PREFECT_HOME below it unless set by the
-    user). Must happen before ``pipelines`` (and Prefect) is first imported: importing the
-    package configures Prefect from ``RECON_WORK_DIR``."""
-    if "pipelines" in sys.modules:
+    user, ``pipelines.settings.configure``). Must happen before Prefect is first imported: it
+    reads its settings once."""
+    if "prefect" in sys.modules:
         from pipelines.settings import default_work_dir
 
         if Path(work_dir).resolve() != default_work_dir():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import fcntl
 import os
 import re
 import signal
@@ -25,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from recon.filelock import exclusive_lock
 
 EMBEDDED_API_ENV = "RECON_EMBEDDED_API_URL"
 """Set to ``PREFECT_API_URL`` when that URL is this module's server (not a user's server)."""
@@ -71,12 +72,8 @@ def start(timeout: float | None = None, attempts: int = 3) -> str | None:
     home.mkdir(parents=True, exist_ok=True)
     # one server at a time starts on a PREFECT_HOME: the first creates and migrates its
     # database, and two doing that at once crash in the migration ("index ... already exists")
-    with open(home / ".api-start.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return _start(timeout, attempts, home / "embedded-api.log")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(home / ".api-start.lock"):
+        return _start(timeout, attempts, home / "embedded-api.log")
 
 
 def _start(timeout: float, attempts: int, log: Path) -> str:

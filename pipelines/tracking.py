@@ -12,7 +12,6 @@ relative to the current directory.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from recon.config import Config, ConfigError, apply_override, parse_override, validate_config
+from recon.filelock import exclusive_lock
 from recon.yaml_io import read_yaml
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -72,12 +72,8 @@ def ready(uri: str) -> str:
         return uri
     db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(db.with_name(db.name + ".lock")):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     _READY.add(uri)
     return uri
 

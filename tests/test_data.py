@@ -529,6 +529,64 @@ def test_archives_come_straight_from_the_package_indexes(tmp_path, monkeypatch):
         server.shutdown()
 
 
+
+def test_two_runs_materialising_one_data_root_at_once_both_succeed(tmp_path):
+    """Two flows on one machine share a data root: both materialise it at once, downloading
+    the same archive from a slow index. They take turns (a lock on the data root; a download's
+    temporary file is its process's own), so neither reads a half-written archive, both
+    report ok, and every file checks out."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    raw = gzip.compress(nib.Nifti1Image(brain().astype(np.int16), np.eye(4)).to_bytes(), mtime=0)
+    site = tmp_path / "site"
+    (site / "simple" / "fakepkg").mkdir(parents=True)
+    whl = site / "fakepkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as zf:
+        zf.writestr("fakepkg/data/vol.nii.gz", raw)
+        zf.writestr("fakepkg/data/pad.bin", np.random.default_rng(0).bytes(1 << 20))
+    (site / "simple" / "fakepkg" / "index.html").write_text(f'<a href="../../{whl.name}">w</a>')
+
+    class Slow(http.server.SimpleHTTPRequestHandler):  # ~1 s per download: they overlap
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(site), **k)
+
+        def copyfile(self, source, outputfile):
+            while chunk := source.read(64 << 10):
+                outputfile.write(chunk)
+                time.sleep(0.05)
+
+        def log_message(self, *args):
+            pass
+
+    manifest = write_manifest(tmp_path, [entry("vol", "fake/vol.nii.gz", sha(raw), provenance={
+        "source": "fake", "package": "fakepkg", "version": "1.0",
+        "member": "fakepkg/data/vol.nii.gz"})], sources={"fake": {
+            "kind": "pypi", "package": "fakepkg", "version": "1.0", "filename": whl.name,
+            "sha256": sha256_file(whl)}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "PIP_INDEX_URL": f"http://127.0.0.1:{server.server_address[1]}/simple"}
+    code = ("import sys\nfrom recon.data.public import materialise\n"
+            "rep = materialise(sys.argv[1], sys.argv[2], echo=None)\n"
+            "print('OK' if rep.ok else rep.table())")
+    root = tmp_path / "data"
+    try:
+        runs = [subprocess.Popen([sys.executable, "-c", code, str(manifest), str(root)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for _ in range(2)]
+        outs = [p.communicate(timeout=120)[0] for p in runs]
+    finally:
+        server.shutdown()
+    assert all(p.returncode == 0 and out.strip().endswith("OK") for p, out in
+               zip(runs, outs, strict=True)), outs
+    verify(load_manifest(manifest), root)
+    assert sha256_file(root / ".downloads" / whl.name) == sha256_file(whl)
+    assert not list((root / ".downloads").glob(".*.part"))
+
+
 # -- the shipped manifests ----------------------------------------------------------------------
 def test_shipped_public_manifest_is_well_formed():
     m = load_manifest(REPO / "data_manifests" / "public_brain.yaml")

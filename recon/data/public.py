@@ -47,6 +47,7 @@ from recon.data.manifest import DataError, Manifest, VolumeEntry, load_manifest,
 from recon.data.nifti import atomic_write_bytes
 from recon.data.sources import fetch_source, member_bytes
 from recon.data.verify import sha256_file, verify_volume
+from recon.filelock import exclusive_lock
 
 __all__ = ["DEFAULT_DATA_ROOT", "DEFAULT_MANIFEST", "MaterialiseReport", "VolumeStatus", "materialise"]
 
@@ -170,11 +171,20 @@ def materialise(manifest_path: str | Path = DEFAULT_MANIFEST,
     (``report.ok`` is then False) and the run goes on with the rest. ``echo`` receives progress
     lines (``None``: silent).
     """
+    root = Path(data_root)
+    root.mkdir(parents=True, exist_ok=True)
+    # two runs sharing a data root (two flows on one machine) fetch and write one at a time:
+    # the second finds the files present
+    with exclusive_lock(root / ".materialise.lock"):
+        return _materialise(manifest_path, root, cache_dir, force, download, echo)
+
+
+def _materialise(manifest_path: str | Path, root: Path, cache_dir: str | Path | None,
+                 force: bool, download: bool,
+                 echo: Callable[[str], None] | None) -> MaterialiseReport:
     say = echo or (lambda _msg: None)
     t0 = time.perf_counter()
     manifest: Manifest = load_manifest(manifest_path)
-    root = Path(data_root)
-    root.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else root / DOWNLOADS
     report = MaterialiseReport(data_root=root)
     statuses: dict[str, VolumeStatus] = {}

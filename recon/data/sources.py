@@ -69,7 +69,7 @@ def _download(name: str, source: Source, url: str, dest: Path,
     """``url`` streamed to ``dest``, its sha256 checked before it is renamed into place."""
     echo(f"downloading {source.filename} from {urllib.parse.urlparse(url).netloc} ...")
     digest = hashlib.sha256()
-    tmp = dest.with_name(f".{dest.name}.part")
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")  # one per process
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
             for chunk in iter(lambda: response.read(1 << 20), b""):

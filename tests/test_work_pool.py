@@ -96,7 +96,8 @@ def test_two_workers_run_two_flow_runs_at_the_same_time(tmp_path):
             # other's cached slab
             work = tmp_path / "work"
             overrides = [f"work_dir={work}", "reconstruct.steps=2", "reconstruct.operators=[fourier]",
-                         "reconstruct.baselines=[]", "reconstruct.warm_start=null", "data.max_slices=1", "reconstruct.progress=false",
+                         "reconstruct.baselines=[]", "reconstruct.warm_start=null",
+                         "data.max_slices=1", "reconstruct.progress=false",
                          "data.volumes=[colin27_t1]"]
             deployment = client.read_deployment_by_name("reconstruct/wp-test")
             ids = [client.create_flow_run_from_deployment(deployment.id, parameters={

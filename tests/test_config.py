@@ -201,3 +201,17 @@ def test_the_readme_reference_table_gives_the_schema_defaults():
             assert given == defaults[key], f"README says {key} = {given!r}, schema {defaults[key]!r}"
             checked += 1
     assert checked >= 20, checked
+
+
+@pytest.mark.parametrize("name", ["default", "demo", "kspace"])
+def test_shipped_configs_carry_every_lam_they_use(name):
+    """A shipped config runs on a user's own data without validation volumes: every baseline
+    and the warm start find their lam on each operator (``OperatorConfig.lam``)."""
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml", base_dir=ROOT)
+    rs = cfg.reconstruct
+    needed = [b.name for b in rs.baselines if b.lam is None]
+    if rs.warm_start is not None and rs.warm_start.baseline.lam is None:
+        needed.append(rs.warm_start.baseline.name)
+    for op in rs.operators:
+        missing = sorted(set(needed) - set(op.lam))
+        assert not missing, f"{name}.yaml: operator {op.name} has no lam for {missing}"

@@ -77,8 +77,10 @@ def start(timeout: float | None = None, attempts: int = 3) -> str | None:
 
 
 def _start(timeout: float, attempts: int, log: Path) -> str:
+    # our own offline server: no UI, no telemetry (its writes race a second server's migration)
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-           "PREFECT__SERVER_FINAL": "1"}
+           "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "1"}
     for _ in range(attempts):  # another process may take the free port before uvicorn binds it
         port = _free_port()
         url = f"http://127.0.0.1:{port}/api"

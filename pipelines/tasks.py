@@ -256,10 +256,13 @@ def log_artifacts(tracking_uri: str, run_id: str, files: Mapping[str, str] | Seq
 @task(name="log-figure", **IO)
 def log_volume_figure(tracking_uri: str, run_id: str, stacks: str, metrics: dict, title: str,
                       artifact_file: str) -> str:
-    """The per-volume figure: ground truth | naive | reconstruction | |error| | std."""
+    """The per-volume figure: ground truth | naive | reconstruction | |error| | std, axial
+    slices then (3 slices or more) sagittal and coronal reformats, drawn with the slices'
+    spacing over the pixel size (``slice_aspect`` of ``slices.npz``; 1 where it is absent)."""
     s = read_stacks(stacks)
     fig = volume_figure(s["truth"], s["naive"], s["recon"], s["std"], title,
                         psnr={"naive": metrics["psnr_naive_slices"], "recon": metrics["psnr_slices"]},
+                        slice_aspect=float(s.get("slice_aspect", 1.0)),
                         labels=[int(i) for i in s["indices"]])
     Run(tracking_uri, run_id).log_figure(fig, artifact_file)
     return artifact_file

@@ -160,7 +160,8 @@ def write_outputs(stack: Callable[[str], np.ndarray], prepared: PreparedVolume,
       shape, affine and header (``write_nifti(like=source)``), in the source's intensity units
       (std scaled by the same factor); slices that were not reconstructed are 0;
     - ``slices.npz``: ``truth``, ``naive``, ``recon``, ``std`` ``(S, H, W)`` on the prior's grid
-      in [0, 1] and the slice ``indices`` (what the metrics and figures use).
+      in [0, 1], the slice ``indices`` and ``slice_aspect``, the slice spacing over the pixel
+      size (what the metrics and figures use).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +172,9 @@ def write_outputs(stack: Callable[[str], np.ndarray], prepared: PreparedVolume,
             zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
         # each stack is read once: into slices.npz (np.savez's layout) and, but for the truth,
         # onto the source's grid as NIfTI
+        geometry = SliceGeometry.from_dict(prepared.geometry)
+        with zf.open("slice_aspect.npy", "w") as member:
+            np.lib.format.write_array(member, np.float64(geometry.slice_mm / geometry.pixel_mm))
         for name in ("indices", *STACKS):
             array = np.asarray(prepared.indices) if name == "indices" else stack(name)
             with zf.open(f"{name}.npy", "w", force_zip64=True) as member:

@@ -168,7 +168,8 @@ def test_figures_are_built_without_a_display():
     rng = np.random.default_rng(0)
     a = rng.random((5, 16, 16))
     fig = volume_figure(a, a * 0.5, a * 0.9, a * 0.1, "t", psnr={"naive": [1.0] * 5, "recon": [2.0] * 5})
-    assert len(fig.axes) == 3 * 5 + 3 * 2  # + colour bars of the error and std columns
+    # 3 axial rows + sagittal and coronal reformats, 5 images and 2 colour bars (error, std) each
+    assert len(fig.axes) == (3 + 2) * 5 + (3 + 2) * 2
     rows = [{"family": "dc ddim", "seconds": 5.0, "psnr": 20.0, "psnr_naive": 15.0},
             {"family": "dc ddim", "seconds": 9.0, "psnr": 22.0, "psnr_naive": 15.0},
             {"family": "tv", "seconds": 1.0, "psnr": 19.0, "psnr_naive": 15.0},

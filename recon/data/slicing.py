@@ -105,6 +105,12 @@ class SliceGeometry:
         return tuple(shape)  # type: ignore[return-value]
 
     @property
+    def slice_mm(self) -> float:
+        """Spacing of the slices (mm): the voxel size along the slicing axis."""
+        file_axis = next(i for i, (a, _) in enumerate(self.ornt) if int(a) == self.axis)
+        return float(np.linalg.norm(np.asarray(self.affine, float)[:3, file_axis]))
+
+    @property
     def grid_hw(self) -> tuple[int, int]:
         """The processed slices' size: ``(size, size)``, or the native one."""
         return tuple(self.native_hw) if self.size is None else (self.size, self.size)

@@ -43,9 +43,13 @@ class Registry(Mapping[str, Any]):
 
 OPERATORS = Registry("operator", {
     "mask": "recon.operators:build_mask", "blur": "recon.operators:build_blur",
-    "fourier": "recon.operators:build_fourier", "acquired": "recon.operators:build_acquired"})
+    "fourier": "recon.operators:build_fourier", "acquired": "recon.operators:build_acquired",
+    "kykz_fourier": "recon.operators:build_kykz_fourier",
+    "slice_drop": "recon.operators:build_slice_drop"})
 """Operator name -> builder ``(shape, **params, sigma_y=, seed=) -> Operator``; ``acquired``
-(raw k-space as measured) takes its sampling from the data (``recon.raw``)."""
+(raw k-space as measured) takes its sampling from the data (``recon.raw``). ``kykz_fourier``
+(3-D k-space undersampled in (kz, ky)) and ``slice_drop`` (every k-th slice kept) measure
+volumes: their ``shape`` is a volume's ``(S, H, W)``, not a slice's ``(H, W)``."""
 
 GUIDANCES = Registry("guidance", {
     "dps": "recon.guidance:DPS", "tweedie_covariance": "recon.guidance:TweedieCovariance",
@@ -63,9 +67,21 @@ TIMERS = Registry("timer", {"linear": "recon.timer:LinearTimer", "cosine": "reco
 
 BASELINES = Registry("baseline", {"sense": "recon.baselines:Sense",
                                   "tv": "recon.baselines:TotalVariation",
+                                  "tv3d": "recon.baselines:TotalVariation3D",
                                   "l1_wavelet": "recon.baselines:L1Wavelet"})
 
 DIFFUSIONS = Registry("diffusion", {"vp_linear": "recon.diffusion:VPLinear",
                                     "vp_cosine": "recon.diffusion:VPCosine"})
 
-__all__ = ["BASELINES", "DIFFUSIONS", "GUIDANCES", "INTEGRATORS", "OPERATORS", "TIMERS", "Registry"]
+VOLUME_OPERATORS = frozenset({"kykz_fourier", "slice_drop"})
+"""Operators that measure a volume ``(S, H, W)``, not each slice alone: a slab is sampled as one
+(``recon.coupling``). Their builders take ``shape=(S, H, W)``; ``slice_drop`` also the slices'
+global ``indices``."""
+WHOLE_VOLUME_OPERATORS = frozenset({"kykz_fourier"})
+"""Volume operators whose every measurement mixes all slices (a Fourier transform along z): the
+volume is one slab."""
+VOLUME_BASELINES = frozenset({"tv3d"})
+"""Baselines that regularise across slices: they solve a slab at once."""
+
+__all__ = ["BASELINES", "DIFFUSIONS", "GUIDANCES", "INTEGRATORS", "OPERATORS", "TIMERS",
+           "VOLUME_BASELINES", "VOLUME_OPERATORS", "WHOLE_VOLUME_OPERATORS", "Registry"]

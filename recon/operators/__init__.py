@@ -1,4 +1,5 @@
-"""Measurement operators ``y = A x + sigma_y n``: masking, blur, undersampled (multi-coil) MRI.
+"""Measurement operators ``y = A x + sigma_y n``: masking, blur, undersampled (multi-coil) MRI,
+and on volumes ``(S, H, W)``: (ky, kz)-undersampled 3-D k-space and dropped slices (``volume``).
 
 Every operator has ``forward`` (A x), ``adjoint`` (A^H y), ``pseudo_inverse`` (naive baseline),
 ``measure`` (noisy y), ``check_measurement`` and a ``sigma_y`` noise level; see ``base``.
@@ -26,11 +27,22 @@ from recon.operators.mask import (
     missing_slices_mask,
     random_pixel_mask,
 )
+from recon.operators.volume import (
+    KyKzFourier,
+    SliceDrop,
+    build_kykz_fourier,
+    build_slice_drop,
+    fft3c,
+    ifft3c,
+    kykz_mask,
+)
 
 __all__ = [
     "Blur",
+    "KyKzFourier",
     "Mask",
     "Operator",
+    "SliceDrop",
     "UndersampledFourier",
     "as_generator",
     "birdcage_maps",
@@ -38,12 +50,17 @@ __all__ = [
     "build_acquired",
     "build_blur",
     "build_fourier",
+    "build_kykz_fourier",
     "build_mask",
+    "build_slice_drop",
     "cartesian_mask",
     "complex_dtype",
     "fft2c",
+    "fft3c",
     "gaussian_kernel",
     "ifft2c",
+    "ifft3c",
+    "kykz_mask",
     "missing_slices_mask",
     "random_pixel_mask",
     "real_dtype",

@@ -11,6 +11,7 @@ from recon.baselines import (
     LAMBDA_GRID,
     L1Wavelet,
     OperatorLinop,
+    Sense,
     TotalVariation,
     select_lambda,
 )
@@ -111,7 +112,7 @@ def test_baselines_have_the_sampler_api_and_refuse_bad_settings():
     for bad in ({"lam": -1.0}, {"lam": float("nan")}, {"iterations": 0}, {"iterations": 2.5}):
         with pytest.raises(ValueError):
             TotalVariation(op, **bad)
-    assert set(BASELINES) == {"sense", "tv", "l1_wavelet"}
+    assert set(BASELINES) == {"sense", "tv", "tv3d", "l1_wavelet"}
 
 
 def test_select_lambda_takes_the_best_score_on_the_grid():
@@ -146,3 +147,111 @@ def test_tune_baseline_chooses_lam_on_validation_slices(tmp_path):
     assert max(scores) == pytest.approx(scores[[f"{v:.4g}" for v in LAMBDA_GRID].index(
         f"{out['lam']:.4g}")])
     assert max(scores) > scores[0] and max(scores) > scores[-1]
+
+
+# -- lam from the measurement's own noise level (the discrepancy principle) ----------------------
+def _multicoil(sigma: float, seed: int = 0):
+    """A 4-coil 3x Cartesian problem with complex images (a disc and a bar under a linear phase)
+    and known noise ``sigma`` per complex k-space entry: ``(operator, magnitude truth, y)``."""
+    from recon.operators import UndersampledFourier, birdcage_maps, cartesian_mask
+
+    shape = (32, 28)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, shape[0]), torch.linspace(-1, 1, shape[1]),
+                            indexing="ij")
+    img = 0.6 * (xx**2 / 0.8 + yy**2 < 0.8).float() + \
+        0.4 * ((xx - 0.2).abs() < 0.15).float() * (yy.abs() < 0.5)
+    x = (img * torch.exp(1.5j * (xx + 0.5 * yy))).to(torch.complex64)[None, None]
+    op = UndersampledFourier(cartesian_mask(shape, acceleration=3, center_fraction=0.2,
+                                            generator=0), birdcage_maps(shape, num_coils=4),
+                             sigma_y=sigma)
+    return op, img, op.measure(x, generator=seed)
+
+
+def _psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.max() ** 2 / (x - ref).square().mean()))
+
+
+def test_discrepancy_lambda_is_the_largest_lam_under_the_bound():
+    """The formula on a known residual curve: the bisection brackets the crossing of
+    ``tau m sigma^2`` to within one step; a floor above it moves the bound to floor +
+    ``kappa m sigma^2``; without kappa (plain Morozov) nothing meets it and the grid's lower end
+    is returned; a curve under the bound everywhere gives the upper end."""
+    from recon.baselines import DISCREPANCY_KAPPA, DISCREPANCY_TAU, discrepancy_lambda
+
+    m, sigma = 1000, 0.1
+    step = (max(LAMBDA_GRID) / min(LAMBDA_GRID)) ** (1 / 32)
+    for floor, crossing in ((0.5, (DISCREPANCY_TAU - 0.5) / 10),
+                            (1.2, DISCREPANCY_KAPPA / 10)):
+        calls = []
+
+        def residual(lam, floor=floor, calls=calls):
+            calls.append(lam)
+            return m * sigma**2 * (floor + 10 * lam)
+
+        lam = discrepancy_lambda(residual, m, sigma)
+        assert lam <= crossing < lam * step * 1.0001, (floor, lam, crossing)
+        assert len(calls) <= 8 and calls[0] == 0.0
+    assert discrepancy_lambda(lambda lam: m * sigma**2 * (1.2 + lam), m, sigma, kappa=None) == \
+        pytest.approx(min(LAMBDA_GRID))
+    assert discrepancy_lambda(lambda lam: 0.0 * lam, m, sigma) == pytest.approx(max(LAMBDA_GRID))
+
+
+@pytest.mark.parametrize("cls", [Sense, L1Wavelet], ids=lambda c: c.name)
+def test_discrepancy_lam_fits_the_data_to_the_noise_level_and_follows_sigma(cls):
+    """Multi-coil k-space with known sigma: the chosen lam's complex solution leaves
+    ``||y - A x||^2 <= tau m sigma^2`` (m = measured complex entries) and the next lam of the
+    search exceeds it; less noise, smaller lam; ``solve`` returns that solution's magnitude."""
+    from recon.baselines import DISCREPANCY_TAU
+
+    chosen = {}
+    for sigma in (0.03, 0.01):
+        op, _, y = _multicoil(sigma)
+        baseline = cls(op, "discrepancy")
+        magnitude = baseline.solve(y)
+        (lam,) = baseline.chosen_lam
+        m = 4 * int(op.mask.sum())
+
+        def ratio(lam, op=op, y=y, m=m, sigma=sigma):
+            x = cls(op, lam).solve_complex(y)
+            return float((op.forward(x) - y).abs().square().sum()) / (m * sigma**2)
+
+        step = (max(LAMBDA_GRID) / min(LAMBDA_GRID)) ** (1 / 32)
+        assert min(LAMBDA_GRID) < lam < max(LAMBDA_GRID)
+        assert ratio(0.0) < 0.8 and ratio(lam) <= DISCREPANCY_TAU < ratio(lam * step), sigma
+        torch.testing.assert_close(magnitude, cls(op, lam).solve_complex(y).abs(), atol=1e-4,
+                                   rtol=1e-3)
+        chosen[sigma] = lam
+    assert chosen[0.01] < chosen[0.03] / 2
+
+
+@pytest.mark.parametrize("cls", [Sense, L1Wavelet], ids=lambda c: c.name)
+def test_discrepancy_lam_beats_zero_filled_where_a_fixed_lam_at_either_end_does_not(cls):
+    """A noisy acquisition (sigma 0.03 per entry, the image peaks at 1): with lam from the
+    discrepancy principle the baseline is above zero-filled PSNR, while the grid's smallest lam
+    (noise amplified) and largest (over-smoothed) are below it: the rule is what holds."""
+    op, truth, y = _multicoil(0.03, seed=1)
+    zero_filled = _psnr(op.pseudo_inverse(y).abs()[0, 0], truth)
+    assert _psnr(cls(op, "discrepancy").solve(y)[0, 0], truth) > zero_filled
+    for lam in (min(LAMBDA_GRID), max(LAMBDA_GRID)):
+        assert _psnr(cls(op, lam).solve(y)[0, 0], truth) < zero_filled, lam
+
+
+def test_discrepancy_lam_is_per_image_on_image_operators_and_needs_a_noise_level():
+    """On a batch of images each slice gets the lam it gets alone (a fainter slice, at the same
+    noise, a different lam); an operator without noise level is refused, as are unknown rules."""
+    op = _operators(sigma_y=0.02)["mask"]
+    x = _phantom(batch=2) * torch.tensor([1.0, 0.3]).view(2, 1, 1, 1)
+    y = op.measure(x, generator=5)
+    tv = TotalVariation(op, "discrepancy", iterations=100)
+    both = tv.solve(y)
+    lams = list(tv.chosen_lam)
+    for i in range(2):
+        alone = tv.solve(y[i: i + 1])
+        assert tv.chosen_lam == [lams[i]]
+        torch.testing.assert_close(both[i: i + 1], alone, atol=2e-3, rtol=0)  # PDHG's step:
+        # a power iteration from a random start
+    assert lams[0] != lams[1]
+    with pytest.raises(ValueError, match="needs the noise level"):
+        TotalVariation(_operators(sigma_y=0.0)["mask"], "discrepancy").solve(y)
+    with pytest.raises(ValueError, match="'discrepancy'"):
+        TotalVariation(op, "morozov")

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
@@ -16,7 +16,33 @@ from recon.config.base import (
     named,
     try_build,
 )
-from recon.registry import BASELINES, GUIDANCES, INTEGRATORS, OPERATORS, TIMERS
+from recon.registry import (
+    BASELINES,
+    GUIDANCES,
+    INTEGRATORS,
+    OPERATORS,
+    TIMERS,
+    VOLUME_OPERATORS,
+)
+
+LAM_RULES = ("discrepancy",)
+"""A baseline's ``lam`` may name a rule instead of a number: chosen per acquisition at solve time
+from its own noise level (``recon.baselines.discrepancy_lambda``)."""
+
+
+def check_lam(what: str, lam: Any) -> float | str:
+    """``lam`` as a float >= 0 or a rule of ``LAM_RULES``; anything else -> a clear error."""
+    if isinstance(lam, str) and lam in LAM_RULES:
+        return lam
+    try:
+        value = float(lam)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(lam, bool) or not (value >= 0 and value < float("inf")):
+        raise ValueError(f"{what} must be a finite number >= 0 or "
+                         f"{' or '.join(map(repr, LAM_RULES))} (chosen per acquisition from its "
+                         f"own noise level by the discrepancy principle), got {lam!r}")
+    return value
 
 
 class _Component(Section):
@@ -59,26 +85,30 @@ class OperatorConfig(_Component):
     """A measurement operator: ``mask``, ``blur`` or ``fourier`` plus its keyword arguments
     (e.g. ``{keep: 0.5}``, ``{sigma: 1.5}``, ``{acceleration: 4, center_fraction: 0.08}``);
     ``guidance`` overrides the reconstruction's guidance for this operator; ``lam`` gives the
-    classical baselines' ``lam`` for it (``{tv: 3.2e-3}``), used where a baseline or warm start
-    says ``lam: null`` instead of choosing it on the validation split."""
+    classical baselines' ``lam`` for it (``{tv: 3.2e-3}``, or a rule of ``LAM_RULES``: chosen per
+    acquisition at solve time), used where a baseline or warm start says ``lam: null`` instead
+    of choosing it on the validation split."""
 
     KIND = "operator"
     REGISTRY = OPERATORS
-    RESERVED = ("shape", "sigma_y", "seed")
+    RESERVED = ("shape", "sigma_y", "seed", "indices")
 
     guidance: GuidanceConfig | None = None
-    lam: dict[str, float] = Field(default_factory=dict, description="baseline name -> lam for "
-                                  "this operator (e.g. chosen once on the public validation "
-                                  "split); missing: chosen on data.val_split when needed")
+    lam: dict[str, float | str] = Field(
+        default_factory=dict, description="baseline name -> lam for this operator (e.g. chosen "
+        "once on the public validation split), or 'discrepancy' (chosen per acquisition from its "
+        "own noise level); missing: chosen on data.val_split when needed")
 
-    @field_validator("lam")
+    @field_validator("lam", mode="before")
     @classmethod
-    def _lam(cls, v: dict[str, float]) -> dict[str, float]:
+    def _lam(cls, v: Any) -> Any:
+        if not isinstance(v, Mapping):
+            return v
+        out = {}
         for name, lam in v.items():
             check_name("baseline", name, BASELINES)
-            if not (lam >= 0 and lam < float("inf")):
-                raise ValueError(f"lam of {name} must be a finite number >= 0, got {lam}")
-        return v
+            out[name] = check_lam(f"lam of {name}", lam)
+        return out
 
     @field_validator("guidance", mode="before")
     @classmethod
@@ -88,11 +118,24 @@ class OperatorConfig(_Component):
     def _trial(self) -> None:
         """Nothing here: building needs the slice size and sigma_y (``Config._cross`` does it)."""
 
-    def build(self, shape: tuple[int, int], sigma_y: float, seed: int = 0) -> Any:
-        """The ``recon.operators.Operator`` for slices of ``shape``; its mask/kernel drawn
-        from ``seed``."""
-        return self.REGISTRY[self.name](tuple(int(n) for n in shape), **self.params,
-                                        sigma_y=sigma_y, seed=seed)
+    @property
+    def volume(self) -> bool:
+        """Whether it measures a volume ``(S, H, W)`` (``recon.registry.VOLUME_OPERATORS``)."""
+        return self.name in VOLUME_OPERATORS
+
+    def build(self, shape: tuple[int, ...], sigma_y: float, seed: int = 0,
+              indices: Sequence[int] | None = None) -> Any:
+        """The ``recon.operators.Operator`` for slices of ``shape`` ``(H, W)`` (a volume
+        operator: for the volume ``(S, H, W)`` whose slices sit at ``indices`` in the whole
+        volume); its mask/kernel drawn from ``seed``."""
+        shape = tuple(int(n) for n in shape)
+        if self.volume != (len(shape) == 3):
+            raise ValueError(f"operator {self.name!r} measures "
+                             f"{'volumes (S, H, W)' if self.volume else 'slices (H, W)'}, "
+                             f"got shape {shape}")
+        extra = {"indices": list(indices)} if self.name == "slice_drop" and indices is not None \
+            else {}
+        return self.REGISTRY[self.name](shape, **self.params, sigma_y=sigma_y, seed=seed, **extra)
 
 
 def label_of(name: str, params: Mapping[str, Any]) -> str:
@@ -111,9 +154,11 @@ class GuidanceConfig(_Component):
 
     name: str = "data_consistency"
 
-    def build(self) -> Any:
-        """The ``recon.guidance.Guidance``."""
-        return super().build()
+    RESERVED = ("tv_z",)
+
+    def build(self, **given: Any) -> Any:
+        """The ``recon.guidance.Guidance`` (``given``: ``tv_z``, from ``reconstruct.coupling``)."""
+        return super().build(**given)
 
     @property
     def label(self) -> str:
@@ -122,12 +167,19 @@ class GuidanceConfig(_Component):
 
 class BaselineConfig(_Component):
     """A classical reconstruction from ``recon.registry.BASELINES`` (``tv``, ``l1_wavelet``)
-    and its keyword arguments: ``lam`` (null: chosen on the validation split for each
+    and its keyword arguments: ``lam`` (a number; a rule of ``LAM_RULES``, chosen per
+    acquisition from its noise level at solve time; null: chosen on the validation split for each
     operator, ``recon.reconstruction.tune_baseline``) and ``iterations``."""
 
     KIND = "baseline"
     REGISTRY = BASELINES
     RESERVED = ("operator",)
+
+    @model_validator(mode="after")
+    def _lam_value(self) -> BaselineConfig:
+        if "lam" in self.params and self.params["lam"] is not None:
+            check_lam("lam", self.params["lam"])
+        return self
 
     def _trial(self) -> Any:
         return self.build(OPERATORS["mask"]((8, 8), keep=0.5, sigma_y=0.01, seed=0))
@@ -137,7 +189,7 @@ class BaselineConfig(_Component):
         return self.REGISTRY[self.name](operator, **self.params)
 
     @property
-    def lam(self) -> float | None:
+    def lam(self) -> float | str | None:
         return self.params.get("lam")
 
     @property

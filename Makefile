@@ -62,6 +62,7 @@ bench: $(STAMP) data
 	$(BIN)/python benchmarks/training_throughput.py --threads 1
 	$(BIN)/python benchmarks/kspace.py
 	$(BIN)/python benchmarks/methods.py
+	$(BIN)/python benchmarks/volume3d.py
 
 # The prepared GPU check (benchmarks/gpu.py): on a CUDA machine with this venv, or, where the
 # GPU machine has no network, `make gpu-bundle` here and `bash gpu_bundle/run.sh` there.

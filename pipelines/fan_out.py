@@ -52,8 +52,13 @@ def tuned_baselines(cfg: Config, run: Run, operators: list[OperatorConfig],
         for b in baselines:
             if b.lam is None and b.name in op.lam:
                 b = b.model_copy(update={"params": {**b.params, "lam": op.lam[b.name]}})
-                run.log_metrics({f"lam/{metric_key(op.name)}-{b.name}": b.lam})
-                print(f"{b.name} for {op.name}: lam = {b.lam:.4g} (the operator's lam in the config)")
+                key, rule = f"lam/{metric_key(op.name)}-{b.name}", isinstance(b.lam, str)
+                if rule:  # discrepancy & co: chosen per acquisition at solve time
+                    run.log_params({key: b.lam})
+                else:
+                    run.log_metrics({key: b.lam})
+                shown = b.lam if rule else f"{b.lam:.4g}"
+                print(f"{b.name} for {op.name}: lam = {shown} (the operator's lam in the config)")
             if b.lam is None:
                 val = _tuning_volumes(cfg) if val is None else val
                 r = cached_call(with_storage(tasks.tune_baseline, cfg), prepared=val, operator=op,
@@ -116,7 +121,7 @@ def reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str,
                     jobs.append((common, out_dir, [
                         (slab_task, {**common, "span": list(span),
                                      "out_file": str(slab_file(out_dir, span))})
-                        for span in slab_ranges(n, settings.slab_slices)]))
+                        for span in slab_ranges(n, settings.slab_slices, op)]))
     outputs = []
     with nullcontext(runner) if runner is not None else task_runner(cfg.runner) as pool:
         submitted = [(common, out_dir, [(t, kw, pool.submit(t, kw)) for t, kw in parts])

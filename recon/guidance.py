@@ -188,28 +188,35 @@ class DataConsistency(Guidance):
     or ``soft=False``, ``lam = 0``). With ``tv = mu > 0`` total variation shares the step
     (DiffusionMBIR): ``argmin 1/2 ||y - A x||^2 + lam/2 ||x - x0_hat||^2 + mu TV(x)`` by
     ``tv_iterations`` PDHG steps (``recon.total_variation.tv_prox``); ``mu`` is in the units of
-    the TV baseline's ``lam``. Then ``eps_y = (x_t - s x0_dc)/sigma`` and the integrator
-    continues from ``x0_dc``. Images are real and the prox is the exact minimiser over real
-    images (for Cartesian k-space it pairs each frequency with its mirror).
+    the TV baseline's ``lam``. With ``tv_z = mu_z > 0`` the images are slabs ``(N, S, H, W)``
+    of ``S`` slices sampled as one (``recon.coupling``) and TV along the slices couples them in
+    the same step: ``+ mu_z ||D_z x||_1`` (DiffusionMBIR's through-plane TV). Then
+    ``eps_y = (x_t - s x0_dc)/sigma`` and the integrator continues from ``x0_dc``. Images are
+    real and the prox is the exact minimiser over real images (for Cartesian k-space it pairs
+    each frequency with its mirror).
     """
 
     name = "data_consistency"
 
     def __init__(self, soft: bool = True, prior_weight: float = 1.0, tv: float = 0.0,
-                 tv_iterations: int = 20):
+                 tv_iterations: int = 20, tv_z: float = 0.0):
         if not (math.isfinite(prior_weight) and prior_weight > 0):
             raise ValueError(f"prior_weight must be a finite number > 0, got {prior_weight}")
         if not (math.isfinite(tv) and tv >= 0):
             raise ValueError(f"tv must be a finite number >= 0, got {tv}")
+        if not (math.isfinite(tv_z) and tv_z >= 0):
+            raise ValueError(f"tv_z must be a finite number >= 0, got {tv_z}")
         if isinstance(tv_iterations, bool) or not isinstance(tv_iterations, int) or \
                 not 1 <= tv_iterations <= 1000:
             raise ValueError(f"tv_iterations must be an integer in [1, 1000], got {tv_iterations!r}")
         self.soft = bool(soft)
         self.prior_weight = float(prior_weight)
-        self.tv, self.tv_iterations = float(tv), tv_iterations
+        self.tv, self.tv_iterations, self.tv_z = float(tv), tv_iterations, float(tv_z)
 
     def __repr__(self) -> str:
-        tv = f", tv={self.tv}, tv_iterations={self.tv_iterations}" if self.tv else ""
+        tv = f", tv={self.tv}" if self.tv else ""
+        tv += f", tv_z={self.tv_z}" if self.tv_z else ""
+        tv += f", tv_iterations={self.tv_iterations}" if tv else ""
         return f"DataConsistency(soft={self.soft}, prior_weight={self.prior_weight}{tv})"
 
     def weight(self, s: float, sigma: float, var_y: float) -> float:
@@ -224,8 +231,8 @@ class DataConsistency(Guidance):
         x0 = tweedie(x, eps_fn(x, t), s, sigma)
         var_y = noise_variance(operator, y)
         lam = self.prior_weight * var_y * (s / sigma) ** 2 if self.soft else 0.0
-        if self.tv > 0:
-            x0_dc = tv_prox(operator, x0, y, lam, self.tv, self.tv_iterations)
+        if self.tv > 0 or self.tv_z > 0:
+            x0_dc = tv_prox(operator, x0, y, lam, self.tv, self.tv_iterations, mu_z=self.tv_z)
         elif hasattr(operator, "prox"):
             x0_dc = operator.prox(x0, y, lam)
         else:  # a duck-typed operator: one step towards the data (exact when A A^H = I)

@@ -1,18 +1,21 @@
 r"""Posterior reconstruction of one prepared volume with one operator, slab by slab.
 
 A volume ``(S, H, W)`` is cut into slabs of consecutive slices (``slab_ranges``), each
-reconstructed on its own (``reconstruct_slab``: in this process, or as a task on any worker)
-``batch_size`` slices at a time: each slice ``x`` is measured ``y = A x + sigma_y n`` (noise
-seeded per slice, so neither ``y`` nor the sample depends on the batch or slab it falls in), the
-naive baseline is ``A^+ y`` (``operator.pseudo_inverse``), and ``n_samples`` posterior samples
-``x0 ~ p(x0 | y)`` are drawn with a ``CondDenoiser``; the reconstruction is their mean, the
-uncertainty their pixel-wise std. A classical baseline (``recon.baselines``: TV, L1-wavelet)
-takes the sampler's place on the same ``y``; its ``lam`` is chosen on validation volumes by
-``tune_baseline``. ``assemble_volume`` turns the slab files into NIfTI outputs on the source's
-grid (``recon.volumes.write_outputs``), one output at a time.
+reconstructed on its own (``reconstruct_slab``: in this process, or as a task on any worker):
 
-The config sections build the parts (``OperatorConfig.build``, ``GuidanceConfig.build``, ...);
-``load_network`` loads the prior a ``PriorSection`` names.
+- slice by slice, ``batch_size`` slices at a time (``recon.reconstructor.SliceReconstructor``:
+  ``y = A x + sigma_y n`` with noise seeded per slice, ``n_samples`` posterior samples from a
+  ``CondDenoiser``, their mean the reconstruction and their std the uncertainty, ``A^+ y`` the
+  naive baseline);
+- or as one volume with a halo of slices on each side (``recon.coupling``): for the volume
+  operators (``kykz_fourier``, ``slice_drop``), ``reconstruct.coupling: tv_z`` and the 3-D
+  baseline ``tv3d``.
+
+A classical baseline (``recon.baselines``: TV, L1-wavelet, 3-D TV) takes the sampler's place on
+the same ``y``; its ``lam`` is chosen on validation volumes by ``tune_baseline``.
+``assemble_volume`` turns the slab files into NIfTI outputs on the source's grid
+(``recon.volumes.write_outputs``), one output at a time. The config sections build the parts
+(``OperatorConfig.build``, ``GuidanceConfig.build``, ...).
 """
 
 from __future__ import annotations
@@ -21,158 +24,37 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from recon.baselines import select_lambda
 from recon.cond_denoiser import CondDenoiser
 from recon.config import BaselineConfig, OperatorConfig, PriorSection, ReconstructSection
+from recon.coupling import (
+    SlabReconstructor,
+    SliceStack,
+    halo_span,
+    is_volume_method,
+    measure_volume,
+)
 from recon.data.nifti import atomic_path, atomic_write_bytes
-from recon.guidance import Guidance
-from recon.integrator import Integrator
 from recon.metrics import psnr
-from recon.network import EpsNetwork, autocast, load_prior, resolve_device
-from recon.operators import Operator
-from recon.timer import Timer
+from recon.network import resolve_device
+from recon.reconstructor import (  # noqa: F401  (re-exported: the slice-batch API)
+    SliceReconstructor,
+    SliceResult,
+    batched,
+    load_network,
+    measure_slices,
+    slice_seed,
+    stream,
+)
+from recon.registry import WHOLE_VOLUME_OPERATORS
 from recon.volumes import STACKS, PreparedVolume, write_outputs
-
-_NETWORKS: dict[tuple, tuple] = {}
-
-
-def load_network(prior: PriorSection, device: str | torch.device = "auto"):
-    """``(network, diffusion)`` of ``prior.checkpoint``; with ``prior.config`` the checkpoint
-    must match that network and diffusion config (``CheckpointError`` otherwise). Kept per
-    process for the last checkpoint (keyed on its path, size and mtime), so the slabs a worker
-    runs load it once."""
-    device = resolve_device(device)
-    st = Path(prior.checkpoint).stat() if Path(prior.checkpoint).is_file() else None
-    key = (prior.model_dump_json(), str(device), st and (st.st_size, st.st_mtime_ns))
-    if key not in _NETWORKS:
-        expected = prior.expected()
-        network, diffusion, _ = load_prior(
-            prior.checkpoint, device,
-            network_cfg=None if expected is None else expected.network,
-            diffusion_cfg=None if expected is None else expected.diffusion, weights=prior.weights)
-        _NETWORKS.clear()
-        _NETWORKS[key] = (network, diffusion)
-    return _NETWORKS[key]
-
-
-# -- one batch of slices ------------------------------------------------------------------------
-@dataclass
-class SliceResult:
-    """Reconstruction of a batch of slices (arrays ``(B, H, W)`` float32 on the host)."""
-
-    indices: list[int]
-    truth: np.ndarray
-    naive: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
-    nfe: int
-    seconds: float
-
-    @property
-    def stacks(self) -> dict[str, np.ndarray]:
-        """The arrays by ``recon.volumes.STACKS`` name."""
-        return {"truth": self.truth, "naive": self.naive, "recon": self.mean, "std": self.std}
-
-
-def slice_seed(seed: int, index: int, salt: int = 0) -> int:
-    """A per-slice seed, stable whatever the batching."""
-    return (seed * 1_000_003 + index * 7_919 + salt * 104_729) % (2**63 - 1)
-
-
-def measure_slices(operator: Operator, x: Tensor, indices: Sequence[int], seed: int) -> Tensor:
-    """``y = A x + sigma_y n`` for each slice ``(B, 1, H, W)``, the noise drawn from the slice's
-    own seed (``slice_seed(seed, index, salt=1)``), so ``y`` does not depend on the batching nor
-    on the method that reconstructs it."""
-    ys = [operator.measure(x[i: i + 1], generator=torch.Generator(x.device).manual_seed(
-        slice_seed(seed, idx, salt=1))) for i, idx in enumerate(indices)]
-    return torch.cat(ys)
-
-
-class SliceReconstructor:
-    """Measure and reconstruct batches of slices ``(B, 1, H, W)`` with a fixed operator.
-
-    ``sampler`` has ``sample(y, n_samples, generator, progress, keep_samples) -> Posterior``
-    and ``nfe``: a ``CondDenoiser`` (``SliceReconstructor.diffusion``) or a classical
-    ``recon.baselines.Baseline``. ``measure_seed`` fixes the measurement noise (per slice),
-    ``seed`` the sampler's noise, so two reconstructors that differ only in the method see the
-    same ``y``.
-    """
-
-    def __init__(self, operator: Operator, sampler, n_samples: int = 2, seed: int = 0,
-                 measure_seed: int | None = None, device: str | torch.device = "cpu",
-                 progress: bool = False, precision: str = "fp32"):
-        self.device = torch.device(device)
-        self.precision = precision
-        self.operator = operator.to(self.device)
-        self.sampler = sampler
-        self.n_samples, self.seed = int(n_samples), int(seed)
-        self.measure_seed = self.seed if measure_seed is None else int(measure_seed)
-        self.progress = progress
-
-    @classmethod
-    def diffusion(cls, network: EpsNetwork, diffusion, operator: Operator, guidance: Guidance,
-                  integrator: Integrator, timer: Timer,
-                  x0_range: tuple[float, float] | None = None, warm_start=None,
-                  **kwargs) -> SliceReconstructor:
-        """Posterior sampling with the prior ``network`` (a ``CondDenoiser``)."""
-        device = torch.device(kwargs.get("device", "cpu"))
-        operator = operator.to(device)
-        sampler = CondDenoiser(diffusion, network, integrator, timer, operator, guidance,
-                               x0_range=x0_range, warm_start=warm_start)
-        return cls(operator, sampler, **kwargs)
-
-    @property
-    def nfe(self) -> int:
-        return self.sampler.nfe
-
-    def measure(self, x: Tensor, indices: Sequence[int]) -> Tensor:
-        """``y`` for each slice (``measure_slices``)."""
-        return measure_slices(self.operator, x, indices, self.measure_seed)
-
-    def __call__(self, x: Tensor, indices: Sequence[int]) -> SliceResult:
-        start = time.perf_counter()
-        x = x.to(self.device, torch.float32)
-        if x.ndim == 3:
-            x = x[:, None]
-        y = self.measure(x, indices)
-        with torch.no_grad():
-            naive = self.operator.pseudo_inverse(y)
-        naive = naive.real if naive.is_complex() else naive
-        gen = torch.Generator(self.device).manual_seed(slice_seed(self.seed, int(indices[0]), salt=2))
-        with autocast(self.device, self.precision):
-            post = self.sampler.sample(y, self.n_samples, generator=gen, progress=self.progress,
-                                       keep_samples=False)
-
-        def host(t: Tensor) -> np.ndarray:
-            return t[:, 0].detach().float().cpu().numpy()
-
-        return SliceResult(list(map(int, indices)), host(x), host(naive), host(post.mean),
-                           host(post.std), post.nfe, time.perf_counter() - start)
-
-
-def stream(batches: Iterable[tuple[Sequence[int], Tensor]],
-           reconstructor: SliceReconstructor) -> Iterator[SliceResult]:
-    """Reconstruct ``(indices, slices)`` batches one at a time (lazy: memory ~ one batch)."""
-    for indices, x in batches:
-        yield reconstructor(x, indices)
-
-
-def batched(volume_slices: Callable[[Sequence[int]], Tensor], indices: Sequence[int],
-            batch_size: int) -> Iterator[tuple[list[int], Tensor]]:
-    """``(indices, volume_slices(indices))`` for consecutive chunks of ``batch_size`` indices."""
-    indices = list(indices)
-    for i in range(0, len(indices), batch_size):
-        chunk = indices[i: i + batch_size]
-        yield chunk, volume_slices(chunk)
 
 
 def method_summary(settings: ReconstructSection, operator: OperatorConfig,
@@ -201,22 +83,36 @@ def batch_size_for(free_bytes: int, slice_shape: Sequence[int], n_samples: int,
     return int(max(1, min(limit, (fraction * free_bytes) // per_slice)))
 
 
-def slab_ranges(n: int, slab_slices: int | None) -> list[tuple[int, int]]:
+def slab_ranges(n: int, slab_slices: int | None,
+                operator: OperatorConfig | None = None) -> list[tuple[int, int]]:
     """``[start, stop)`` ranges of at most ``slab_slices`` consecutive slice positions covering
-    ``0..n-1`` (one range for None): the slabs a volume is cut into."""
-    size = n if not slab_slices else int(slab_slices)
+    ``0..n-1`` (one range for None, or for an ``operator`` whose every measurement mixes all
+    slices, ``recon.registry.WHOLE_VOLUME_OPERATORS``): the slabs a volume is cut into."""
+    whole = operator is not None and operator.name in WHOLE_VOLUME_OPERATORS
+    size = n if not slab_slices or whole else int(slab_slices)
     return [(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
 
 
 def _reconstructor(vol: PreparedVolume, operator: OperatorConfig, settings: ReconstructSection,
-                   prior: PriorSection, baseline: BaselineConfig | None,
-                   device: torch.device) -> SliceReconstructor:
-    op = operator.build(vol.shape, settings.sigma_y, settings.seed)
+                   prior: PriorSection, baseline: BaselineConfig | None, device: torch.device,
+                   slab: Sequence[int] | None = None) -> SliceReconstructor:
+    """Slices a batch at a time, or, with ``slab`` (the slab's slice indices), the slab as one
+    volume (``recon.coupling.SlabReconstructor``)."""
+    if slab is None:
+        op = operator.build(vol.shape, settings.sigma_y, settings.seed)
+    elif operator.volume:
+        op = operator.build((len(slab), *vol.shape), settings.sigma_y, settings.seed, slab)
+    else:
+        op = operator.build(vol.shape, settings.sigma_y, settings.seed)
     common = {"n_samples": settings.n_samples, "seed": settings.seed, "device": device}
+    if slab is not None:
+        def make(op, sampler, **kwargs):
+            return SlabReconstructor(op, sampler, operator.volume, **kwargs)
+    else:
+        make = SliceReconstructor
     if baseline is not None:
-        return SliceReconstructor(op, baseline.build(op), **common)
+        return make(op, baseline.build(op.to(device)), **common)
     network, diffusion = load_network(prior, device)
-    common["precision"] = settings.precision
     warm, t_max = None, None
     if settings.warm_start is not None:
         start = settings.warm_start.for_operator(operator)
@@ -225,10 +121,13 @@ def _reconstructor(vol: PreparedVolume, operator: OperatorConfig, settings: Reco
                              f"{operator.name!r} gives none (its lam: {{{start.baseline.name}: "
                              f"...}}); set one or choose it on validation data (tune_baseline)")
         warm, t_max = start.baseline.build(op.to(device)).solve, start.t0
-    return SliceReconstructor.diffusion(
-        network, diffusion, op, settings.guidance_for(operator).build(),
-        settings.integrator.build(), settings.timer.build(settings.steps, t_max),
-        x0_range=settings.x0_range, warm_start=warm, **common)
+    coupling = settings.coupling
+    guidance = settings.guidance_for(operator).build(
+        **({"tv_z": coupling.weight} if coupling.name == "tv_z" else {}))
+    sampler = CondDenoiser(diffusion, network if slab is None else SliceStack(network),
+                           settings.integrator.build(), settings.timer.build(settings.steps, t_max),
+                           op.to(device), guidance, x0_range=settings.x0_range, warm_start=warm)
+    return make(op, sampler, precision=settings.precision, **common)
 
 
 def reconstruct_slab(prepared: str | Path, operator: OperatorConfig, settings: ReconstructSection,
@@ -237,7 +136,10 @@ def reconstruct_slab(prepared: str | Path, operator: OperatorConfig, settings: R
     """Reconstruct the slices at positions ``span = [start, stop)`` (default: all) of a prepared
     volume with one operator, ``batch_size`` at a time, by the diffusion sampler of ``settings``
     or a classical ``baseline``; their ``truth``/``naive``/``recon``/``std`` stacks and
-    ``indices`` go to ``out_file`` (``.npz``, written atomically).
+    ``indices`` go to ``out_file`` (``.npz``, written atomically). A volume method
+    (``recon.coupling.is_volume_method``: a volume operator, ``coupling: tv_z``, a 3-D baseline)
+    reconstructs the span and ``coupling.halo`` slices on each side as one volume and keeps the
+    span.
 
     A slab's result does not depend on the other slabs (measurement and sampler noise are
     seeded per slice), so slabs may run in any order, anywhere. Returns ``{"slab", "span",
@@ -245,26 +147,38 @@ def reconstruct_slab(prepared: str | Path, operator: OperatorConfig, settings: R
     (``started``/``finished``: wall-clock epoch seconds, to see what ran concurrently)."""
     started = time.time()
     vol = PreparedVolume.open(prepared)
-    start, stop = span if span is not None else (0, len(vol.indices))
-    if not 0 <= start < stop <= len(vol.indices):
-        raise ValueError(f"slab [{start}, {stop}) is outside the {len(vol.indices)} slices of "
-                         f"{vol.name}")
+    n = len(vol.indices)
+    start, stop = span if span is not None else (0, n)
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"slab [{start}, {stop}) is outside the {n} slices of {vol.name}")
+    if operator.name in WHOLE_VOLUME_OPERATORS and (start, stop) != (0, n):
+        raise ValueError(f"operator {operator.name!r} mixes every slice of a volume in each "
+                         f"measurement: it reconstructs the whole volume, not slab [{start}, {stop})")
     device = resolve_device(settings.device)
     if settings.num_threads is not None and device.type == "cpu":
         torch.set_num_threads(settings.num_threads)
-    reconstructor = _reconstructor(vol, operator, settings, prior, baseline, device)
     indices = vol.indices[start:stop]
     rank = {idx: r for r, idx in enumerate(vol.indices)}
+    if is_volume_method(operator, settings, baseline):
+        lo, hi = halo_span(start, stop, n, settings.coupling.halo)
+        reconstructor = _reconstructor(vol, operator, settings, prior, baseline, device,
+                                       slab=vol.indices[lo:hi])
+        batches = iter([(vol.indices[lo:hi], vol.read(range(lo, hi)))])
+    else:
+        reconstructor = _reconstructor(vol, operator, settings, prior, baseline, device)
+        batches = batched(lambda idx: vol.read([rank[i] for i in idx]), indices,
+                          settings.batch_size)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in STACKS}
     t0 = time.perf_counter()
-    batches = batched(lambda idx: vol.read([rank[i] for i in idx]), indices, settings.batch_size)
+    kept = set(indices)
     # disable=None: no bar when stderr is not a terminal (no \r updates piling up in logs)
     with tqdm(total=len(indices), desc=f"{vol.name} {operator.name} [{start}:{stop}]",
               unit="slice", disable=None if progress else True) as bar:
         for result in stream(batches, reconstructor):
+            keep = [i for i, idx in enumerate(result.indices) if idx in kept]  # halo dropped
             for name, array in result.stacks.items():
-                parts[name].append(array)
-            bar.update(len(result.indices))
+                parts[name].append(array[keep])
+            bar.update(len(keep))
     seconds = time.perf_counter() - t0
     with atomic_path(out_file, suffix=".npz") as tmp:
         np.savez(tmp, indices=np.asarray(indices), **{k: np.concatenate(v) for k, v in parts.items()})
@@ -329,7 +243,7 @@ def reconstruct_prepared(prepared: str | Path, operator: OperatorConfig,
     n = len(PreparedVolume.open(prepared).indices)
     slabs = [reconstruct_slab(prepared, operator, settings, prior, slab_file(out_dir, span), span,
                               progress=progress, baseline=baseline)
-             for span in slab_ranges(n, settings.slab_slices)]
+             for span in slab_ranges(n, settings.slab_slices, operator)]
     return assemble_volume(prepared, slabs, operator, settings, out_dir, baseline)
 
 
@@ -343,13 +257,22 @@ def tune_baseline(prepared: Sequence[str | Path], operator: OperatorConfig, base
     """Choose a baseline's ``lam`` on validation volumes (``recon.baselines.select_lambda`` over
     ``LAMBDA_GRID``): every slice of ``prepared`` is measured as a test slice would be (same
     operator config, ``sigma_y`` and ``seed``) and reconstructed for each candidate; the best mean
-    PSNR wins. Returns ``{"lam", "scores": {lam: mean PSNR}, "slices", "volumes"}``."""
+    PSNR wins (a volume method, ``recon.coupling.is_volume_method``: each volume measured and
+    solved as one, its PSNR over the volume). Returns ``{"lam", "scores": {lam: mean PSNR},
+    "slices", "volumes"}``."""
     problems = []
     for p in prepared:
         vol = PreparedVolume.open(p)
-        op = operator.build(vol.shape, sigma_y, seed)
         x = vol.read(list(range(len(vol.indices))))
-        problems.append((x, measure_slices(op, x, vol.indices, seed), baseline.build(op)))
+        if is_volume_method(operator, ReconstructSection(), baseline):
+            x = x.reshape(1, len(vol.indices), *vol.shape)
+            shape = (len(vol.indices), *vol.shape) if operator.volume else vol.shape
+            op = operator.build(shape, sigma_y, seed, vol.indices)
+            y = measure_volume(op, x, vol.indices, seed, operator.volume)
+        else:
+            op = operator.build(vol.shape, sigma_y, seed)
+            y = measure_slices(op, x, vol.indices, seed)
+        problems.append((x, y, baseline.build(op)))
     if not problems:
         raise ValueError(f"no validation volume to choose lam for {baseline.name!r} on")
 
@@ -359,4 +282,5 @@ def tune_baseline(prepared: Sequence[str | Path], operator: OperatorConfig, base
 
     lam, scores = select_lambda(mean_psnr)
     return {"lam": lam, "scores": {f"{k:.4g}": v for k, v in scores.items()},
-            "slices": sum(x.shape[0] for x, _, _ in problems), "volumes": len(problems)}
+            "slices": sum(len(PreparedVolume.open(p).indices) for p in prepared),
+            "volumes": len(problems)}

@@ -66,7 +66,8 @@ def test_resolved_is_flat_and_complete():
     ("reconstruct.warm_start.t0=1.5", "reconstruct.warm_start.t0: Input should be less than 1"),
     ("reconstruct.warm_start.baseline=magic", "unknown baseline 'magic'"),
     ("reconstruct.guidance.params.tv=-1", "tv must be a finite number >= 0"),
-    ("reconstruct.operators=[mri]", "unknown operator 'mri'; valid operators: acquired, blur, fourier, mask"),
+    ("reconstruct.operators=[mri]", "unknown operator 'mri'; valid operators: acquired, blur, "
+     "fourier, kykz_fourier, mask, slice_drop"),
     ("reconstruct.timer=exp", "valid timers: cosine, karras, linear"),
     ("compare.integrators=[euler, rk45]", "compare.integrators.1.name: unknown integrator 'rk45'"),
     ("reconstruct.operators=[{name: fourier, params: {accel: 4}}]",
@@ -215,3 +216,25 @@ def test_shipped_configs_carry_every_lam_they_use(name):
     for op in rs.operators:
         missing = sorted(set(needed) - set(op.lam))
         assert not missing, f"{name}.yaml: operator {op.name} has no lam for {missing}"
+
+
+def test_a_baseline_lam_may_name_the_discrepancy_rule_and_a_misspelt_rule_is_refused():
+    """``lam: discrepancy`` (chosen per acquisition at solve time) loads for an operator's lam
+    and for a baseline's own; numbers still load (YAML's ``1e-3`` is a string, read as a
+    number); any other string is refused at load time, naming the field and the valid rule."""
+    cfg = load_config(None, [
+        "reconstruct.operators=[{name: fourier, lam: {sense: discrepancy, l1_wavelet: 1e-3}}]",
+        "reconstruct.baselines=[{name: sense, params: {lam: discrepancy}}, l1_wavelet]"])
+    assert cfg.reconstruct.operators[0].lam == {"sense": "discrepancy", "l1_wavelet": 1e-3}
+    assert cfg.reconstruct.baselines[0].lam == "discrepancy"
+    assert cfg.reconstruct.baselines[0].label == "sense(lam=discrepancy)"
+    for override, where, bad in (
+            ("reconstruct.operators=[{name: fourier, lam: {sense: discrepency}}]", "lam of sense",
+             "'discrepency'"),
+            ("reconstruct.baselines=[{name: tv, params: {lam: morozov}}]", "baselines.0: lam",
+             "'morozov'")):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [override])
+        message = str(info.value)
+        assert where in message and "must be a finite number >= 0 or 'discrepancy'" in message
+        assert f"got {bad}" in message

@@ -68,6 +68,27 @@ def test_slabs_assemble_into_the_single_pass_reconstruction(workspace, tmp_path)
         assemble_volume(prepared, runs + runs[:1], op, cfg.reconstruct, tmp_path / "twice")
 
 
+def test_the_flow_reconstructs_coupled_slabs_and_whole_volume_operators(workspace, harness,
+                                                                       tmp_path):
+    """``reconstruct.coupling: tv_z`` reaches the flow: slabs of 2 slices with a halo, the
+    sampler's label names the coupling; ``kykz_fourier`` (k-space along z) is one slab whatever
+    ``slab_slices`` says; ``slice_drop``'s measured slices come out closer to the truth than the
+    dropped ones."""
+    from pipelines.flows import reconstruct
+
+    cfg = _config(workspace, tmp_path, "reconstruct.slab_slices=2", "reconstruct.coupling="
+                  "{name: tv_z, weight: 0.01, halo: 1}", "reconstruct.operators=[mask, "
+                  "{name: kykz_fourier, params: {acceleration: 2}}, slice_drop]")
+    outs = {o["operator"]: o for o in reconstruct(cfg)["outputs"]}
+    assert (outs["mask"]["slabs"], outs["kykz_fourier"]["slabs"], outs["slice_drop"]["slabs"]) \
+        == (2, 1, 2)
+    assert all("tv_z(0.01)" in o["label"] for o in outs.values())
+    s = read_stacks(outs["slice_drop"]["stacks"])
+    err = np.abs(s["recon"] - s["truth"]).mean(axis=(1, 2))
+    kept = np.asarray(s["indices"]) % 2 == 0
+    assert kept.any() and (~kept).any() and err[kept].max() < err[~kept].min()
+
+
 @pytest.mark.slow
 def test_slabs_run_at_once_on_a_local_dask_cluster(workspace, harness, tmp_path):
     """The reconstruct flow on ``runner.kind: dask`` starts a real local ``dask.distributed``

@@ -31,7 +31,12 @@ from recon.config.components import (
     TimerConfig,
     WarmStartConfig,
 )
-from recon.config.sampling import CompareSection, MethodConfig, ReconstructSection
+from recon.config.sampling import (
+    CompareSection,
+    CouplingConfig,
+    MethodConfig,
+    ReconstructSection,
+)
 from recon.config.sections import (
     DASK_CLUSTER_CLASSES,
     DataConfig,
@@ -44,8 +49,9 @@ from recon.prior_config import CheckpointError
 from recon.yaml_io import YamlError, parse_yaml, read_yaml
 
 __all__ = [
-    "DASK_CLUSTER_CLASSES", "NOMINAL_NATIVE", "BaselineConfig", "CheckpointError", "CompareSection",
-    "Config", "ConfigError", "DataConfig", "GuidanceConfig", "IntegratorConfig", "MethodConfig",
+    "DASK_CLUSTER_CLASSES", "NOMINAL_NATIVE", "BaselineConfig", "CheckpointError",
+    "CompareSection", "Config", "ConfigError", "CouplingConfig", "DataConfig", "GuidanceConfig",
+    "IntegratorConfig", "MethodConfig",
     "OperatorConfig", "PriorSection", "ReconstructSection", "RunnerSection", "TimerConfig",
     "TrackingSection", "TrainSection", "WarmStartConfig", "apply_override", "fields_only",
     "flatten", "load_config", "parse_override", "validate_config",
@@ -76,8 +82,9 @@ class Config(Section):
         for i, op in enumerate(self.reconstruct.operators):
             if op.name == "acquired":  # sampled as the raw k-space was: built from the data
                 continue
-            try_build(f"reconstruct.operators.{i}: operator", op.name, lambda op=op: op.build(
-                size, self.reconstruct.sigma_y, self.reconstruct.seed))
+            shape = (4, *size) if op.volume else size
+            try_build(f"reconstruct.operators.{i}: operator", op.name, lambda op=op, shape=shape:
+                      op.build(shape, self.reconstruct.sigma_y, self.reconstruct.seed))
         return self
 
     # -- helpers --------------------------------------------------------------------------------

@@ -33,6 +33,23 @@ def _default_operators() -> list[OperatorConfig]:
                {"tv": 3.2e-3, "l1_wavelet": 3.2e-4})]
 
 
+class CouplingConfig(Section):
+    """How the slices of a slab are tied together (``recon.coupling``): ``none`` (each slice on
+    its own) or ``tv_z`` (the slab sampled as one volume, total variation along the slices inside
+    every data-consistency step with weight ``weight``, DiffusionMBIR). ``halo`` extra slices on
+    each side of a slab are reconstructed with it and dropped, so slabs join without seams."""
+
+    name: Literal["none", "tv_z"] = "none"
+    weight: float = Field(1e-3, gt=0, le=10.0, description="mu_z, the through-plane TV weight "
+                          "(the units of the TV baseline's lam)")
+    halo: int = Field(2, ge=0, le=64, strict=True, description="slices reconstructed on each side "
+                      "of a slab and dropped")
+
+    @property
+    def label(self) -> str:
+        return "" if self.name == "none" else f"{self.name}({self.weight:.4g})"
+
+
 class ReconstructSection(Section):
     """Posterior sampling of every test volume, slice-batched, for each operator. The defaults
     are the sampler chosen on the validation split: DiffPIR's full re-noising, data consistency
@@ -53,6 +70,8 @@ class ReconstructSection(Section):
     warm_start: WarmStartConfig | None = Field(
         default_factory=lambda: WarmStartConfig(t0=0.2),
         description="start from a classical solution noised to t0 (null: from noise)")
+    coupling: CouplingConfig = Field(default_factory=CouplingConfig, description="through-"
+                                     "plane coupling of a slab's slices: none | tv_z")
     baselines: list[BaselineConfig] = Field(
         default_factory=lambda: [BaselineConfig(name="tv"), BaselineConfig(name="l1_wavelet")],
         max_length=64, description="classical reconstructions of the same "
@@ -89,7 +108,7 @@ class ReconstructSection(Section):
     def _short_lists(cls, v: Any) -> Any:
         return named_list(v)
 
-    @field_validator("guidance", "integrator", "timer", mode="before")
+    @field_validator("guidance", "integrator", "timer", "coupling", mode="before")
     @classmethod
     def _short(cls, v: Any) -> Any:
         return named(v)
@@ -118,6 +137,12 @@ class ReconstructSection(Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"baselines listed more than once: {dup} (outputs are named by method)")
+        if self.coupling.name != "none":
+            other = sorted({self.guidance_for(o).name for o in self.operators} -
+                           {"data_consistency"})
+            if other:
+                raise ValueError(f"coupling {self.coupling.name!r} acts inside the "
+                                 f"data-consistency step; guidance {other} has none")
         return self
 
     def guidance_for(self, op: OperatorConfig) -> GuidanceConfig:
@@ -126,7 +151,8 @@ class ReconstructSection(Section):
     def family(self, op: OperatorConfig) -> str:
         """The sampler for ``op`` without its step count: ``dps ddim(eta=1.0)``."""
         warm = "" if self.warm_start is None else f" {self.warm_start.label}"
-        return f"{self.guidance_for(op).label} {self.integrator.label}{warm}"
+        coupled = f" {self.coupling.label}" if self.coupling.label else ""
+        return f"{self.guidance_for(op).label} {self.integrator.label}{warm}{coupled}"
 
     def label(self, op: OperatorConfig) -> str:
         """The sampler for ``op``, as tables and run names show it: ``dps ddim(eta=1.0) x16``."""
@@ -147,6 +173,7 @@ class MethodConfig(Section):
     steps: int | None = Field(None, ge=1, le=10_000)
     warm_start: WarmStartConfig | None = None
     n_samples: int | None = Field(None, ge=1, le=64, strict=True)
+    coupling: CouplingConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -154,16 +181,19 @@ class MethodConfig(Section):
         if isinstance(v, str):
             return {"baseline": {"name": v}} if v in BASELINES else {"guidance": {"name": v}}
         if isinstance(v, dict):
-            v = {k: (named(x) if k in ("baseline", "guidance", "integrator", "timer") else x)
+            v = {k: (named(x) if k in ("baseline", "guidance", "integrator", "timer", "coupling")
+                     else x)
                  for k, x in v.items()}
         return v
 
     @model_validator(mode="after")
     def _one_kind(self) -> MethodConfig:
         if self.baseline is not None and (self.guidance or self.integrator or self.timer
-                                          or self.steps or self.warm_start or self.n_samples):
+                                          or self.steps or self.warm_start or self.n_samples
+                                          or self.coupling):
             raise ValueError("a method is either a baseline or a diffusion setting (guidance, "
-                             "integrator, timer, steps, warm_start, n_samples), not both")
+                             "integrator, timer, steps, warm_start, n_samples, coupling), not "
+                             "both")
         return self
 
     def setting(self, rs: ReconstructSection) -> ReconstructSection:
@@ -171,7 +201,8 @@ class MethodConfig(Section):
         update = {k: v for k, v in (("guidance", self.guidance), ("integrator", self.integrator),
                                     ("timer", self.timer), ("steps", self.steps),
                                     ("warm_start", self.warm_start),
-                                    ("n_samples", self.n_samples)) if v is not None}
+                                    ("n_samples", self.n_samples),
+                                    ("coupling", self.coupling)) if v is not None}
         if "warm_start" in self.model_fields_set:  # given, null included: no warm start
             update["warm_start"] = self.warm_start
         if self.guidance is not None:  # one guidance for every operator in the comparison

@@ -42,7 +42,8 @@ from recon.config import BaselineConfig, OperatorConfig, load_config
 from recon.data.manifest import DataError, load_manifest, resolve
 from recon.data.verify import verify
 from recon.metrics import evaluate_stacks, psnr, worst_margins
-from recon.raw import PHASES, reconstruct_scan, scan_problems, tune_scans
+from recon.raw import PHASES, scan_problems
+from recon.reconstruction import reconstruct_prepared, tune_baseline
 from recon.scans import PreparedScan, crop_phase, prepare_scan
 from recon.volumes import read_stacks
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             baselines = []
             for name in BASELINES:
                 t0 = time.perf_counter()
-                r = tune_scans(val, op, BaselineConfig(name=name), rs.seed)
+                r = tune_baseline(val, op, BaselineConfig(name=name), rs.sigma_y, rs.seed)
                 baselines.append((f"{name} val lam {r['lam']:.2g}", BaselineConfig(
                     name=name, params={"lam": r["lam"]})))
                 baselines += [(f"{name} lam by {rule}", BaselineConfig(
@@ -143,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs += [(label, b, "lowres") for label, b in baselines]
                 for label, baseline, phase in runs:
                     chosen.lams.clear()
-                    out = reconstruct_scan(prepared, op, rs, cfg.prior, tmp / "out" / name / acc /
-                                           label, progress=False, baseline=baseline, phase=phase)
+                    out = reconstruct_prepared(prepared, op, rs.model_copy(update={
+                        "kspace_phase": phase}), cfg.prior, tmp / "out" / name / acc / label,
+                        progress=False, baseline=baseline)
                     s = read_stacks(out["stacks"])
                     m = evaluate_stacks(s["truth"], s["naive"], s["recon"])
                     rows.append({"volume": name, "operator": acc, "method": label,

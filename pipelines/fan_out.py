@@ -1,5 +1,5 @@
 """Reconstructions fanned out on the task runner: every prepared volume x operator x method as
-cached slab tasks (a raw scan as one volume task), submitted before any is awaited; the
+cached slab tasks (image volumes and raw k-space scans alike), submitted before any is awaited; the
 baselines' and the warm start's lam, the operator's own or chosen on the validation split."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pipelines.runners import check_scheduler, task_runner
 from pipelines.tracking import Run
 from recon.config import BaselineConfig, Config, OperatorConfig, ReconstructSection
 from recon.reconstruction import load_network, slab_file, slab_ranges
-from recon.scans import is_scan, open_prepared
+from recon.scans import open_prepared
 
 
 def series(out: Mapping[str, Any]) -> str:
@@ -90,8 +90,8 @@ def reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str,
                      on_volume: Callable[[dict], None] | None = None) -> list[dict]:
     """Every prepared volume x operator x method (the diffusion sampler when ``diffusion``, and
     each baseline, default ``reconstruct.baselines``, on the same measurement), fanned out as
-    slabs of ``reconstruct.slab_slices`` slices (cached ``reconstruct-slab`` tasks; a raw
-    k-space scan is one ``reconstruct-volume`` task) on ``runner`` (default: a new one from
+    slabs of ``reconstruct.slab_slices`` slices (cached ``reconstruct-slab`` tasks, for image
+    volumes and raw k-space scans alike) on ``runner`` (default: a new one from
     ``cfg.runner``). Every slab is submitted before any is awaited; each volume is assembled
     (``assemble-volume``, atomic files) once its slabs are done and passed to ``on_volume``."""
     prior = cfg.prior.model_copy(update={"checkpoint": Path(checkpoint)})
@@ -102,7 +102,6 @@ def reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str,
     per_op = {op.name: warm_started(cfg, run, cfg.reconstruct, op) if diffusion else cfg.reconstruct
               for op in operators}
     slab_task = with_storage(tasks.reconstruct_slab, cfg)
-    volume_task = with_storage(tasks.reconstruct_volume, cfg)
     jobs = []
     for p in prepared:
         volume = open_prepared(p)
@@ -115,25 +114,19 @@ def reconstruct_all(cfg: Config, run: Run, prepared: list[str], checkpoint: str,
                 out_dir = str(run_dir(cfg, run) / subdir / name / folder)
                 common = {"prepared": p, "operator": op, "settings": settings, "prior": prior,
                           "progress": progress, "baseline": baseline}
-                if is_scan(p):  # coil maps per slice, scale per scan: one task per scan
-                    jobs.append((common, out_dir, [(volume_task, {**common, "out_dir": out_dir})]))
-                else:
-                    jobs.append((common, out_dir, [
-                        (slab_task, {**common, "span": list(span),
-                                     "out_file": str(slab_file(out_dir, span))})
-                        for span in slab_ranges(n, settings.slab_slices, op)]))
+                jobs.append((common, out_dir, [
+                    (slab_task, {**common, "span": list(span),
+                                 "out_file": str(slab_file(out_dir, span))})
+                    for span in slab_ranges(n, settings.slab_slices, op)]))
     outputs = []
     with nullcontext(runner) if runner is not None else task_runner(cfg.runner) as pool:
         submitted = [(common, out_dir, [(t, kw, pool.submit(t, kw)) for t, kw in parts])
                      for common, out_dir, parts in jobs]
         for common, out_dir, parts in submitted:
             results = [fresh(t, kw, future.result()) for t, kw, future in parts]
-            if parts[0][0] is volume_task:
-                out = results[0]
-            else:
-                out = cached_call(with_storage(tasks.assemble_volume, cfg), slabs=results,
-                                  out_dir=out_dir, **{k: common[k] for k in
-                                                      ("prepared", "operator", "settings", "baseline")})
+            out = cached_call(with_storage(tasks.assemble_volume, cfg), slabs=results,
+                              out_dir=out_dir, **{k: common[k] for k in
+                                                  ("prepared", "operator", "settings", "baseline")})
             if on_volume is not None:
                 on_volume(out)
             outputs.append(out)

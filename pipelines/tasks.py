@@ -32,12 +32,11 @@ from recon.config import BaselineConfig, DataConfig, OperatorConfig, PriorSectio
 from recon.data.nifti import atomic_write_bytes
 from recon.metrics import evaluate_stacks
 from recon.prior_config import PriorConfig
-from recon.raw import reconstruct_scan, tune_scans
 from recon.reconstruction import assemble_volume as assemble
 from recon.reconstruction import reconstruct_prepared
 from recon.reconstruction import reconstruct_slab as reconstruct_span
 from recon.reconstruction import tune_baseline as tune
-from recon.scans import is_scan, prepare_scan
+from recon.scans import prepare_scan
 from recon.volumes import prepare_volume as prepare
 from recon.volumes import read_stacks
 
@@ -50,7 +49,8 @@ def file_digest(path: str | Path) -> str:
     path = Path(path)
     if path.is_dir():
         h = hashlib.sha256()
-        for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        for p in sorted(q for q in path.rglob("*") if q.is_file() and not any(
+                part.startswith(".") for part in q.relative_to(path).parts)):
             h.update(str(p.relative_to(path)).encode())
             h.update(file_digest(p).encode())
         return h.hexdigest()
@@ -181,9 +181,10 @@ def reconstruct_volume(prepared: str, operator: OperatorConfig, settings: Recons
                        baseline: BaselineConfig | None = None) -> dict:
     """Slice-batched streaming reconstruction of one prepared volume with one operator, by the
     diffusion sampler or a classical ``baseline``: NIfTI ``truth``, ``naive``, ``recon``,
-    ``std`` in ``out_dir`` plus ``summary.json`` (raw k-space: ``recon.raw.reconstruct_scan``)."""
-    run = reconstruct_scan if is_scan(prepared) else reconstruct_prepared
-    return run(prepared, operator, settings, prior, out_dir, progress=progress, baseline=baseline)
+    ``std`` in ``out_dir`` plus ``summary.json`` (``recon.reconstruction.reconstruct_prepared``;
+    either kind: image volume or raw k-space)."""
+    return reconstruct_prepared(prepared, operator, settings, prior, out_dir, progress=progress,
+                                baseline=baseline)
 
 
 def _slab_run_name() -> str:
@@ -219,10 +220,8 @@ def assemble_volume(prepared: str, slabs: list[dict], operator: OperatorConfig,
 def tune_baseline(prepared: list[str], operator: OperatorConfig, baseline: BaselineConfig,
                   sigma_y: float, seed: int) -> dict:
     """Choose a baseline's ``lam`` for one operator on validation volumes
-    (``recon.reconstruction.tune_baseline``; raw k-space: ``recon.raw.tune_scans``):
+    (``recon.reconstruction.tune_baseline``, image volumes or raw k-space):
     ``{"lam", "scores", "slices", "volumes"}``."""
-    if prepared and all(is_scan(p) for p in prepared):
-        return tune_scans(prepared, operator, baseline, seed)
     return tune(prepared, operator, baseline, sigma_y, seed)
 
 

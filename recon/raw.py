@@ -1,7 +1,10 @@
 r"""Raw multi-coil k-space volumes: prepared once, reconstructed slice by slice, NIfTI out.
 
     prepared = prepare_scan("meas.h5", "work/cache", max_slices=4)   # recon.scans: a folder
-    out = reconstruct_scan(prepared, OperatorConfig(name="acquired"), settings, prior, "out/")
+    out = reconstruct_prepared(prepared, OperatorConfig(name="acquired"), settings, prior, "out/")
+
+It goes through ``recon.reconstruction`` as an image volume does (slabs, runner, cache,
+resume); here are its slices (``scan_slab``), outputs and lam scorers (``scan_scorers``).
 
 **Preparation** (``recon.scans.prepare_scan``, cached per file): ``recon.data.kspace.read_kspace``, the
 ``max_slices`` central slices, then
@@ -21,8 +24,9 @@ generator (``recon.operators.build_fourier``: fastMRI-style Cartesian lines or a
 density, seeded). Everything that depends on the sampling is computed from the undersampled
 data only, as for a real accelerated scan:
 
-- intensity scale: the head's median of the zero-filled root-sum-of-squares over the volume
-  is mapped to 0.5 (the prior's foreground normalisation), ``y -> y / scale``;
+- intensity scale (cached with the maps: ``calibrate``): the head's median of the zero-filled
+  root-sum-of-squares over the volume is mapped to 0.5 (the prior's foreground
+  normalisation), ``y -> y / scale``;
 - coil maps: ESPIRiT on the fully sampled centre of each slice (``recon.coils.espirit_maps``,
   calibration width = the largest centred fully sampled square, at most 24);
 - phase: the low-resolution phase of the coil-combined calibration image is absorbed into the
@@ -43,6 +47,7 @@ ISMRMRD files with noise scans), plus ``slices.npz`` (viewer layout) for metrics
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import typing
@@ -53,23 +58,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from recon import coils
-from recon.cond_denoiser import CondDenoiser
-from recon.config import BaselineConfig, OperatorConfig, PriorSection, ReconstructSection
+from recon.config import BaselineConfig, OperatorConfig, ReconstructSection
+from recon.coupling import is_volume_method
 from recon.data.manifest import DataError
-from recon.data.nifti import atomic_path, atomic_write_bytes, write_nifti
+from recon.data.nifti import atomic_dir, atomic_path, write_nifti
 from recon.data.simulate import head_median
 from recon.data.slicing import FOREGROUND_MEDIAN
-from recon.network import autocast, resolve_device
+from recon.filelock import exclusive_lock
+from recon.metrics import psnr
+from recon.network import autocast
 from recon.operators import UndersampledFourier
-from recon.reconstruction import load_network, method_summary, slice_seed
+from recon.reconstructor import SliceResult, slice_seed
 from recon.scans import PreparedScan, ViewOriented, crop_phase
-from recon.volumes import STACKS, VolumeBuffer
+from recon.volumes import STACKS
 
-__all__ = ["KSPACE_OPERATORS", "PHASES", "ScanProblem", "calibration_width", "reconstruct_scan",
-           "sampling_masks", "scan_problems", "tune_scans"]
+__all__ = ["KSPACE_OPERATORS", "PHASES", "ScanProblem", "calibrate", "calibration_width",
+           "sampling_masks", "scan_problems", "scan_scorers", "scan_slab", "write_scan_outputs"]
 
 KSPACE_OPERATORS = ("acquired", "fourier")
 """Operators that apply to raw k-space: as acquired, or retrospectively undersampled."""
@@ -86,14 +92,11 @@ def calibration_width(mask: np.ndarray) -> int:
     """Side of the largest centred square of ``mask (R, P)`` that is fully sampled."""
     m = np.asarray(mask, bool)
     r, p = m.shape
-    w = 0
-    while w < min(r, p):
-        n = w + 1
+    for n in range(1, min(r, p) + 1):
         r0, p0 = r // 2 - n // 2, p // 2 - n // 2
         if not m[r0: r0 + n, p0: p0 + n].all():
-            break
-        w = n
-    return w
+            return n - 1
+    return min(r, p)
 
 
 def sampling_masks(prepared: PreparedScan, operator: OperatorConfig, seed: int) -> np.ndarray:
@@ -144,160 +147,139 @@ def _phase_maps(maps: np.ndarray, y: np.ndarray, mask: np.ndarray, calib: int,
     raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
 
 
+def calibrate(prepared: PreparedScan, masks: np.ndarray, phase: str) -> tuple[float, np.ndarray, list[int]]:
+    """``(scale, maps (S, C, R, P), calibration widths)`` of a scan under one sampling
+    (``masks``) and phase rule, computed once and kept in ``.calibration/<key>`` of the prepared
+    folder (key: a hash of the masks and ``phase``; written atomically under a lock, so
+    concurrent slabs compute it once); the maps have the phase absorbed (``_phase_maps``)."""
+    key = hashlib.sha256(masks.tobytes() + repr((masks.shape, phase)).encode()).hexdigest()[:16]
+    folder = prepared.directory / ".calibration" / key
+    with exclusive_lock(folder.with_suffix(".lock")):
+        if not (folder / "meta.json").is_file():
+            k = prepared.kspace
+            zero_filled = np.stack([coils.rss(coils.centered_ifft(k[i] * masks[i]))
+                                    for i in range(k.shape[0])])
+            scale = head_median(zero_filled) / FOREGROUND_MEDIAN
+            if not np.isfinite(scale) or scale <= 0:
+                raise DataError(f"{prepared.name}: the zero-filled image is empty (no signal)")
+            widths, maps = [], []
+            for i in range(k.shape[0]):
+                widths.append(calib := min(calibration_width(masks[i]), MAX_CALIBRATION))
+                if calib < MIN_CALIBRATION:
+                    raise DataError(f"{prepared.name} slice {prepared.indices[i]}: only {calib} fully "
+                                    f"sampled central lines; ESPIRiT needs at least {MIN_CALIBRATION} "
+                                    "(sample more autocalibration lines: center_fraction)")
+                y = k[i] * masks[i]
+                maps.append(_phase_maps(coils.espirit_maps(y, calib), y, masks[i], calib, phase))
+            # kept in ESPIRiT's memory layout (axes by decreasing stride): same sums downstream
+            order = [int(a) for a in np.argsort(maps[0].strides)[::-1]]
+            with atomic_dir(folder) as tmp:
+                np.save(tmp / "maps.npy", np.stack([m.transpose(order) for m in maps]))
+                (tmp / "meta.json").write_text(json.dumps({"scale": float(scale), "phase": phase,
+                                                           "calibration": widths, "order": order}))
+    meta = json.loads((folder / "meta.json").read_text())
+    maps = np.load(folder / "maps.npy", mmap_mode="r")
+    return meta["scale"], maps.transpose(0, *(1 + np.argsort(meta["order"]))), meta["calibration"]
+
+
 def scan_problems(prepared: PreparedScan, operator: OperatorConfig, seed: int,
                   ranks: Sequence[int] | None = None, phase: str = "lowres"):
     """``(scale, problems)``: the volume's intensity scale and an iterator of ``ScanProblem``
-    for the slices at ``ranks`` (default all), maps estimated lazily slice by slice, the
-    image's phase absorbed into them as ``phase`` says (``PHASES``; ``_phase_maps``)."""
+    for the slices at ``ranks`` (default all), the image's phase absorbed into the maps as
+    ``phase`` says (``PHASES``); scale and maps from ``calibrate`` (computed once, cached)."""
     k = prepared.kspace
     masks = sampling_masks(prepared, operator, seed)
-    ranks = list(range(k.shape[0])) if ranks is None else list(ranks)
-    p_recon = prepared.recon_matrix[1]
-    zero_filled = {i: coils.rss(coils.centered_ifft(k[i] * masks[i])) for i in ranks}
-    scale = head_median(np.stack(list(zero_filled.values()))) / FOREGROUND_MEDIAN
-    if not np.isfinite(scale) or scale <= 0:
-        raise DataError(f"{prepared.name}: the zero-filled image is empty (no signal)")
-    reference = prepared.reference
+    scale, maps, widths = calibrate(prepared, masks, phase)
+    ranks = range(k.shape[0]) if ranks is None else ranks
+    reference, p_recon = prepared.reference, prepared.recon_matrix[1]
 
     def problems():
         for i in ranks:
             y = k[i] * masks[i]
-            calib = min(calibration_width(masks[i]), MAX_CALIBRATION)
-            if calib < MIN_CALIBRATION:
-                raise DataError(f"{prepared.name} slice {prepared.indices[i]}: only {calib} fully "
-                                f"sampled central lines; ESPIRiT needs at least {MIN_CALIBRATION} "
-                                "(sample more autocalibration lines: center_fraction)")
-            maps = _phase_maps(coils.espirit_maps(y, calib), y, masks[i], calib, phase)
-            op = UndersampledFourier(torch.from_numpy(masks[i]), coil_maps=torch.from_numpy(maps),
+            op = UndersampledFourier(torch.from_numpy(masks[i]),
+                                     coil_maps=torch.from_numpy(np.array(maps[i], order="K")),
                                      sigma_y=prepared.sigma / scale, real_output=False)
+            naive = crop_phase(coils.rss(coils.centered_ifft(y)), p_recon) / scale
             ref = None if reference is None else reference[i] / scale
             y_t = torch.from_numpy(y / scale).to(torch.complex64)[None, None]
-            yield ScanProblem(prepared.indices[i], y_t, op,
-                              crop_phase(zero_filled[i], p_recon) / scale, ref, calib)
+            yield ScanProblem(prepared.indices[i], y_t, op, naive, ref, widths[i])
 
     return scale, problems()
 
 
-# -- reconstruction -----------------------------------------------------------------------------
-def reconstruct_scan(prepared: str | Path, operator: OperatorConfig, settings: ReconstructSection,
-                     prior: PriorSection, out_dir: str | Path, progress: bool = True,
-                     baseline: BaselineConfig | None = None, phase: str | None = None) -> dict:
-    """Reconstruct every slice of a prepared scan with one sampling (``operator``) by the
-    diffusion sampler of ``settings`` or a classical ``baseline`` (its ``lam`` set), the phase
-    absorbed as ``phase`` (default ``settings.kspace_phase``) says; writes
-    ``recon``/``naive``/``std``/``reference`` NIfTI, ``slices.npz`` and ``summary.json`` in
-    ``out_dir`` and returns what ``recon.reconstruction.reconstruct_prepared`` returns, plus
-    ``has_reference`` (whether the slices can be scored) and ``scale``."""
-    scan = PreparedScan.open(prepared)
-    device = resolve_device(settings.device)
-    if settings.num_threads is not None and device.type == "cpu":
-        torch.set_num_threads(settings.num_threads)
-    if baseline is not None:
-        make_sampler = baseline.build
-    else:
-        network, diffusion = load_network(prior, device)
-        network = ViewOriented(network, scan.view)
-        warm_cfg = settings.warm_start and settings.warm_start.for_operator(operator)
-        if warm_cfg is not None and warm_cfg.baseline.lam is None:
-            raise ValueError(f"the warm start's {warm_cfg.baseline.name} has lam: null and operator "
-                             f"{operator.name!r} gives none (its lam: {{{warm_cfg.baseline.name}: "
-                             f"...}}); set one or choose it on validation data (tune_baseline)")
-        parts = (settings.integrator.build(),
-                 settings.timer.build(settings.steps, None if warm_cfg is None else warm_cfg.t0))
-        guidance = settings.guidance_for(operator).build()
+# -- reconstruction (through recon.reconstruction) ----------------------------------------------
+class ScanSlices:
+    """``reconstruct_slab``'s reconstructor of a scan: one slice (``ScanProblem``) at a time,
+    each with its own operator (its coil maps), by the sampler ``make_sampler(operator)``."""
 
-        def make_sampler(op: UndersampledFourier) -> CondDenoiser:  # one per slice: its maps
-            warm = None if warm_cfg is None else warm_cfg.baseline.build(op).solve
-            return CondDenoiser(diffusion, network, *parts, op, guidance,
-                                x0_range=settings.x0_range, warm_start=warm)
-    out_dir = Path(out_dir)
-    n = len(scan.indices)
-    shape = scan.shape
-    buffer = VolumeBuffer(out_dir, scan.indices, shape)
+    def __init__(self, make_sampler, settings: ReconstructSection, device: torch.device,
+                 precision: str, shape: tuple[int, int]):
+        self.make_sampler, self.settings, self.device = make_sampler, settings, device
+        self.precision, self.shape, self.sampler = precision, shape, None
+
+    def __call__(self, problem: ScanProblem, indices: Sequence[int]) -> SliceResult:
+        start = time.perf_counter()
+        self.sampler = self.make_sampler(problem.operator.to(self.device))
+        gen = torch.Generator(self.device).manual_seed(slice_seed(self.settings.seed,
+                                                                  problem.index, salt=2))
+        with autocast(self.device, self.precision):
+            post = self.sampler.sample(problem.y.to(self.device), self.settings.n_samples,
+                                       generator=gen, keep_samples=False)
+        truth = problem.reference if problem.reference is not None else np.zeros(self.shape)
+        mean, std = (crop_phase(a[None, 0, 0].cpu().numpy(), self.shape[1])
+                     for a in (post.mean.abs(), post.std))
+        return SliceResult([problem.index], truth[None], problem.naive[None], mean, std,
+                           post.nfe, time.perf_counter() - start)
+
+
+def scan_slab(scan: PreparedScan, operator: OperatorConfig, settings: ReconstructSection,
+              baseline: BaselineConfig | None, samplers, device: torch.device, start: int,
+              stop: int):
+    """``(reconstructor, batches)`` of ``reconstruct_slab`` for the slices ``[start, stop)`` of
+    a scan: ``ScanSlices`` and ``([index], ScanProblem)`` batches, the phase absorbed as
+    ``settings.kspace_phase`` says; ``samplers(wrap)`` makes the sampler of an operator, the
+    prior seeing each slice in the viewer layout (``ViewOriented``)."""
+    if is_volume_method(operator, settings, baseline):
+        raise ValueError(f"{scan.name}: raw k-space is reconstructed slice by slice; set "
+                         "reconstruct.coupling: none and use a 2-D baseline")
+    make_sampler = samplers(lambda network: ViewOriented(network, scan.view))
+    _, problems = scan_problems(scan, operator, settings.seed, range(start, stop),
+                                settings.kspace_phase)
+    precision = "fp32" if baseline is not None else settings.precision
+    return (ScanSlices(make_sampler, settings, device, precision, scan.shape),
+            (([pr.index], pr) for pr in problems))
+
+
+def write_scan_outputs(scan: PreparedScan, stack, out_dir: Path, operator: OperatorConfig,
+                       settings: ReconstructSection) -> tuple[dict[str, str], dict]:
+    """The outputs of the module docstring (NIfTI ``(R, P, S)``, ``slices.npz``); returns the
+    paths and the summary's ``has_reference`` and ``scale``."""
+    scale = calibrate(scan, sampling_masks(scan, operator, settings.seed), settings.kspace_phase)[0]
     has_reference = scan.reference is not None
-    start = time.perf_counter()
-    nfe = vjp = 0
-    try:
-        scale, problems = scan_problems(scan, operator, settings.seed,
-                                        phase=phase or settings.kspace_phase)
-        with tqdm(total=n, desc=f"{scan.name} {operator.name}", unit="slice",
-                  disable=None if progress else True) as bar:
-            for problem in problems:
-                sampler = make_sampler(problem.operator.to(device))
-                gen = torch.Generator(device).manual_seed(slice_seed(settings.seed, problem.index,
-                                                                      salt=2))
-                with autocast(device, "fp32" if baseline is not None else settings.precision):
-                    post = sampler.sample(problem.y.to(device), settings.n_samples,
-                                          generator=gen, keep_samples=False)
-                nfe, vjp = post.nfe, post.vjp
-                p_recon = shape[1]
-                stacks = {
-                    "truth": (problem.reference if has_reference else np.zeros(shape))[None],
-                    "naive": problem.naive[None],
-                    "recon": crop_phase(post.mean.abs()[0, 0].cpu().numpy(), p_recon)[None],
-                    "std": crop_phase(post.std[0, 0].cpu().numpy(), p_recon)[None]}
-                buffer.write([problem.index], stacks)
-                bar.update(1)
-        seconds = time.perf_counter() - start
-        paths = _write_outputs(buffer, scan, out_dir, scale, has_reference)
-    finally:
-        buffer.close()
-    summary = {"volume": scan.name, "operator": operator.name,
-               **method_summary(settings, operator, baseline), "nfe": nfe, "vjp": vjp,
-               "n_samples": settings.n_samples, "slices": n, "seconds": seconds,
-               "slices_per_s": n / seconds if seconds > 0 else float("nan"),
-               "device": str(device), "has_reference": has_reference, "scale": scale}
-    summary_path = atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=1).encode())
-    return {**paths, **summary, "summary": str(summary_path)}
-
-
-def _write_outputs(buffer: VolumeBuffer, scan: PreparedScan, out_dir: Path, scale: float,
-                   has_reference: bool) -> dict[str, str]:
-    """``recon``/``naive``/``std`` (and ``reference``) NIfTI ``(R, P, S)`` with the header's
-    affine, in the file's units; ``slices.npz`` of the stacks in the prior's units, turned to
-    the viewer layout (``ViewTransform``) for the figures."""
-    stacks = {name: np.asarray(a) for name, a in buffer.arrays.items()}
-    names = ("recon", "naive", "std") + (("truth",) if has_reference else ())
+    stacks = {name: stack(name) for name in STACKS}
     paths = {}
-    for name in names:
-        volume = np.moveaxis(stacks[name], 0, -1) * scale
+    for name in ("recon", "naive", "std") + (("truth",) if has_reference else ()):
         file = "reference" if name == "truth" else name
-        paths[file] = str(write_nifti(volume, out_dir / f"{file}.nii.gz", affine=scan.affine))
-    npz = out_dir / "slices.npz"  # in the viewer layout, for figures (metrics do not mind)
+        paths[file] = str(write_nifti(np.moveaxis(stacks[name], 0, -1) * scale,
+                                      out_dir / f"{file}.nii.gz", affine=scan.affine))
     viewed = {k: scan.view.apply(torch.from_numpy(stacks[k])).numpy() for k in STACKS}
-    with atomic_path(npz, suffix=".npz") as tmp:
+    with atomic_path(out_dir / "slices.npz", suffix=".npz") as tmp:
         np.savez_compressed(tmp, indices=np.asarray(scan.indices), **viewed)
-    paths["stacks"] = str(npz)
-    return paths
+    paths["stacks"] = str(out_dir / "slices.npz")
+    return paths, {"has_reference": has_reference, "scale": scale}
 
 
-def tune_scans(prepared: Sequence[str | Path], operator: OperatorConfig, baseline: BaselineConfig,
-               seed: int = 0) -> dict:
-    """``recon.reconstruction.tune_baseline`` for raw k-space validation volumes: the
-    baseline's ``lam`` with the best mean PSNR against each volume's reference, under the same
-    sampling as the test volumes."""
-    from recon.baselines import select_lambda
-    from recon.metrics import psnr
+def scan_scorers(scan: PreparedScan, operator: OperatorConfig, baseline: BaselineConfig,
+                 sigma_y: float, seed: int) -> list:
+    """For ``tune_baseline``: ``lam -> [PSNR per slice]`` of a scan with a reference (none
+    without), the baseline solved on each slice's ``y`` (its own noise: no ``sigma_y``) and
+    scored against the reference."""
+    if scan.reference is None:
+        return []
+    solved = [(pr, baseline.build(pr.operator)) for pr in scan_problems(scan, operator, seed)[1]]
 
-    problems = []
-    for p in prepared:
-        scan = PreparedScan.open(p)
-        if scan.reference is None:
-            continue
-        _, slices = scan_problems(scan, operator, seed)
-        problems += [(pr, baseline.build(pr.operator)) for pr in slices]
-    if not problems:
-        raise ValueError(f"no validation k-space with a reference to choose lam for "
-                         f"{baseline.name!r} on")
-
-    def mean_psnr(lam: float) -> float:
-        scores = []
-        for pr, solver in problems:
-            x = crop_phase(solver.solve(pr.y, lam).abs()[0, 0].numpy(), pr.reference.shape[-1])
-            scores.append(float(psnr(torch.from_numpy(x)[None, None].double(),
-                                     torch.from_numpy(pr.reference)[None, None].double())))
-        return sum(scores) / len(scores)
-
-    lam, scores = select_lambda(mean_psnr)
-    return {"lam": lam, "scores": {f"{k:.4g}": v for k, v in scores.items()},
-            "slices": len(problems), "volumes": len(prepared)}
+    def scores(lam: float) -> list[float]:
+        return [float(psnr(*(torch.from_numpy(a)[None, None].double() for a in (crop_phase(
+            solver.solve(pr.y, lam).abs()[0, 0].numpy(), scan.shape[1]), pr.reference))))
+            for pr, solver in solved]
+    return [scores]

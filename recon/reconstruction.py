@@ -1,12 +1,13 @@
 r"""Posterior reconstruction of one prepared volume with one operator, slab by slab.
 
-A volume ``(S, H, W)`` is cut into slabs of consecutive slices (``slab_ranges``), each
-reconstructed on its own (``reconstruct_slab``: in this process, or as a task on any worker):
+A volume ``(S, H, W)`` (image slices, ``recon.volumes``, or raw k-space, ``recon.raw``) is cut
+into slabs of consecutive slices (``slab_ranges``), each reconstructed on its own
+(``reconstruct_slab``: in this process, or as a task on any worker):
 
-- slice by slice, ``batch_size`` slices at a time (``recon.reconstructor.SliceReconstructor``:
-  ``y = A x + sigma_y n`` with noise seeded per slice, ``n_samples`` posterior samples from a
-  ``CondDenoiser``, their mean the reconstruction and their std the uncertainty, ``A^+ y`` the
-  naive baseline);
+- slice by slice, ``batch_size`` image slices (a scan: one) at a time
+  (``recon.reconstructor.SliceReconstructor``: ``y = A x + sigma_y n`` with noise seeded per
+  slice, ``n_samples`` posterior samples from a ``CondDenoiser``, their mean the
+  reconstruction and their std the uncertainty, ``A^+ y`` the naive baseline);
 - or as one volume with a halo of slices on each side (``recon.coupling``): for the volume
   operators (``kykz_fourier``, ``slice_drop``), ``reconstruct.coupling: tv_z`` and the 3-D
   baseline ``tv3d``.
@@ -14,7 +15,7 @@ reconstructed on its own (``reconstruct_slab``: in this process, or as a task on
 A classical baseline (``recon.baselines``: TV, L1-wavelet, 3-D TV) takes the sampler's place on
 the same ``y``; its ``lam`` is chosen on validation volumes by ``tune_baseline``.
 ``assemble_volume`` turns the slab files into NIfTI outputs on the source's grid
-(``recon.volumes.write_outputs``), one output at a time. The config sections build the parts
+(``prepared.write_outputs``), one output at a time. The config sections build the parts
 (``OperatorConfig.build``, ``GuidanceConfig.build``, ...).
 """
 
@@ -24,13 +25,16 @@ import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from recon import raw
 from recon.baselines import select_lambda
 from recon.cond_denoiser import CondDenoiser
 from recon.config import BaselineConfig, OperatorConfig, PriorSection, ReconstructSection
@@ -54,19 +58,8 @@ from recon.reconstructor import (  # noqa: F401  (re-exported: the slice-batch A
     stream,
 )
 from recon.registry import WHOLE_VOLUME_OPERATORS
+from recon.scans import PreparedScan, open_prepared
 from recon.volumes import STACKS, PreparedVolume, write_outputs
-
-
-def method_summary(settings: ReconstructSection, operator: OperatorConfig,
-                   baseline: BaselineConfig | None = None) -> dict:
-    """How a method is named in summaries and tables: ``method``, ``label``, ``guidance``,
-    ``integrator``, ``steps`` (a baseline's iterations)."""
-    if baseline is not None:
-        return {"method": baseline.name, "label": baseline.label, "guidance": "-",
-                "integrator": "-", "steps": baseline.iterations}
-    return {"method": "diffusion", "guidance": settings.guidance_for(operator).name,
-            "label": settings.label(operator), "integrator": settings.integrator.label,
-            "steps": settings.steps}
 
 
 def batch_size_for(free_bytes: int, slice_shape: Sequence[int], n_samples: int,
@@ -93,60 +86,71 @@ def slab_ranges(n: int, slab_slices: int | None,
     return [(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
 
 
-def _reconstructor(vol: PreparedVolume, operator: OperatorConfig, settings: ReconstructSection,
-                   prior: PriorSection, baseline: BaselineConfig | None, device: torch.device,
-                   slab: Sequence[int] | None = None) -> SliceReconstructor:
-    """Slices a batch at a time, or, with ``slab`` (the slab's slice indices), the slab as one
-    volume (``recon.coupling.SlabReconstructor``)."""
-    if slab is None:
-        op = operator.build(vol.shape, settings.sigma_y, settings.seed)
-    elif operator.volume:
-        op = operator.build((len(slab), *vol.shape), settings.sigma_y, settings.seed, slab)
-    else:
-        op = operator.build(vol.shape, settings.sigma_y, settings.seed)
-    common = {"n_samples": settings.n_samples, "seed": settings.seed, "device": device}
-    if slab is not None:
-        def make(op, sampler, **kwargs):
-            return SlabReconstructor(op, sampler, operator.volume, **kwargs)
-    else:
-        make = SliceReconstructor
+def sampler_for(operator: OperatorConfig, settings: ReconstructSection, prior: PriorSection,
+                baseline: BaselineConfig | None, device: torch.device, wrap=None):
+    """``op -> sampler`` for operators on ``device``: the classical ``baseline``, or the
+    diffusion sampler of ``settings`` with the prior (``load_network``) wrapped by ``wrap``
+    (``SliceStack`` for a slab solved as one volume, ``ViewOriented`` for a raw scan)."""
     if baseline is not None:
-        return make(op, baseline.build(op.to(device)), **common)
+        return baseline.build
     network, diffusion = load_network(prior, device)
-    warm, t_max = None, None
-    if settings.warm_start is not None:
-        start = settings.warm_start.for_operator(operator)
-        if start.baseline.lam is None:
-            raise ValueError(f"the warm start's {start.baseline.name} has lam: null and operator "
-                             f"{operator.name!r} gives none (its lam: {{{start.baseline.name}: "
-                             f"...}}); set one or choose it on validation data (tune_baseline)")
-        warm, t_max = start.baseline.build(op.to(device)).solve, start.t0
+    start = settings.warm_start and settings.warm_start.for_operator(operator)
+    if start is not None and start.baseline.lam is None:
+        raise ValueError(f"the warm start's {start.baseline.name} has lam: null and operator "
+                         f"{operator.name!r} gives none (its lam: {{{start.baseline.name}: "
+                         f"...}}); set one or choose it on validation data (tune_baseline)")
     coupling = settings.coupling
     guidance = settings.guidance_for(operator).build(
         **({"tv_z": coupling.weight} if coupling.name == "tv_z" else {}))
-    sampler = CondDenoiser(diffusion, network if slab is None else SliceStack(network),
-                           settings.integrator.build(), settings.timer.build(settings.steps, t_max),
-                           op.to(device), guidance, x0_range=settings.x0_range, warm_start=warm)
-    return make(op, sampler, precision=settings.precision, **common)
+    parts = (network if wrap is None else wrap(network), settings.integrator.build(),
+             settings.timer.build(settings.steps, None if start is None else start.t0))
+
+    def make(op):
+        warm = None if start is None else start.baseline.build(op).solve
+        return CondDenoiser(diffusion, *parts, op, guidance, x0_range=settings.x0_range,
+                            warm_start=warm)
+    return make
+
+
+def image_slab(vol: PreparedVolume, operator: OperatorConfig, settings: ReconstructSection,
+               baseline: BaselineConfig | None, samplers, device: torch.device, start: int,
+               stop: int):
+    """``(reconstructor, batches)`` of ``reconstruct_slab`` for the slices ``[start, stop)`` of
+    an image volume: ``batch_size`` slices at a time (``SliceReconstructor``), or for a volume
+    method the span and its halo as one volume (``recon.coupling.SlabReconstructor``)."""
+    volume = is_volume_method(operator, settings, baseline)
+    lo, hi = halo_span(start, stop, len(vol.indices), settings.coupling.halo) if volume \
+        else (start, stop)
+    slab = vol.indices[lo:hi]
+    if volume and operator.volume:
+        op = operator.build((len(slab), *vol.shape), settings.sigma_y, settings.seed, slab)
+    else:
+        op = operator.build(vol.shape, settings.sigma_y, settings.seed)
+    sampler = samplers(SliceStack if volume else None)(op.to(device))
+    kwargs = {"n_samples": settings.n_samples, "seed": settings.seed, "device": device,
+              "precision": "fp32" if baseline is not None else settings.precision}
+    if volume:
+        return (SlabReconstructor(op, sampler, operator.volume, **kwargs),
+                iter([(slab, vol.read(range(lo, hi)))]))
+    rank = {idx: r for r, idx in enumerate(vol.indices)}
+    return (SliceReconstructor(op, sampler, **kwargs),
+            batched(lambda idx: vol.read([rank[i] for i in idx]), slab, settings.batch_size))
 
 
 def reconstruct_slab(prepared: str | Path, operator: OperatorConfig, settings: ReconstructSection,
                      prior: PriorSection, out_file: str | Path, span: Sequence[int] | None = None,
                      progress: bool = True, baseline: BaselineConfig | None = None) -> dict:
     """Reconstruct the slices at positions ``span = [start, stop)`` (default: all) of a prepared
-    volume with one operator, ``batch_size`` at a time, by the diffusion sampler of ``settings``
-    or a classical ``baseline``; their ``truth``/``naive``/``recon``/``std`` stacks and
-    ``indices`` go to ``out_file`` (``.npz``, written atomically). A volume method
-    (``recon.coupling.is_volume_method``: a volume operator, ``coupling: tv_z``, a 3-D baseline)
-    reconstructs the span and ``coupling.halo`` slices on each side as one volume and keeps the
-    span.
-
-    A slab's result does not depend on the other slabs (measurement and sampler noise are
-    seeded per slice), so slabs may run in any order, anywhere. Returns ``{"slab", "span",
-    "slices", "nfe", "vjp", "seconds", "started", "finished", "host", "pid", "device"}``
-    (``started``/``finished``: wall-clock epoch seconds, to see what ran concurrently)."""
+    image volume or raw scan (its ``KINDS`` entry: ``image_slab``, ``recon.raw.scan_slab``) with
+    one operator, by the diffusion sampler of ``settings`` or a classical ``baseline``; their
+    ``truth``/``naive``/``recon``/``std`` stacks and ``indices`` go to ``out_file`` (``.npz``,
+    written atomically). A slab's result does not depend on the other slabs (measurement and
+    sampler noise are seeded per slice), so slabs may run in any order, anywhere. Returns
+    ``{"slab", "span", "slices", "nfe", "vjp", "seconds", "started", "finished", "host", "pid",
+    "device"}`` (``started``/``finished``: wall-clock epoch seconds, to see what ran
+    concurrently)."""
     started = time.time()
-    vol = PreparedVolume.open(prepared)
+    vol = open_prepared(prepared)
     n = len(vol.indices)
     start, stop = span if span is not None else (0, n)
     if not 0 <= start < stop <= n:
@@ -158,16 +162,9 @@ def reconstruct_slab(prepared: str | Path, operator: OperatorConfig, settings: R
     if settings.num_threads is not None and device.type == "cpu":
         torch.set_num_threads(settings.num_threads)
     indices = vol.indices[start:stop]
-    rank = {idx: r for r, idx in enumerate(vol.indices)}
-    if is_volume_method(operator, settings, baseline):
-        lo, hi = halo_span(start, stop, n, settings.coupling.halo)
-        reconstructor = _reconstructor(vol, operator, settings, prior, baseline, device,
-                                       slab=vol.indices[lo:hi])
-        batches = iter([(vol.indices[lo:hi], vol.read(range(lo, hi)))])
-    else:
-        reconstructor = _reconstructor(vol, operator, settings, prior, baseline, device)
-        batches = batched(lambda idx: vol.read([rank[i] for i in idx]), indices,
-                          settings.batch_size)
+    samplers = partial(sampler_for, operator, settings, prior, baseline, device)
+    reconstructor, batches = KINDS[type(vol)].slab(vol, operator, settings, baseline, samplers,
+                                                   device, start, stop)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in STACKS}
     t0 = time.perf_counter()
     kept = set(indices)
@@ -183,7 +180,7 @@ def reconstruct_slab(prepared: str | Path, operator: OperatorConfig, settings: R
     with atomic_path(out_file, suffix=".npz") as tmp:
         np.savez(tmp, indices=np.asarray(indices), **{k: np.concatenate(v) for k, v in parts.items()})
     return {"slab": str(out_file), "span": [int(start), int(stop)], "slices": len(indices),
-            "nfe": reconstructor.nfe, "vjp": reconstructor.sampler.vjp, "seconds": seconds,
+            "nfe": reconstructor.sampler.nfe, "vjp": reconstructor.sampler.vjp, "seconds": seconds,
             "started": started, "finished": time.time(), "host": socket.gethostname(),
             "pid": os.getpid(), "device": str(device)}
 
@@ -196,7 +193,7 @@ def assemble_volume(prepared: str | Path, slabs: Sequence[dict], operator: Opera
     atomic, each stack read from the slab files when it is written, so memory holds one stack
     and its native-grid copy) and ``summary.json``. ``seconds`` is the slabs' summed compute time;
     ``slab_runs`` says where and when each slab ran. Returns the output paths and the summary."""
-    vol = PreparedVolume.open(prepared)
+    vol = open_prepared(prepared)
     n = len(vol.indices)
     slabs = sorted(slabs, key=lambda s: s["span"][0])
     covered = [i for s in slabs for i in range(*s["span"])]
@@ -216,13 +213,17 @@ def assemble_volume(prepared: str | Path, slabs: Sequence[dict], operator: Opera
         return out
 
     out_dir = Path(out_dir)
-    paths = write_outputs(stack, vol, out_dir)
+    paths, extra = KINDS[type(vol)].write_outputs(vol, stack, out_dir, operator, settings)
     seconds = sum(s["seconds"] for s in slabs)
-    summary = {"volume": vol.name, "operator": operator.name,
-               **method_summary(settings, operator, baseline), "nfe": slabs[0]["nfe"],
+    method = {"method": "diffusion", "guidance": settings.guidance_for(operator).name,
+              "label": settings.label(operator), "integrator": settings.integrator.label,
+              "steps": settings.steps} if baseline is None else {
+        "method": baseline.name, "label": baseline.label, "guidance": "-", "integrator": "-",
+        "steps": baseline.iterations}  # a baseline's steps: its iterations
+    summary = {"volume": vol.name, "operator": operator.name, **method, "nfe": slabs[0]["nfe"],
                "vjp": slabs[0]["vjp"], "n_samples": settings.n_samples, "slices": n,
                "seconds": seconds, "slices_per_s": n / seconds if seconds > 0 else float("nan"),
-               "device": slabs[0]["device"], "slabs": len(slabs),
+               "device": slabs[0]["device"], "slabs": len(slabs), **extra,
                "workers": len({(s["host"], s["pid"]) for s in slabs}),
                "slab_runs": [{k: s[k] for k in ("span", "host", "pid", "started", "finished")}
                              for s in slabs]}
@@ -238,9 +239,8 @@ def reconstruct_prepared(prepared: str | Path, operator: OperatorConfig,
     then ``assemble_volume``. The method is the diffusion sampler of ``settings`` or, with
     ``baseline`` (its ``lam`` set, e.g. by ``tune_baseline``), that classical reconstruction of
     the same ``y``; ``settings``' own ``operators`` list is ignored. Returns the output paths
-    and ``method``, ``label``, ``nfe``, ``vjp``, ``seconds``, ``slices``, ``slices_per_s``;
-    also written to ``summary.json``."""
-    n = len(PreparedVolume.open(prepared).indices)
+    and the summary (``method``, ``label``, ``nfe``, ``vjp``, ``seconds``, ``slices``, ...)."""
+    n = len(open_prepared(prepared).indices)
     slabs = [reconstruct_slab(prepared, operator, settings, prior, slab_file(out_dir, span), span,
                               progress=progress, baseline=baseline)
              for span in slab_ranges(n, settings.slab_slices, operator)]
@@ -252,35 +252,52 @@ def slab_file(out_dir: str | Path, span: Sequence[int]) -> Path:
     return Path(out_dir) / "slabs" / f"{span[0]:05d}-{span[1]:05d}.npz"
 
 
+def image_scorers(vol: PreparedVolume, operator: OperatorConfig, baseline: BaselineConfig,
+                  sigma_y: float, seed: int) -> list:
+    """For ``tune_baseline``: ``lam -> [PSNR per slice]`` of a volume, measured as a test slice
+    would be (a volume method: measured and solved as one volume, one PSNR)."""
+    x = vol.read(list(range(len(vol.indices))))
+    if is_volume_method(operator, ReconstructSection(), baseline):
+        x = x.reshape(1, len(vol.indices), *vol.shape)
+        shape = (len(vol.indices), *vol.shape) if operator.volume else vol.shape
+        op = operator.build(shape, sigma_y, seed, vol.indices)
+        y = measure_volume(op, x, vol.indices, seed, operator.volume)
+    else:
+        op = operator.build(vol.shape, sigma_y, seed)
+        y = measure_slices(op, x, vol.indices, seed)
+    solver = baseline.build(op)
+    return [lambda lam: psnr(solver.solve(y, lam), x).tolist()]
+
+
 def tune_baseline(prepared: Sequence[str | Path], operator: OperatorConfig, baseline: BaselineConfig,
                   sigma_y: float, seed: int = 0) -> dict:
-    """Choose a baseline's ``lam`` on validation volumes (``recon.baselines.select_lambda`` over
-    ``LAMBDA_GRID``): every slice of ``prepared`` is measured as a test slice would be (same
-    operator config, ``sigma_y`` and ``seed``) and reconstructed for each candidate; the best mean
-    PSNR wins (a volume method, ``recon.coupling.is_volume_method``: each volume measured and
-    solved as one, its PSNR over the volume). Returns ``{"lam", "scores": {lam: mean PSNR},
-    "slices", "volumes"}``."""
-    problems = []
-    for p in prepared:
-        vol = PreparedVolume.open(p)
-        x = vol.read(list(range(len(vol.indices))))
-        if is_volume_method(operator, ReconstructSection(), baseline):
-            x = x.reshape(1, len(vol.indices), *vol.shape)
-            shape = (len(vol.indices), *vol.shape) if operator.volume else vol.shape
-            op = operator.build(shape, sigma_y, seed, vol.indices)
-            y = measure_volume(op, x, vol.indices, seed, operator.volume)
-        else:
-            op = operator.build(vol.shape, sigma_y, seed)
-            y = measure_slices(op, x, vol.indices, seed)
-        problems.append((x, y, baseline.build(op)))
-    if not problems:
-        raise ValueError(f"no validation volume to choose lam for {baseline.name!r} on")
+    """Choose a baseline's ``lam`` on validation volumes or scans (``recon.baselines.select_lambda``
+    over ``LAMBDA_GRID``): every slice is measured as a test slice would be (same operator config,
+    ``sigma_y`` and ``seed``; a scan's sampling as its test twin's, scored against its reference)
+    and reconstructed for each candidate (``prepared.scorers``); the best mean PSNR wins.
+    Returns ``{"lam", "scores": {lam: mean PSNR}, "slices", "volumes"}``."""
+    scorers = [s for vol in map(open_prepared, prepared)
+               for s in KINDS[type(vol)].scorers(vol, operator, baseline, sigma_y, seed)]
+    if not scorers:
+        raise ValueError(f"no validation volume (k-space: with a reference) to choose lam for "
+                         f"{baseline.name!r} on")
 
     def mean_psnr(lam: float) -> float:
-        scores = [v for x, y, solver in problems for v in psnr(solver.solve(y, lam), x).tolist()]
+        scores = [v for score in scorers for v in score(lam)]
         return sum(scores) / len(scores)
 
     lam, scores = select_lambda(mean_psnr)
     return {"lam": lam, "scores": {f"{k:.4g}": v for k, v in scores.items()},
-            "slices": sum(len(PreparedVolume.open(p).indices) for p in prepared),
-            "volumes": len(problems)}
+            "slices": sum(len(open_prepared(p).indices) for p in prepared),
+            "volumes": len(prepared)}
+
+
+class Kind(NamedTuple):  # what reconstructs a kind of prepared folder (``KINDS``)
+    slab: Callable  # (vol, operator, settings, baseline, samplers, device, start, stop) -> batches
+    write_outputs: Callable  # (vol, stack, out_dir, operator, settings) -> (paths, summary)
+    scorers: Callable  # (vol, operator, baseline, sigma_y, seed) -> [lam -> [PSNR]]
+
+
+KINDS = {PreparedVolume: Kind(image_slab, lambda vol, stack, out_dir, *_: (
+             write_outputs(stack, vol, out_dir), {}), image_scorers),
+         PreparedScan: Kind(raw.scan_slab, raw.write_scan_outputs, raw.scan_scorers)}

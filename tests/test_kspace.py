@@ -531,13 +531,14 @@ def test_support_keeps_unseen_pixels_at_zero(prepared):
     assert outside.any() and (post.mean[0, 0][outside] == 0).all()
 
 
-def test_reconstruct_scan_writes_nifti_with_the_header_affine(prepared, tmp_path):
-    """Through ``reconstruct_scan`` with a baseline (no network needed): NIfTI in the file's
-    units on the reconstructed grid with the header's affine, stacks for the metrics."""
-    from recon.raw import reconstruct_scan
+def test_reconstruct_prepared_writes_a_scan_as_nifti_with_the_header_affine(prepared, tmp_path):
+    """Through ``reconstruct_prepared`` (as image volumes) with a baseline (no network needed):
+    NIfTI in the file's units on the reconstructed grid with the header's affine, stacks for
+    the metrics."""
+    from recon.reconstruction import reconstruct_prepared
 
     settings = ReconstructSection(n_samples=1, progress=False, device="cpu")
-    out = reconstruct_scan(prepared.directory, OperatorConfig(name="fourier", params={
+    out = reconstruct_prepared(prepared.directory, OperatorConfig(name="fourier", params={
         "acceleration": 3, "center_fraction": 0.3}), settings, None, tmp_path / "out",
         progress=False, baseline=BaselineConfig(name="sense", params={"lam": 1e-2}))
     img = nib.load(out["recon"])
@@ -553,23 +554,56 @@ def test_reconstruct_scan_writes_nifti_with_the_header_affine(prepared, tmp_path
     assert out["method"] == "sense" and out["slices"] == 3
 
 
+def test_coil_maps_and_scale_are_computed_once_per_sampling_and_reused(prepared, tmp_path,
+                                                                        monkeypatch):
+    """ESPIRiT runs once per slice for a (scan, sampling, seed, phase): a second method and
+    slabs of one slice reuse the cached maps and scale (the same outputs' scale); another seed
+    or phase rule is another sampling and computes its own; lam tuning reuses them too."""
+    from recon import raw
+    from recon.reconstruction import reconstruct_prepared, tune_baseline
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return espirit(*args, **kwargs)
+
+    espirit = coils.espirit_maps
+    monkeypatch.setattr(raw.coils, "espirit_maps", counted)
+    op = OperatorConfig(name="fourier", params={"acceleration": 2, "center_fraction": 0.25})
+    settings = ReconstructSection(n_samples=1, progress=False, device="cpu", seed=11,
+                                  slab_slices=1)
+    outs = [reconstruct_prepared(prepared.directory, op, settings, None, tmp_path / name,
+                                 progress=False, baseline=BaselineConfig(name=name,
+                                                                         params={"lam": 1e-2}))
+            for name in ("sense", "l1_wavelet")]
+    assert len(calls) == 3 and outs[0]["slabs"] == 3 and outs[0]["scale"] == outs[1]["scale"]
+    tune_baseline([prepared.directory], op, BaselineConfig(name="sense"), 0.0, seed=11)
+    assert len(calls) == 3
+    reconstruct_prepared(prepared.directory, op, settings.model_copy(update={
+        "kspace_phase": "none"}), None, tmp_path / "none", progress=False,
+        baseline=BaselineConfig(name="sense", params={"lam": 1e-2}))
+    raw.scan_problems(prepared, op, seed=12)
+    assert len(calls) == 9
+
+
 @pytest.mark.parametrize("name", ["sense", "l1_wavelet"])
 def test_a_baseline_with_the_discrepancy_lam_is_above_zero_filled(prepared, tmp_path, name):
-    """A config's ``lam: discrepancy`` through ``reconstruct_scan`` on a noisy simulated
+    """A config's ``lam: discrepancy`` through ``reconstruct_prepared`` on a noisy simulated
     acquisition (whitened, 6 coils, 3x): lam is chosen per slice from the slice's own noise
     level, and every slice is above zero-filled PSNR, where the grid's largest lam is below."""
     from recon.baselines import LAMBDA_GRID
     from recon.metrics import psnr
-    from recon.raw import reconstruct_scan
+    from recon.reconstruction import reconstruct_prepared
     from recon.volumes import read_stacks
 
     op = OperatorConfig(name="fourier", params={"acceleration": 3, "center_fraction": 0.15})
     settings = ReconstructSection(n_samples=1, progress=False, device="cpu")
 
     def gains(lam):
-        out = reconstruct_scan(prepared.directory, op, settings, None, tmp_path / str(lam),
-                               progress=False,
-                               baseline=BaselineConfig(name=name, params={"lam": lam}))
+        out = reconstruct_prepared(prepared.directory, op, settings, None, tmp_path / str(lam),
+                                   progress=False,
+                                   baseline=BaselineConfig(name=name, params={"lam": lam}))
         s = read_stacks(out["stacks"])
         return [float(psnr(torch.from_numpy(s["recon"][i])[None, None].double(), ref) -
                       psnr(torch.from_numpy(s["naive"][i])[None, None].double(), ref))

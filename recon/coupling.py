@@ -22,16 +22,14 @@ slab (``recon.reconstruction.slab_ranges``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from recon.config import BaselineConfig, OperatorConfig, ReconstructSection
-from recon.network import autocast
 from recon.operators import Operator
-from recon.reconstructor import SliceReconstructor, SliceResult, measure_slices, slice_seed
+from recon.reconstructor import SliceReconstructor, slice_seed
 from recon.registry import VOLUME_BASELINES
 
 
@@ -49,10 +47,11 @@ class SliceStack(nn.Module):
         return eps.reshape(x.shape)
 
 
-def is_volume_method(operator: OperatorConfig, settings: ReconstructSection,
+def is_volume_method(operator: OperatorConfig, settings: ReconstructSection | None,
                      baseline: BaselineConfig | None = None) -> bool:
     """Whether a slab is solved as one volume: a volume operator, a 3-D baseline, or (for the
-    diffusion sampler) ``coupling`` other than ``none`` or a warm start from a 3-D baseline."""
+    diffusion sampler of ``settings``) ``coupling`` other than ``none`` or a warm start from a
+    3-D baseline."""
     if operator.volume:
         return True
     if baseline is not None:
@@ -67,52 +66,31 @@ def halo_span(start: int, stop: int, n: int, halo: int) -> tuple[int, int]:
     return max(0, start - halo), min(n, stop + halo)
 
 
-def measure_volume(operator: Operator, x: Tensor, indices: Sequence[int], seed: int,
-                   volume: bool) -> Tensor:
-    """``y = A x + sigma_y n`` for a slab ``x (1, S, H, W)`` whose slices sit at ``indices``.
-
-    A slice operator measures each slice as ``measure_slices`` does (same ``y``, slices along
-    dim 1). A volume operator's ``y (1, S, ...)`` takes the noise of its ``s``-th plane along
-    dim 1 from the seed of slice ``indices[s]`` (``slice_seed(seed, index, salt=1)``), so a slab
-    and the whole volume see the same noise on the same plane."""
-    if not volume:
-        return measure_slices(operator, x.transpose(0, 1), indices, seed).transpose(0, 1)
-    y_clean = operator.forward(x)
-    planes = [torch.randn(y_clean[:, s].shape, dtype=y_clean.dtype, device=y_clean.device,
-                          generator=torch.Generator(y_clean.device).manual_seed(
+def measure_volume(operator: Operator, x: Tensor, indices: Sequence[int], seed: int) -> Tensor:
+    """``y = A x + sigma_y n`` for a slab ``x (1, S, H, W)`` whose slices sit at ``indices``:
+    the noise of ``y``'s ``s``-th plane along dim 1 is drawn from the seed of slice
+    ``indices[s]`` (``slice_seed(seed, index, salt=1)``), so a slab and the whole volume see the
+    same noise on the same plane, and a slice operator's ``y`` is ``measure_slices``'."""
+    y = operator.forward(x)
+    if operator.sigma_y == 0.0:
+        return y
+    planes = [torch.randn(y[:, s].shape, dtype=y.dtype, device=y.device,
+                          generator=torch.Generator(y.device).manual_seed(
                               slice_seed(seed, int(idx), salt=1)))
               for s, idx in enumerate(indices)]
-    return operator.measure(x, noise=torch.stack(planes, dim=1))
+    return operator.add_noise(y, torch.stack(planes, dim=1))
 
 
 class SlabReconstructor(SliceReconstructor):
-    """Measure and reconstruct a slab ``(S, H, W)`` as one volume ``(1, S, H, W)`` with a
-    ``sampler`` over volumes: a ``CondDenoiser`` on ``SliceStack(network)`` or a classical
-    baseline on the volume's operator. ``volume``: whether the operator measures the volume
-    (``measure_volume``)."""
-
-    def __init__(self, operator: Operator, sampler, volume: bool, **kwargs):
-        super().__init__(operator, sampler, **kwargs)
-        self.volume = volume
+    """Measure and reconstruct a slab ``(S, H, W)`` as one volume ``(1, S, H, W)``
+    (``measure_volume``) with a ``sampler`` over volumes: a ``CondDenoiser`` on
+    ``SliceStack(network)`` or a classical baseline on the volume's operator."""
 
     def measure(self, x: Tensor, indices: Sequence[int]) -> Tensor:
-        return measure_volume(self.operator, x, indices, self.measure_seed, self.volume)
+        return measure_volume(self.operator, x, indices, self.measure_seed)
 
-    def __call__(self, x: Tensor, indices: Sequence[int]) -> SliceResult:
-        start = time.perf_counter()
-        x = x.to(self.device, torch.float32).reshape(1, len(indices), *x.shape[-2:])
-        y = self.measure(x, indices)
-        with torch.no_grad():
-            naive = self.operator.pseudo_inverse(y)
-        naive = naive.real if naive.is_complex() else naive
-        gen = torch.Generator(self.device).manual_seed(slice_seed(self.seed, int(indices[0]),
-                                                                  salt=2))
-        with autocast(self.device, self.precision):
-            post = self.sampler.sample(y, self.n_samples, generator=gen, progress=self.progress,
-                                       keep_samples=False)
+    def images(self, x: Tensor) -> Tensor:
+        return x.reshape(1, -1, *x.shape[-2:])
 
-        def host(t: Tensor):
-            return t[0].detach().float().cpu().numpy()
-
-        return SliceResult(list(map(int, indices)), host(x), host(naive), host(post.mean),
-                           host(post.std), post.nfe, time.perf_counter() - start)
+    def slices(self, t: Tensor) -> Tensor:
+        return t[0]

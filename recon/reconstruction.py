@@ -122,15 +122,12 @@ def image_slab(vol: PreparedVolume, operator: OperatorConfig, settings: Reconstr
     lo, hi = halo_span(start, stop, len(vol.indices), settings.coupling.halo) if volume \
         else (start, stop)
     slab = vol.indices[lo:hi]
-    if volume and operator.volume:
-        op = operator.build((len(slab), *vol.shape), settings.sigma_y, settings.seed, slab)
-    else:
-        op = operator.build(vol.shape, settings.sigma_y, settings.seed)
+    op = operator.build_for(vol.shape, slab, settings.sigma_y, settings.seed)
     sampler = samplers(SliceStack if volume else None)(op.to(device))
     kwargs = {"n_samples": settings.n_samples, "seed": settings.seed, "device": device,
               "precision": "fp32" if baseline is not None else settings.precision}
     if volume:
-        return (SlabReconstructor(op, sampler, operator.volume, **kwargs),
+        return (SlabReconstructor(op, sampler, **kwargs),
                 iter([(slab, vol.read(range(lo, hi)))]))
     rank = {idx: r for r, idx in enumerate(vol.indices)}
     return (SliceReconstructor(op, sampler, **kwargs),
@@ -257,13 +254,11 @@ def image_scorers(vol: PreparedVolume, operator: OperatorConfig, baseline: Basel
     """For ``tune_baseline``: ``lam -> [PSNR per slice]`` of a volume, measured as a test slice
     would be (a volume method: measured and solved as one volume, one PSNR)."""
     x = vol.read(list(range(len(vol.indices))))
-    if is_volume_method(operator, ReconstructSection(), baseline):
+    op = operator.build_for(vol.shape, vol.indices, sigma_y, seed)
+    if is_volume_method(operator, None, baseline):
         x = x.reshape(1, len(vol.indices), *vol.shape)
-        shape = (len(vol.indices), *vol.shape) if operator.volume else vol.shape
-        op = operator.build(shape, sigma_y, seed, vol.indices)
-        y = measure_volume(op, x, vol.indices, seed, operator.volume)
+        y = measure_volume(op, x, vol.indices, seed)
     else:
-        op = operator.build(vol.shape, sigma_y, seed)
         y = measure_slices(op, x, vol.indices, seed)
     solver = baseline.build(op)
     return [lambda lam: psnr(solver.solve(y, lam), x).tolist()]

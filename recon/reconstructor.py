@@ -123,11 +123,18 @@ class SliceReconstructor:
         """``y`` for each slice (``measure_slices``)."""
         return measure_slices(self.operator, x, indices, self.measure_seed)
 
+    def images(self, x: Tensor) -> Tensor:
+        """The sampler's images from the slices ``x`` (``(B, H, W)`` or ``(B, 1, H, W)``):
+        ``(B, 1, H, W)``."""
+        return x[:, None] if x.ndim == 3 else x
+
+    def slices(self, t: Tensor) -> Tensor:
+        """The slices ``(B, H, W)`` of the sampler's images (``images``' inverse)."""
+        return t[:, 0]
+
     def __call__(self, x: Tensor, indices: Sequence[int]) -> SliceResult:
         start = time.perf_counter()
-        x = x.to(self.device, torch.float32)
-        if x.ndim == 3:
-            x = x[:, None]
+        x = self.images(x.to(self.device, torch.float32))
         y = self.measure(x, indices)
         with torch.no_grad():
             naive = self.operator.pseudo_inverse(y)
@@ -138,7 +145,7 @@ class SliceReconstructor:
                                        keep_samples=False)
 
         def host(t: Tensor) -> np.ndarray:
-            return t[:, 0].detach().float().cpu().numpy()
+            return self.slices(t).detach().float().cpu().numpy()
 
         return SliceResult(list(map(int, indices)), host(x), host(naive), host(post.mean),
                            host(post.std), post.nfe, time.perf_counter() - start)

@@ -78,12 +78,12 @@ def test_a_slab_measures_what_the_whole_volume_measures():
     x = torch.rand(1, 8, 10, 12, generator=g)
     indices = list(range(20, 28))
     mask = build_mask((10, 12), keep=0.5, sigma_y=0.05, seed=3)
-    torch.testing.assert_close(measure_volume(mask, x, indices, 7, volume=False),
+    torch.testing.assert_close(measure_volume(mask, x, indices, 7),
                                measure_slices(mask, x.transpose(0, 1), indices, 7).transpose(0, 1))
     drop = OperatorConfig(name="slice_drop", params={"factor": 2})
-    whole = measure_volume(drop.build((8, 10, 12), 0.05, 0, indices), x, indices, 7, volume=True)
-    part = measure_volume(drop.build((4, 10, 12), 0.05, 0, indices[2:6]), x[:, 2:6], indices[2:6],
-                          7, volume=True)
+    whole = measure_volume(drop.build_for((10, 12), indices, 0.05, 0), x, indices, 7)
+    part = measure_volume(drop.build_for((10, 12), indices[2:6], 0.05, 0), x[:, 2:6],
+                          indices[2:6], 7)
     torch.testing.assert_close(part, whole[:, 2:6])
     assert bool((whole[:, 1] == 0).all()) and bool((whole[:, 0] != 0).any())  # 21 dropped, 20 kept
 

@@ -80,6 +80,11 @@ class _Component(Section):
         arguments the library fills in). The name and params were checked on load."""
         return self.REGISTRY[self.name](**self.params, **given)
 
+    @property
+    def label(self) -> str:
+        """``ddim`` or ``ddim(eta=1.0)``: short and unique per setting (``label_of``)."""
+        return label_of(self.name, self.params)
+
 
 class OperatorConfig(_Component):
     """A measurement operator: ``mask``, ``blur`` or ``fourier`` plus its keyword arguments
@@ -137,6 +142,14 @@ class OperatorConfig(_Component):
             else {}
         return self.REGISTRY[self.name](shape, **self.params, sigma_y=sigma_y, seed=seed, **extra)
 
+    def build_for(self, slice_shape: tuple[int, int], indices: Sequence[int], sigma_y: float,
+                  seed: int = 0) -> Any:
+        """The operator for the slices at ``indices`` (of ``slice_shape``): on their volume
+        ``(S, H, W)`` for a volume operator, else on one slice, broadcast over the others."""
+        if self.volume:
+            return self.build((len(indices), *slice_shape), sigma_y, seed, indices)
+        return self.build(slice_shape, sigma_y, seed)
+
 
 def label_of(name: str, params: Mapping[str, Any]) -> str:
     """``ddim`` or ``ddim(eta=1.0)``: short and unique per setting."""
@@ -159,10 +172,6 @@ class GuidanceConfig(_Component):
     def build(self, **given: Any) -> Any:
         """The ``recon.guidance.Guidance`` (``given``: ``tv_z``, from ``reconstruct.coupling``)."""
         return super().build(**given)
-
-    @property
-    def label(self) -> str:
-        return label_of(self.name, self.params)
 
 
 class BaselineConfig(_Component):
@@ -196,10 +205,6 @@ class BaselineConfig(_Component):
     def iterations(self) -> int:
         return self.params.get("iterations") or self.REGISTRY[self.name].iterations
 
-    @property
-    def label(self) -> str:
-        return label_of(self.name, self.params)
-
 
 class IntegratorConfig(_Component):
     """An integrator from ``recon.registry.INTEGRATORS`` and its keyword arguments."""
@@ -212,11 +217,6 @@ class IntegratorConfig(_Component):
     def build(self) -> Any:
         """The ``recon.integrator.Integrator``."""
         return super().build()
-
-    @property
-    def label(self) -> str:
-        """``ddim`` or ``ddim(eta=1.0)``: short and unique per setting."""
-        return label_of(self.name, self.params)
 
 
 class TimerConfig(_Component):

@@ -150,20 +150,22 @@ class Operator(nn.Module, ABC):
         """Boolean tensor (broadcastable to y) of measured entries; None means all entries."""
         return None
 
-    def measure(self, x: Tensor, generator: Seed = None, noise: Tensor | None = None) -> Tensor:
+    def measure(self, x: Tensor, generator: Seed = None) -> Tensor:
         """A noisy measurement ``y = A x + sigma_y n`` (see the module docstring for ``n``).
 
-        ``generator`` (a ``torch.Generator`` on x's device, or an int seed) makes it reproducible;
-        ``noise``, a standard draw of y's shape and dtype, is used instead of drawing one (e.g.
-        drawn slice by slice from per-slice seeds); entries the operator drops are zeroed.
+        ``generator`` (a ``torch.Generator`` on x's device, or an int seed) makes it reproducible.
         """
         y = self.forward(x)
         if self.sigma_y == 0.0:
             return y
-        if noise is None:
-            gen = as_generator(generator, device=y.device)
-            noise = torch.randn(y.shape, generator=gen, dtype=y.dtype, device=y.device)
-        elif noise.shape != y.shape or noise.dtype != y.dtype:
+        gen = as_generator(generator, device=y.device)
+        return self.add_noise(y, torch.randn(y.shape, generator=gen, dtype=y.dtype,
+                                             device=y.device))
+
+    def add_noise(self, y: Tensor, noise: Tensor) -> Tensor:
+        """``y + sigma_y n`` for a standard draw ``noise`` of y's shape and dtype (e.g. drawn
+        slice by slice from per-slice seeds), zero on the entries the operator drops."""
+        if noise.shape != y.shape or noise.dtype != y.dtype:
             raise ValueError(f"noise of shape {tuple(noise.shape)} ({noise.dtype}) does not match "
                              f"y of shape {tuple(y.shape)} ({y.dtype})")
         support = self._noise_support()

@@ -376,6 +376,43 @@ def test_materialise_without_cache_and_download_off_reports_source(tmp_path, fak
     assert "FAILED" in rep.table()
 
 
+def test_materialising_kspace_on_an_empty_root_makes_its_brain_volumes_without_hanging(
+        tmp_path, fake_public):
+    """A simulated k-space entry derives from a brain volume of the default manifest: on an empty
+    data root, materialise makes that set first, inside the lock it already holds on the root
+    (it used to take the lock a second time and wait on itself forever). A subprocess under a
+    timeout, as `recon materialise --manifest data_manifests/public_kspace.yaml` runs."""
+    import subprocess
+    import sys
+
+    brain_manifest, cache = fake_public
+    member = load_manifest(brain_manifest).volume("vol")
+    params = {"fmt": "ismrmrd", "coils": 2, "slices": 1, "noise": 0.01, "oversampling": 2,
+              "seed": 3}
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "v.nii.gz").write_bytes(archives.read_member(cache / "fakepkg-1.0-py3-none-any.whl",
+                                                            member.provenance.member))
+    digest = sha(conversion.simulated_kspace_bytes(scratch / "v.nii.gz", **params))
+    kspace_dir = tmp_path / "k"
+    kspace_dir.mkdir()
+    kspace_manifest = write_manifest(kspace_dir, [entry(
+        "vol_kspace", "kspace/vol.h5", digest, "s1", "test", kind="kspace",
+        provenance={"convert": "simulate_kspace", "member": member.path, "params": params})])
+    code = ("import sys\nfrom recon.data import public\n"
+            "public.DEFAULT_MANIFEST = sys.argv[3]\n"
+            "rep = public.materialise(sys.argv[1], sys.argv[2], cache_dir=sys.argv[4], "
+            "download=False, echo=print)\nprint('OK' if rep.ok else rep.table())")
+    root = tmp_path / "empty"
+    done = subprocess.run([sys.executable, "-c", code, str(kspace_manifest), str(root),
+                           str(brain_manifest), str(cache)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stdout + done.stderr
+    assert "making the public brain volumes" in done.stdout
+    verify(load_manifest(kspace_manifest), root)
+    assert (root / member.path).is_file()
+
+
 def test_read_member_tar_and_deb(tmp_path):
     import tarfile
 

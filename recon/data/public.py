@@ -211,8 +211,9 @@ def _materialise(manifest_path: str | Path, root: Path, cache_dir: str | Path | 
             derived = [v for v in todo if v.provenance.convert == "simulate_kspace"]
             if any(not (root / v.provenance.member).is_file() for v in derived):
                 say("making the public brain volumes the simulated k-space is derived from")
-                sub = materialise(DEFAULT_MANIFEST, root, cache_dir=cache, download=download,
-                                  echo=say)
+                # the lock on the root is this process's already: the inner body, not
+                # materialise(), which would wait on it forever (a second descriptor)
+                sub = _materialise(DEFAULT_MANIFEST, root, cache, False, download, say)
                 report.messages += sub.messages
             for v in derived:
                 statuses[v.id] = _write_volume(v, root, root)

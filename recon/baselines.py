@@ -52,6 +52,7 @@ from recon.cond_denoiser import Posterior
 from recon.config.components import LAM_RULES
 from recon.config.components import check_lam as _check_lam
 from recon.guidance import real_adjoint
+from recon.operators.complex_image import ComplexImageModel
 
 LAMBDA_GRID: tuple[float, ...] = tuple(float(v) for v in 10.0 ** np.arange(-4.0, -0.25, 0.5))
 """Candidate ``lam`` for ``select_lambda``: two per decade, 1e-4 to 10^-0.5 (image units [0, 1.5],
@@ -149,6 +150,8 @@ class Baseline:
         """The minimiser for a batch of measurements ``y`` (real images like ``Re(A^H y)``; the
         magnitude of the complex image for multi-coil k-space); ``lam`` a number or a rule of
         ``LAM_RULES`` (applied to each measurement of the batch)."""
+        if isinstance(self.operator, ComplexImageModel):  # the prior's images of the solution
+            return self.operator.from_complex(self.solve_complex(y, lam))
         if _multicoil_complex(self.operator):
             return self.solve_complex(y, lam).abs()
         lam = self._lam(lam)
@@ -187,21 +190,28 @@ class Baseline:
             raise FloatingPointError(f"{self!r} produced non-finite values")
         return out.to(x_like.device, x_like.dtype)
 
+    @property
+    def measured(self):
+        """The operator ``y`` is measured through: ``operator``, or for an image model over
+        complex images (``recon.operators.complex_image``) the one it wraps."""
+        op = self.operator
+        return op.operator if isinstance(op, ComplexImageModel) else op
+
     def _by_rule(self, y: Tensor, rule: str, solve: Callable[[Tensor, float], Tensor]) -> Tensor:
         """``solve(y, lam)`` at the lam ``rule`` chooses for the one measurement ``y``, from the
         residual of the solution itself (complex for multi-coil k-space)."""
-        sigma = self.operator.sigma_y
+        sigma = self.measured.sigma_y
         if not sigma > 0:
             raise ValueError(f"{self.name}: lam {rule!r} needs the noise level, and the "
                              "operator's sigma_y is 0")
-        support = self.operator._noise_support()  # the measured entries
+        support = self.measured._noise_support()  # the measured entries
         m = y.numel() if support is None else int(torch.broadcast_to(support, y.shape).sum())
         solutions, residuals = {}, {}
 
         def residual(lam: float) -> float:
             x = solutions[lam] = solve(y, lam)
             with torch.no_grad():
-                r = self.operator.forward(x.to(y.device)) - y
+                r = self.measured.forward(x.to(y.device)) - y
             residuals[lam] = float(r.abs().square().sum())
             return residuals[lam]
 
@@ -239,8 +249,8 @@ class Baseline:
         import sigpy.mri as mr
 
         _real_soft_threshold_first()
-        maps = self.operator.coil_maps.detach().cpu().numpy()
-        weights = self.operator.mask.detach().cpu().numpy().astype(np.float32)
+        maps = self.measured.coil_maps.detach().cpu().numpy()
+        weights = self.measured.mask.detach().cpu().numpy().astype(np.float32)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
             app = getattr(mr.app, self.mri_app)(y.cpu().numpy(), maps, lam, weights=weights,
@@ -273,7 +283,10 @@ def _real_soft_threshold_first() -> None:
 
 
 def _multicoil_complex(operator) -> bool:
-    """Raw multi-coil k-space: coil maps and complex images (``recon.raw``)."""
+    """Raw multi-coil k-space: coil maps and complex images (``recon.raw``), or an image model
+    over them (``recon.operators.complex_image``)."""
+    if isinstance(operator, ComplexImageModel):
+        operator = operator.operator
     return getattr(operator, "num_coils", None) is not None and \
         not getattr(operator, "real_output", True)
 

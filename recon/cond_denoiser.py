@@ -151,6 +151,9 @@ class CondDenoiser(Denoiser):
                              f"{tuple(x_like.shape)}; expected a leading batch dimension")
         y_rep = y.repeat(n_samples, *([1] * (y.ndim - 1)))
         x = self.prior_noise((n_samples * batch, *x_shape), generator, x_like.device, x_like.dtype)
+        reset = getattr(self.operator, "reset", None)  # state carried from step to step
+        if reset is not None:  # (recon.operators.complex_image.TrackedPhase's phase)
+            reset()
         if self.warm_start is not None:
             with torch.no_grad():
                 x_init = self.warm_start(y).to(x.device, x.dtype)

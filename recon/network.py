@@ -152,6 +152,23 @@ def build_network(cfg: NetworkConfig | dict, diffusion: DiffusionModel | None = 
     return EpsNetwork(cfg, diffusion)
 
 
+class PerChannel(nn.Module):
+    """A one-channel prior on each channel of ``(B, C, *spatial)`` images, as ``B C`` images of
+    one channel (e.g. the real and imaginary parts of a complex image:
+    ``recon.operators.complex_image.RealImag``)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        b, c = x_t.shape[:2]
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 1:
+            t = t.repeat_interleave(c)
+        return self.network(x_t.reshape(b * c, 1, *x_t.shape[2:]), t).reshape(x_t.shape)
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters."""
     return sum(p.numel() for p in module.parameters())

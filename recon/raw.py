@@ -68,8 +68,9 @@ from recon.data.simulate import head_median
 from recon.data.slicing import FOREGROUND_MEDIAN
 from recon.filelock import exclusive_lock
 from recon.metrics import psnr
-from recon.network import autocast
+from recon.network import PerChannel, autocast
 from recon.operators import UndersampledFourier
+from recon.operators.complex_image import IMAGE_MODELS, image_model
 from recon.reconstructor import SliceResult, slice_seed
 from recon.scans import PreparedScan, ViewOriented, crop_phase
 from recon.volumes import STACKS
@@ -82,6 +83,8 @@ KSPACE_OPERATORS = ("acquired", "fourier")
 MAX_CALIBRATION = 24
 """ESPIRiT calibration width at most (lines); at least ``MIN_CALIBRATION``."""
 MIN_CALIBRATION = 6
+X0_HEADROOM = 1.5
+"""``x0_range_for``: a scan's guided estimates may reach this many times its zero-filled maximum."""
 PHASES = typing.get_args(ReconstructSection.model_fields["kspace_phase"].annotation)
 """How the image's phase is absorbed into the coil maps (``scan_problems``): the values
 ``reconstruct.kspace_phase`` takes."""
@@ -208,9 +211,27 @@ def scan_problems(prepared: PreparedScan, operator: OperatorConfig, seed: int,
 
 
 # -- reconstruction (through recon.reconstruction) ----------------------------------------------
+def x0_range_for(x0_range: tuple[float, float] | None, naive: np.ndarray,
+                 signed: bool) -> tuple[float, float] | None:
+    """The sampler's ``x0_range`` on a scan: the upper end raised to ``X0_HEADROOM`` times the
+    zero-filled image's maximum where the scan is brighter than the prior's units assume (the
+    scalp of PyQMRI's FLASH brain reaches 3.3 in them, the T1 training slices end near 1.5:
+    clamped there, its scalp was lost, 28.7 instead of 30.6 dB warm-started from L1-wavelet
+    with the tracked phase at 4x), and ``(-hi, hi)`` for an image model of signed images
+    (``RealImag``)."""
+    if x0_range is None:
+        return None
+    lo, hi = x0_range
+    hi = max(hi, X0_HEADROOM * float(np.max(naive)))
+    return (-hi, hi) if signed else (lo, hi)
+
+
 class ScanSlices:
     """``reconstruct_slab``'s reconstructor of a scan: one slice (``ScanProblem``) at a time,
-    each with its own operator (its coil maps), by the sampler ``make_sampler(operator)``."""
+    each with its own operator (its coil maps) seen through the image model
+    ``settings.kspace_image`` (``recon.operators.complex_image``), by the sampler
+    ``make_sampler(operator, x0_range)``. The reconstruction is the magnitude of the mean of
+    the samples' complex images, the std the pixel-wise std of their magnitudes."""
 
     def __init__(self, make_sampler, settings: ReconstructSection, device: torch.device,
                  precision: str, shape: tuple[int, int]):
@@ -219,15 +240,21 @@ class ScanSlices:
 
     def __call__(self, problem: ScanProblem, indices: Sequence[int]) -> SliceResult:
         start = time.perf_counter()
-        self.sampler = self.make_sampler(problem.operator.to(self.device))
+        op = image_model(problem.operator.to(self.device), self.settings.kspace_image)
+        self.sampler = self.make_sampler(op, x0_range_for(self.settings.x0_range, problem.naive,
+                                                          op.signed))
         gen = torch.Generator(self.device).manual_seed(slice_seed(self.settings.seed,
                                                                   problem.index, salt=2))
         with autocast(self.device, self.precision):
             post = self.sampler.sample(problem.y.to(self.device), self.settings.n_samples,
-                                       generator=gen, keep_samples=False)
+                                       generator=gen)
+        z = op.to_complex(post.samples.flatten(0, 1)) if post.samples is not None else \
+            op.to_complex(post.mean)  # a classical baseline: one deterministic image
+        magnitude = z.abs()
+        std = magnitude.std(0, keepdim=True) if z.shape[0] > 1 else torch.zeros_like(magnitude[:1])
         truth = problem.reference if problem.reference is not None else np.zeros(self.shape)
-        mean, std = (crop_phase(a[None, 0, 0].cpu().numpy(), self.shape[1])
-                     for a in (post.mean.abs(), post.std))
+        mean, std = (crop_phase(a[:, 0].cpu().numpy(), self.shape[1])
+                     for a in (z.mean(0, keepdim=True).abs(), std))
         return SliceResult([problem.index], truth[None], problem.naive[None], mean, std,
                            post.nfe, time.perf_counter() - start)
 
@@ -242,7 +269,11 @@ def scan_slab(scan: PreparedScan, operator: OperatorConfig, settings: Reconstruc
     if is_volume_method(operator, settings, baseline):
         raise ValueError(f"{scan.name}: raw k-space is reconstructed slice by slice; set "
                          "reconstruct.coupling: none and use a 2-D baseline")
-    make_sampler = samplers(lambda network: ViewOriented(network, scan.view))
+    def wrap(network):  # the prior sees each slice (each channel) in the viewer layout
+        seen = ViewOriented(network, scan.view)
+        return PerChannel(seen) if IMAGE_MODELS[settings.kspace_image].channels > 1 else seen
+
+    make_sampler = samplers(wrap)
     _, problems = scan_problems(scan, operator, settings.seed, range(start, stop),
                                 settings.kspace_phase)
     precision = "fp32" if baseline is not None else settings.precision

@@ -90,9 +90,10 @@ def sampler_for(operator: OperatorConfig, settings: ReconstructSection, prior: P
                 baseline: BaselineConfig | None, device: torch.device, wrap=None):
     """``op -> sampler`` for operators on ``device``: the classical ``baseline``, or the
     diffusion sampler of ``settings`` with the prior (``load_network``) wrapped by ``wrap``
-    (``SliceStack`` for a slab solved as one volume, ``ViewOriented`` for a raw scan)."""
+    (``SliceStack`` for a slab solved as one volume, ``ViewOriented`` for a raw scan); the
+    sampler's ``x0_range`` is ``settings``' unless given (``make(op, x0_range)``)."""
     if baseline is not None:
-        return baseline.build
+        return lambda op, x0_range=None: baseline.build(op)
     network, diffusion = load_network(prior, device)
     start = settings.warm_start and settings.warm_start.for_operator(operator)
     if start is not None and start.baseline.lam is None:
@@ -105,10 +106,9 @@ def sampler_for(operator: OperatorConfig, settings: ReconstructSection, prior: P
     parts = (network if wrap is None else wrap(network), settings.integrator.build(),
              settings.timer.build(settings.steps, None if start is None else start.t0))
 
-    def make(op):
+    def make(op, x0_range=settings.x0_range):
         warm = None if start is None else start.baseline.build(op).solve
-        return CondDenoiser(diffusion, *parts, op, guidance, x0_range=settings.x0_range,
-                            warm_start=warm)
+        return CondDenoiser(diffusion, *parts, op, guidance, x0_range=x0_range, warm_start=warm)
     return make
 
 

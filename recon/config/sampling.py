@@ -94,6 +94,10 @@ class ReconstructSection(Section):
     kspace_phase: Literal["lowres", "sense", "none"] = Field(
         "lowres", description="raw k-space: the image phase absorbed into the coil maps "
         "(recon.raw): of the calibration image, of a SENSE solution, or none")
+    kspace_image: Literal["magnitude", "tracked_phase", "real_imag"] = Field(
+        "magnitude", description="raw k-space: how the real prior sees the complex image "
+        "(recon.operators.complex_image): its magnitude in the maps' phase frame, its magnitude "
+        "with the phase re-estimated at every step, or its real and imaginary parts")
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="the prior's forward passes: fp32, or bf16 autocast (a GPU's "

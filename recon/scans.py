@@ -20,7 +20,7 @@ from recon.data.kspace import LPS_TO_RAS, read_kspace
 from recon.data.nifti import atomic_dir
 from recon.volumes import PreparedVolume
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2
 """Bumped when the preparation changes, so cached prepared scans are not reused."""
 
 

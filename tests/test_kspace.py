@@ -194,6 +194,9 @@ def test_ismrmrd_and_fastmri_files_round_trip(scan, tmp_path):
         np.testing.assert_array_equal(back.kspace, np.where(under.mask[:, None, None], scan.kspace, 0))
     fast = read_kspace(write_fastmri(scan, tmp_path / "fast.h5"))
     assert fast.format == "fastmri" and fast.noise is None and fast.positions is None
+    # no geometry in the file: taken as fastMRI displays it, so the prior sees it upright
+    view = ViewTransform.from_directions(fast.read_dir, fast.phase_dir, fast.slice_dir)
+    assert view == ViewTransform(transpose=False, flip_rows=False, flip_cols=True)
     np.testing.assert_array_equal(fast.kspace, scan.kspace)
     np.testing.assert_array_equal(fast.reference, scan.reference)
     with h5py.File(tmp_path / "fast.h5") as f:

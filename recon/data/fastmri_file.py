@@ -92,7 +92,16 @@ def read_fastmri(path: str | Path) -> KSpaceScan:
                           f"{(k.shape[0], r, p)} (slices, recon matrix)")
     return KSpaceScan(kspace=k, mask=np.array(mask), recon_matrix=(r, p), fov_mm=fov,
                       reference=ref, source=str(path), format="fastmri",
-                      header_xml=xml.decode() if isinstance(xml, bytes) else str(xml))
+                      header_xml=xml.decode() if isinstance(xml, bytes) else str(xml),
+                      **AS_DISPLAYED)
+
+
+AS_DISPLAYED = {"read_dir": (0.0, 1.0, 0.0), "phase_dir": (1.0, 0.0, 0.0),
+                "slice_dir": (0.0, 0.0, 1.0)}
+"""The directions of a fastMRI file, which states none: an axial slice as fastMRI displays it
+(radiological), rows from anterior to posterior (LPS +y), columns from the patient's right to
+left (LPS +x). (ISMRMRD's defaults, rows along +x, had the prior see these brains turned by
+90 degrees, an orientation its training, rotated by at most 15 degrees, never showed.)"""
 
 
 def write_fastmri(scan: KSpaceScan, path: str | Path, acquisition: str = "AXT1") -> Path:

@@ -20,7 +20,8 @@ Layout and conventions (the same for both formats):
   ``phase_dir``, ``slice_dir`` the unit vectors of rows, columns and slices, all in the
   scanner's patient coordinates (LPS, as DICOM). ``affine`` turns them into a NIfTI (RAS)
   affine for the ``(R, P, S)`` array, so the reconstruction overlays a DICOM-derived NIfTI of
-  the same scan. fastMRI files carry no positions: their affine is axial, centred at the
+  the same scan. fastMRI files carry no positions: they are taken as fastMRI displays them
+  (axial, radiological: rows anterior to posterior, columns right to left), centred at the
   origin, with the header's voxel size.
 - Noise: ISMRMRD noise-scan acquisitions (``ACQ_IS_NOISE_MEASUREMENT``) are kept as
   ``noise (C, N)``; fastMRI files have none.

@@ -167,3 +167,30 @@ def pyqmri_to_fastmri_bytes(raw: bytes, flip: int = 4, fov_mm: float = 224.0,
                       reference=rss(centered_ifft(k))[None].astype(np.float32),
                       source="pyqmri_vfa_brain", format="fastmri")
     return h5_bytes(lambda path: write_fastmri(scan, path, acquisition="AXFLASH"))
+
+
+def mirtorch_to_fastmri_bytes(raw: bytes, fov_mm: float = 220.0, thickness_mm: float = 5.0) -> bytes:
+    """The fastMRI brain slice inside MIRTorch 0.1's sdist (``AXT2_210_6001736_layer11.npz``:
+    slice 11 of fastMRI's ``file_brain_AXT2_210_6001736``, an axial T2 of 16 coils, fully
+    sampled Cartesian, ``k_r``/``k_i`` int16 ``(16, 768, 396)`` with the readout oversampled
+    twice and the k-space centre in the middle, as ``fft2c`` has it) as a fastMRI file: the
+    k-space divided by 32767 (MIRTorch's own demo does so; the scanner's units are lost),
+    reconstructed matrix 384 x 396 (the readout oversampling removed), the root-sum-of-squares
+    of the fully sampled coil images as ``reconstruction_rss``. The npz states no geometry:
+    ``fov_mm`` (readout) and ``thickness_mm`` are assumptions (square pixels)."""
+    import io
+
+    from recon.coils import centered_ifft, remove_readout_oversampling, rss
+    from recon.data.kspace import KSpaceScan, write_fastmri
+
+    with np.load(io.BytesIO(raw)) as z:
+        k = ((z["k_r"].astype(np.float32) + 1j * z["k_i"].astype(np.float32)) / 32767.0)
+    k = k.astype(np.complex64)[None]
+    _, _, r_enc, p = k.shape
+    r = r_enc // 2
+    reference = rss(centered_ifft(remove_readout_oversampling(k, r)))
+    scan = KSpaceScan(kspace=k, mask=np.ones((1, p), bool), recon_matrix=(r, p),
+                      fov_mm=(fov_mm, fov_mm * p / r, thickness_mm),
+                      reference=reference.astype(np.float32), source="mirtorch_fastmri_axt2",
+                      format="fastmri")
+    return h5_bytes(lambda path: write_fastmri(scan, path, acquisition="AXT2"))

@@ -122,7 +122,8 @@ class Provenance(_Strict):
     member: str | None = None
     member_sha256: Sha256 | None = None
     convert: Literal["copy", "jpg_to_nifti", "nrrd_to_nifti", "dicom_series_to_nifti",
-                     "simulate_kspace", "pyqmri_to_fastmri"] = "copy"
+                     "simulate_kspace", "pyqmri_to_fastmri",
+                     "mirtorch_to_fastmri"] = "copy"
     params: dict[str, float | int | str] = Field(
         default_factory=dict, description="arguments of the conversion (e.g. simulate_kspace's "
         "coils, noise, slices, seed)")

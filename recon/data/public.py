@@ -39,6 +39,7 @@ from recon.data.archives import read_members
 from recon.data.conversion import (
     dicom_series_to_nifti_bytes,
     jpg_to_nifti_bytes,
+    mirtorch_to_fastmri_bytes,
     nrrd_to_nifti_bytes,
     pyqmri_to_fastmri_bytes,
     simulated_kspace_bytes,
@@ -142,6 +143,8 @@ def _produce(volume: VolumeEntry, location: Path) -> bytes:
         return simulated_kspace_bytes(location / prov.member, **prov.params)
     if prov.convert == "pyqmri_to_fastmri":
         return pyqmri_to_fastmri_bytes(raw, **prov.params)
+    if prov.convert == "mirtorch_to_fastmri":
+        return mirtorch_to_fastmri_bytes(raw, **prov.params)
     raise DataError(f"volume {volume.id!r}: unknown conversion {prov.convert!r}")
 
 

@@ -23,6 +23,7 @@ import yaml
 from recon import coils
 from recon.baselines import L1Wavelet, Sense
 from recon.config import BaselineConfig, OperatorConfig, ReconstructSection
+from recon.data import simulate
 from recon.data.kspace import (
     LPS_TO_RAS,
     KSpaceError,
@@ -167,6 +168,40 @@ def test_simulated_scan_is_what_the_docstring_says(scan, volume):
                                   rel=0.15)
     ref = coils.rss(coils.centered_ifft(coils.remove_readout_oversampling(scan.kspace, x)))
     np.testing.assert_allclose(scan.reference, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_tissue_phase_changes_where_the_anatomy_does():
+    """A head with a bright scalp: the scalp's fat sits at its own offset (a step at the
+    boundary, not a smooth ramp), and after the low-resolution phase is taken out (what
+    ``kspace_phase: lowres`` absorbs) a good share of the head's energy stays imaginary, where a
+    smooth phase leaves almost none."""
+    yy, xx = np.mgrid[-1:1:96j, -1:1:80j]
+    r = np.hypot(yy / 0.9, xx / 0.8)
+    m = np.where(r < 0.85, 100.0 + 20 * np.sin(9 * yy), 0.0) + np.where((r >= 0.85) & (r < 0.95),
+                                                                         250.0, 0.0)
+    scalp, brain = (r >= 0.87) & (r < 0.93), (r > 0.72) & (r < 0.8)
+
+    def lowres_imaginary(phi):
+        x = m * np.exp(1j * phi)
+        k = coils.centered_fft(x)
+        window = np.zeros_like(m)
+        window[48 - 8: 48 + 8, 40 - 8: 40 + 8] = np.outer(np.hanning(16), np.hanning(16))
+        x = x * np.exp(-1j * np.angle(coils.centered_ifft(k * window)))
+        return np.sum(x.imag[m > 0] ** 2) / np.sum(m ** 2)
+
+    steps, shares = [], []
+    for seed in range(4):
+        phi = simulate.tissue_phase(m, np.random.default_rng(seed), (2.0, 2.0))
+        step = np.angle(np.mean(np.exp(1j * phi[scalp])) / np.mean(np.exp(1j * phi[brain])))
+        steps.append(abs(step))
+        shares.append(lowres_imaginary(phi))
+    assert np.median(steps) > 0.5  # the fat offset, U(-pi, pi)
+    assert min(shares) > 0.02
+    u, v = np.mgrid[-1:1:96j, -1:1:80j]
+    assert lowres_imaginary(1.0 + 0.8 * u - 0.5 * v + 0.3 * (u**2 + v**2)) < 0.005
+    assert (simulate.tissue_phase(np.zeros((8, 8)), np.random.default_rng(0)) == 0).all()
+    with pytest.raises(ValueError, match="'smooth' or 'tissue'"):
+        simulate_scan("unused.nii.gz", phase="measured")
 
 
 def test_ismrmrd_and_fastmri_files_round_trip(scan, tmp_path):

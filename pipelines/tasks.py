@@ -227,8 +227,11 @@ def tune_baseline(prepared: list[str], operator: OperatorConfig, baseline: Basel
 
 @task(name="evaluate-volume", **EXPENSIVE)
 def evaluate_volume(stacks: str) -> dict:
-    """PSNR/SSIM per slice and per volume for the reconstruction and the naive baseline (from
-    the ``slices.npz`` of ``reconstruct-volume``); also written next to it as ``metrics.json``."""
+    """PSNR/SSIM per slice and per volume for the reconstruction and the naive baseline, over
+    the whole image and inside the head (``recon.metrics.evaluate_stacks``; from the
+    ``slices.npz`` of ``reconstruct-volume``); also written next to it as ``metrics.json``.
+    (The source is part of the cache key: results cached before the head metrics are not
+    reused.)"""
     s = read_stacks(stacks)
     metrics = evaluate_stacks(s["truth"], s["naive"], s["recon"])
     metrics["indices"] = [int(i) for i in s["indices"]]

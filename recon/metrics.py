@@ -87,12 +87,15 @@ def psnr(pred: Tensor, target: Tensor, data_range: float | Tensor | None = None)
 
 
 def ssim(pred: Tensor, target: Tensor, data_range: float | Tensor | None = None,
-         win_size: int = 7, k1: float = 0.01, k2: float = 0.03) -> Tensor:
+         win_size: int = 7, k1: float = 0.01, k2: float = 0.03,
+         mask: Tensor | None = None) -> Tensor:
     r"""Mean structural similarity per image / volume, shape ``(B,)`` (see module doc).
 
     With local means ``u``, sample variances ``v`` and covariance ``v_xy`` over the window:
     ``S = (2 u_x u_y + C1)(2 v_xy + C2) / ((u_x^2 + u_y^2 + C1)(v_x + v_y + C2))``,
-    ``C1 = (K1 R)^2``, ``C2 = (K2 R)^2``.
+    ``C1 = (K1 R)^2``, ``C2 = (K2 R)^2``. With a boolean ``mask`` of the target's shape the mean
+    runs over the window centres inside it (NaN for an item with none): SSIM where a reader
+    looks (``head_mask``), not over the background's noise floor.
     """
     ndim = _check_pair(pred, target)
     if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 3 \
@@ -120,45 +123,83 @@ def ssim(pred: Tensor, target: Tensor, data_range: float | Tensor | None = None,
     r = r.repeat_interleave(c).reshape(-1, *([1] * (ndim + 1)))
     c1, c2 = (k1 * r) ** 2, (k2 * r) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.reshape(b, -1).mean(1)
+    if mask is None:
+        return s.reshape(b, -1).mean(1)
+    if tuple(mask.shape) != tuple(target.shape):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the images "
+                         f"{tuple(target.shape)}")
+    pad = (win_size - 1) // 2
+    inside = mask.to(s.device, torch.bool)[(..., *[slice(pad, n - pad) for n in spatial])]
+    inside = inside.reshape(b * c, 1, *s.shape[2:])
+    kept = (s * inside).reshape(b, -1).sum(1)
+    return kept / inside.reshape(b, -1).sum(1)
 
 
 # -- a reconstructed volume against its ground truth -------------------------------------------
-SLICE_METRICS = ("psnr", "ssim", "psnr_naive", "ssim_naive")
-"""Per-slice metrics of ``evaluate_stacks`` (``_naive``: of the naive pseudo-inverse)."""
-VOLUME_METRICS = (*SLICE_METRICS, "gain_db")
+SLICE_METRICS = ("psnr", "ssim", "psnr_naive", "ssim_naive", "ssim_head", "ssim_head_naive")
+"""Per-slice metrics of ``evaluate_stacks`` (``_naive``: of the naive pseudo-inverse; ``_head``:
+inside ``head_mask``)."""
+VOLUME_METRICS = ("psnr", "ssim", "psnr_naive", "ssim_naive", "gain_db", "psnr_head",
+                  "ssim_head", "psnr_head_naive", "ssim_head_naive")
 """Per-volume metrics of ``evaluate_stacks``; ``gain_db = psnr - psnr_naive``."""
+HEAD_LEVEL = 0.1
+"""``head_mask``: the head is brighter than this fraction of the reference's 99th percentile."""
+
+
+def head_mask(truth: np.ndarray, level: float = HEAD_LEVEL) -> np.ndarray:
+    """``(S, H, W)`` bool, where a reader looks: the pixels of the ground truth above ``level``
+    times its 99th percentile over the volume, each slice's holes filled (dark CSF and the
+    ventricles inside the head count, the air around it does not)."""
+    from scipy import ndimage
+
+    truth = np.asarray(truth)
+    bright = truth > level * np.percentile(truth, 99.0)
+    return np.stack([ndimage.binary_fill_holes(s) for s in bright])
 
 
 def evaluate_stacks(truth: np.ndarray, naive: np.ndarray, recon: np.ndarray,
                     batch_size: int = 64) -> dict[str, object]:
-    """PSNR and SSIM per slice and per volume, for the reconstruction and the naive baseline.
+    """PSNR and SSIM per slice and per volume, for the reconstruction and the naive baseline,
+    over the whole image and inside the head (``head_mask``: ``_head`` keys).
 
-    Data range: the volume's ground-truth maximum (fastMRI), the same for every slice. Volume
-    PSNR uses the MSE over all kept slices; volume SSIM is the mean of the 2-D slice SSIMs.
-    ``gain_db`` = PSNR(recon) - PSNR(naive) per volume. Keys: ``VOLUME_METRICS``,
-    ``<name>_slices`` for each of ``SLICE_METRICS``, and ``data_range``.
+    Data range: the volume's ground-truth maximum (fastMRI), the same for every slice and for
+    both regions. Volume PSNR uses the MSE over all kept slices (their head pixels for
+    ``psnr_head``); volume SSIM is the mean of the 2-D slice SSIMs (inside the head: over the
+    window centres there). Against a noisy reference (the root-sum-of-squares of measured
+    coils) the whole-image numbers weigh the background's noise floor, which no reconstruction
+    should copy; the head's do not. ``gain_db`` = PSNR(recon) - PSNR(naive) per volume. Keys:
+    ``VOLUME_METRICS``, ``<name>_slices`` for each of ``SLICE_METRICS``, and ``data_range``.
     """
     r = float(np.max(truth))
     if not r > 0:
         raise ValueError("the ground-truth volume is empty (max <= 0): cannot compute PSNR")
+    head = head_mask(truth)
     out: dict[str, list[float]] = {name: [] for name in SLICE_METRICS}
-    sq = {"recon": 0.0, "naive": 0.0}
-    n = 0
+    sq = {k: 0.0 for k in ("", "_naive", "_head", "_head_naive")}
+    n = m = 0
     for i in range(0, truth.shape[0], batch_size):
         t = torch.from_numpy(np.asarray(truth[i: i + batch_size], dtype=np.float64))[:, None]
+        inside = torch.from_numpy(head[i: i + batch_size])[:, None]
         for key, arr in (("", recon), ("_naive", naive)):
             p = torch.from_numpy(np.asarray(arr[i: i + batch_size], dtype=np.float64))[:, None]
+            err = (p - t).square()
             out["psnr" + key] += psnr(p, t, r).tolist()
             out["ssim" + key] += ssim(p, t, r).tolist()
-            sq["naive" if key else "recon"] += float((p - t).square().sum())
+            out["ssim_head" + key] += ssim(p, t, r, mask=inside).tolist()
+            sq[key] += float(err.sum())
+            sq["_head" + key] += float(err[inside].sum())
         n += t.numel()
-    vol = {k: 10.0 * np.log10(r * r / max(v / n, 1e-30)) for k, v in sq.items()}
+        m += int(inside.sum())
+    vol = {k: 10.0 * np.log10(r * r / max(v / (m if "head" in k else n), 1e-30))
+           for k, v in sq.items()}
+    ssim_mean = {k: float(np.nanmean(out[k])) if not np.isnan(out[k]).all() else float("nan")
+                 for k in ("ssim", "ssim_naive", "ssim_head", "ssim_head_naive")}
     return {
         **{f"{name}_slices": values for name, values in out.items()},
-        "psnr": float(vol["recon"]), "psnr_naive": float(vol["naive"]),
-        "ssim": float(np.mean(out["ssim"])), "ssim_naive": float(np.mean(out["ssim_naive"])),
-        "gain_db": float(vol["recon"] - vol["naive"]), "data_range": r,
+        "psnr": float(vol[""]), "psnr_naive": float(vol["_naive"]), **ssim_mean,
+        "gain_db": float(vol[""] - vol["_naive"]),
+        "psnr_head": float(vol["_head"]), "psnr_head_naive": float(vol["_head_naive"]),
+        "data_range": r,
     }
 
 

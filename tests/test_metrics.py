@@ -12,7 +12,7 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim
 
-from recon.metrics import psnr, ssim
+from recon.metrics import evaluate_stacks, head_mask, psnr, ssim
 
 TOL = 1e-4
 F64 = torch.float64
@@ -100,6 +100,41 @@ def test_real_mri_slices_fastmri_style(mri_volume):
                         for t, p in zip(target.numpy(), pred.numpy(), strict=True)])
     assert abs(ssim(pred, target, data_range=r).mean().item() - expected) < TOL
     assert_matches_skimage(pred, target, data_range=torch.full((target.shape[0],), r))
+
+
+def test_ssim_inside_a_mask_is_skimages_map_averaged_there(mri_volume):
+    """The SSIM map skimage returns (``full=True``), averaged over the mask's pixels whose
+    window fits inside the image (skimage crops 3 pixels per side)."""
+    target = mri_volume.permute(2, 0, 1)[:3, None]
+    pred = target + 800 * torch.randn(target.shape, dtype=F64,
+                                      generator=torch.Generator().manual_seed(2))
+    r = float(target.max())
+    mask = target > target.median()
+    assert 0.05 < float(mask.double().mean()) < 0.95
+    got = ssim(pred, target, r, mask=mask)
+    for i in range(3):
+        _, full = sk_ssim(target[i, 0].numpy(), pred[i, 0].numpy(), data_range=r, full=True)
+        inside = mask[i, 0].numpy()[3:-3, 3:-3]
+        assert abs(got[i].item() - full[3:-3, 3:-3][inside].mean()) < TOL
+    with pytest.raises(ValueError, match="does not match"):
+        ssim(pred, target, r, mask=mask[..., 1:])
+
+
+def test_head_metrics_see_the_head_only():
+    """A reconstruction that differs from the truth only in the background keeps a perfect score
+    inside the head and loses it over the whole image; the head mask fills the ventricles."""
+    yy, xx = np.mgrid[-1:1:48j, -1:1:40j]
+    head = np.hypot(yy / 0.8, xx / 0.7) < 1.0
+    truth = np.stack([np.where(head, 1.0, 0.0)] * 2)
+    truth[:, 20:26, 18:22] = 0.0  # a dark ventricle inside
+    np.testing.assert_array_equal(head_mask(truth), np.stack([head] * 2))
+    recon = truth + np.where(head, 0.0, 0.1)[None]
+    m = evaluate_stacks(truth, np.zeros_like(truth), recon)
+    assert m["psnr"] == pytest.approx(10 * np.log10(1 / (0.01 * (~head).mean())))
+    assert m["psnr_head"] > 250  # the MSE floor: no error inside the head
+    assert m["ssim"] < m["ssim_head"] < 1.0  # windows at the edge of the head see the change
+    assert m["psnr_head_naive"] == pytest.approx(
+        10 * np.log10(1 / np.mean(truth[:, head] ** 2)))
 
 
 def test_random_volumes_batch():

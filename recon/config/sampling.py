@@ -153,10 +153,13 @@ class ReconstructSection(Section):
         return op.guidance or self.guidance
 
     def family(self, op: OperatorConfig) -> str:
-        """The sampler for ``op`` without its step count: ``dps ddim(eta=1.0)``."""
+        """The sampler for ``op`` without its step count: ``dps ddim(eta=1.0)``; raw k-space's
+        image model and phase when they are not the defaults."""
         warm = "" if self.warm_start is None else f" {self.warm_start.label}"
         coupled = f" {self.coupling.label}" if self.coupling.label else ""
-        return f"{self.guidance_for(op).label} {self.integrator.label}{warm}{coupled}"
+        image = "".join(f" {getattr(self, k)}" for k in ("kspace_image", "kspace_phase")
+                        if getattr(self, k) != type(self).model_fields[k].default)
+        return f"{self.guidance_for(op).label} {self.integrator.label}{warm}{coupled}{image}"
 
     def label(self, op: OperatorConfig) -> str:
         """The sampler for ``op``, as tables and run names show it: ``dps ddim(eta=1.0) x16``."""
@@ -165,8 +168,8 @@ class ReconstructSection(Section):
 
 class MethodConfig(Section):
     """One row of a comparison: the diffusion sampler of ``reconstruct`` with some of
-    ``guidance`` / ``integrator`` / ``timer`` / ``steps`` / ``warm_start`` / ``n_samples``
-    changed, or a classical ``baseline``. A field left out keeps ``reconstruct``'s value; ``warm_start: null``
+    ``guidance`` / ``integrator`` / ``timer`` / ``steps`` / ``warm_start`` / ``n_samples`` /
+    ``coupling`` / ``kspace_image`` / ``kspace_phase`` changed, or a classical ``baseline``. A field left out keeps ``reconstruct``'s value; ``warm_start: null``
     given explicitly starts from pure noise. Short forms: ``tv`` (a baseline name) and
     ``{baseline: l1_wavelet, ...}``."""
 
@@ -178,6 +181,8 @@ class MethodConfig(Section):
     warm_start: WarmStartConfig | None = None
     n_samples: int | None = Field(None, ge=1, le=64, strict=True)
     coupling: CouplingConfig | None = None
+    kspace_image: Literal["magnitude", "tracked_phase", "real_imag"] | None = None
+    kspace_phase: Literal["lowres", "sense", "none"] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -194,10 +199,11 @@ class MethodConfig(Section):
     def _one_kind(self) -> MethodConfig:
         if self.baseline is not None and (self.guidance or self.integrator or self.timer
                                           or self.steps or self.warm_start or self.n_samples
-                                          or self.coupling):
+                                          or self.coupling or self.kspace_image
+                                          or self.kspace_phase):
             raise ValueError("a method is either a baseline or a diffusion setting (guidance, "
-                             "integrator, timer, steps, warm_start, n_samples, coupling), not "
-                             "both")
+                             "integrator, timer, steps, warm_start, n_samples, coupling, "
+                             "kspace_image, kspace_phase), not both")
         return self
 
     def setting(self, rs: ReconstructSection) -> ReconstructSection:
@@ -206,7 +212,9 @@ class MethodConfig(Section):
                                     ("timer", self.timer), ("steps", self.steps),
                                     ("warm_start", self.warm_start),
                                     ("n_samples", self.n_samples),
-                                    ("coupling", self.coupling)) if v is not None}
+                                    ("coupling", self.coupling),
+                                    ("kspace_image", self.kspace_image),
+                                    ("kspace_phase", self.kspace_phase)) if v is not None}
         if "warm_start" in self.model_fields_set:  # given, null included: no warm start
             update["warm_start"] = self.warm_start
         if self.guidance is not None:  # one guidance for every operator in the comparison

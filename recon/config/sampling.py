@@ -169,8 +169,9 @@ class ReconstructSection(Section):
 class MethodConfig(Section):
     """One row of a comparison: the diffusion sampler of ``reconstruct`` with some of
     ``guidance`` / ``integrator`` / ``timer`` / ``steps`` / ``warm_start`` / ``n_samples`` /
-    ``coupling`` / ``kspace_image`` / ``kspace_phase`` changed, or a classical ``baseline``. A field left out keeps ``reconstruct``'s value; ``warm_start: null``
-    given explicitly starts from pure noise. Short forms: ``tv`` (a baseline name) and
+    ``coupling`` / ``kspace_image`` / ``kspace_phase`` changed, or a classical ``baseline``. A
+    field left out keeps ``reconstruct``'s value; ``warm_start: null`` given explicitly starts
+    from pure noise. Short forms: ``tv`` (a baseline name) and
     ``{baseline: l1_wavelet, ...}``."""
 
     baseline: BaselineConfig | None = None

@@ -48,6 +48,7 @@ import sigpy as sp
 import torch
 from torch import Tensor
 
+from recon.cancellation import check_cancelled
 from recon.cond_denoiser import Posterior
 from recon.config.components import LAM_RULES
 from recon.config.components import check_lam as _check_lam
@@ -93,6 +94,7 @@ class OperatorLinop(sp.linop.Linop):
         super().__init__(oshape, ishape)
 
     def _apply(self, input):
+        check_cancelled()  # every sigpy iteration applies A or A^H
         v = torch.from_numpy(np.ascontiguousarray(input)).to(self.device)
         with torch.no_grad():
             if self.is_adjoint:

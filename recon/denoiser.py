@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recon.cancellation import check_cancelled
 from recon.diffusion import DiffusionModel, tweedie
 from recon.integrator import EpsFn, Integrator, scales
 from recon.timer import Timer
@@ -76,13 +77,15 @@ class Denoiser:
 
     def integrate(self, x: Tensor, eps_fn: EpsFn, generator: torch.Generator | None = None,
                   trajectory: bool = False, progress: bool = False):
-        """Run the integrator from ``x`` at ``t_max`` along the grid and denoise at ``t_min``."""
+        """Run the integrator from ``x`` at ``t_max`` along the grid and denoise at ``t_min``
+        (``recon.cancellation.Cancelled`` between steps once the job is cancelled)."""
         times = self.times.tolist()
         path = [x] if trajectory else None
         with self._grad_mode():
             steps = range(len(times) - 1)
             for i in tqdm(steps, desc=type(self.integrator).__name__, disable=None if progress else True,
                           leave=False):
+                check_cancelled()
                 x = self.integrator.step(self.diffusion, eps_fn, x, times[i], times[i + 1],
                                          generator)
                 if not torch.isfinite(x).all():

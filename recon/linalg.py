@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from recon.cancellation import check_cancelled
+
 
 def _per_sample(c: Tensor, x: Tensor) -> Tensor:
     """A per-sample coefficient ``(B,)`` shaped to broadcast over ``x`` ``(B, ...)``."""
@@ -38,6 +40,7 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int
     rs = batch_dot(r, r)
     floor = rs * (8.0 * torch.finfo(rs.dtype).eps) ** 2
     for _ in range(steps):
+        check_cancelled()
         mp = matvec(p)
         pmp = batch_dot(p, mp)
         live = (pmp > 0) & (rs > floor)

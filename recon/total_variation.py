@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from recon.cancellation import check_cancelled
+
 _DIMS = (-2, -1)
 Z = -3
 """The slice axis of a volume ``(..., S, H, W)``."""
@@ -81,6 +83,7 @@ def tv_prox(operator, x0: Tensor, y: Tensor, lam: float, mu: float, iterations: 
     z = torch.zeros((len(dims), *x.shape), dtype=x.dtype, device=x.device)
     x_bar = x
     for _ in range(iterations):
+        check_cancelled()
         z = torch.maximum(torch.minimum(z + step * finite_difference(x_bar, dims), bound), -bound)
         v = x - step * finite_difference_adjoint(z, dims)
         x_new = operator.prox((lam * x0 + v / step) / lam_g, y, lam_g)

@@ -634,3 +634,89 @@ def test_a_multi_line_reason_is_kept_whole_on_its_one_line(tmp_path):
     text = " ".join(out.output.split())
     assert out.exit_code == 2, out.output
     assert "bad.yaml" in text and ".." in text and "Traceback" not in out.output, out.output
+
+
+# -- issue 32: hostile input, round 4 ------------------------------------------------------------
+def _alive(pid: int | str) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_while_a_long_slab_samples_stops_the_job_in_seconds(tmp_path, signame, code):
+    """One slab of 10000 steps (minutes of sampling): the signal to the process group, sent once
+    its progress bar says the slab has started, ends the CLI with 130 / 143 within 10 s, the
+    slab unfinished, the runs FAILED and no process left. Before, the slab's worker thread
+    sampled on while the main thread waited for it (7 minutes after Ctrl-C and counting)."""
+    import fcntl
+    import pty
+    import select
+    import signal
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from mlflow.tracking import MlflowClient
+    from test_pipelines import write_dataset, write_prior
+
+    manifest = write_dataset(tmp_path)
+    ckpt, prior_cfg = write_prior(tmp_path)
+    work = tmp_path / "work"
+    overrides = [
+        f"work_dir={work}", f"data.manifest={manifest}", f"data.data_root={tmp_path / 'data'}",
+        "data.materialise=false", "data.image_size=32", "data.volumes=null", "data.max_slices=2",
+        f"prior.checkpoint={ckpt}", f"prior.config={prior_cfg}",
+        "reconstruct.operators=[{name: fourier}]", "reconstruct.steps=10000",
+        "reconstruct.slab_slices=null", "reconstruct.num_threads=1", "reconstruct.baselines=[]",
+        "reconstruct.warm_start=null", "reconstruct.device=cpu", "reconstruct.progress=true"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    bar, terminal = pty.openpty()  # the slab's progress bar is drawn on a terminal only
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # 0 columns: no bar
+    proc = subprocess.Popen([sys.executable, "-m", "recon", "reconstruct", "demo",
+                             *[a for o in overrides for a in ("--set", o)]],
+                            cwd=Path(__file__).resolve().parents[1], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=terminal, start_new_session=True)
+    os.close(terminal)
+    try:
+        drawn, deadline = "", time.monotonic() + 240
+        while "[0:2]" not in drawn and proc.poll() is None and time.monotonic() < deadline:
+            if select.select([bar], [], [], 1.0)[0]:
+                try:
+                    drawn += os.read(bar, 4096).decode(errors="replace")
+                except OSError:
+                    break
+        assert "[0:2]" in drawn and proc.poll() is None, drawn[-3000:]
+        time.sleep(3)  # well inside the slab's sampling
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        start = time.monotonic()
+        os.killpg(proc.pid, getattr(signal, signame))
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out = "(still running 30 s after the signal)"
+        seconds = time.monotonic() - start
+        print(f"{signame}: rc {proc.returncode} after {seconds:.1f} s")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        os.close(bar)
+    assert seconds < 10 and proc.returncode == code, (seconds, proc.returncode, out[-3000:])
+    lines = [line for line in out.splitlines() if line.strip()]  # stdout: Prefect logs to stderr
+    assert len(lines) == 1 and signame in lines[0] and "Traceback" not in out, out[-3000:]
+    assert not list(work.rglob("slabs/*.npz")), "the slab finished: the signal came too late"
+    gone = time.monotonic() + 10
+    while any(map(_alive, children)) and time.monotonic() < gone:
+        time.sleep(0.2)
+    assert not any(map(_alive, children)), "a child of the CLI outlived it by 10 s"
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = {r.data.tags["mlflow.runName"]: r for r in
+            client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    for name in ("reconstruct", "evaluate"):
+        assert runs[name].info.status == "FAILED", name

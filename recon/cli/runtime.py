@@ -145,13 +145,15 @@ def _record_config_failure(config: str, overrides: list[str] | None, err: Except
 
 class _NoTracebacks(logging.Filter):
     """Keeps Prefect's console quiet about a failure the CLI reports in one line: drops its
-    ``Encountered exception`` records (with their tracebacks) and ``Finished in state Failed``."""
+    ``Encountered exception`` records (with their tracebacks), ``Finished in state Failed`` and
+    ``Crashed`` (a slab stopped by Ctrl-C, ``recon.cancellation``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("prefect"):
             return True
         return record.exc_info is None and not record.getMessage().startswith(
-            ("Encountered exception", "Finished in state Failed", "Crash detected"))
+            ("Encountered exception", "Finished in state Failed", "Finished in state Crashed",
+             "Crash detected"))
 
 
 def _quiet_failures() -> None:

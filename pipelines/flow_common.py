@@ -10,8 +10,16 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
-from pipelines.tracking import Run, fallback_config, run_failed
-from recon.config import Config, ConfigError, apply_override, load_config, parse_override, validate_config
+from pipelines.tracking import Run, run_failed
+from recon.config import (
+    Config,
+    ConfigError,
+    apply_override,
+    fallback_config,
+    load_config,
+    parse_override,
+    validate_config,
+)
 
 
 def resolve(config: str | Mapping[str, Any] | Config, overrides: list[str] | None = None) -> Config:

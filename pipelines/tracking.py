@@ -29,9 +29,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from recon.config import Config, ConfigError, apply_override, parse_override, validate_config
+from recon.config import Config
 from recon.filelock import exclusive_lock
-from recon.yaml_io import read_yaml
 
 PARENT_TAG = "mlflow.parentRunId"
 FAILED_RUN_NOTE = "failed MLflow run:"
@@ -322,36 +321,6 @@ def run_failed(cfg: Config, run_name: str, error: BaseException | str,
     run = create_run(cfg, run_name, parent_run_id, tags)
     run.fail(error)
     return run
-
-
-def fallback_config(config: Any, overrides: list[str] | None = None) -> Config:
-    """Defaults, keeping ``work_dir``/``tracking`` of a config (and of its overrides) that
-    failed to validate, so its FAILED run lands in the user's store."""
-    raw: dict[str, Any] = {}
-    if isinstance(config, Config):
-        raw = config.to_dict()
-    elif isinstance(config, Mapping):
-        raw = dict(config)
-    elif isinstance(config, str | Path) and Path(config).is_file():
-        try:
-            loaded = read_yaml(config, "config")
-            raw = loaded if isinstance(loaded, dict) else {}
-        except (OSError, ValueError):
-            raw = {}
-    for o in overrides or []:
-        try:
-            path, value = parse_override(o)
-            if path[0] in ("work_dir", "tracking"):
-                apply_override(raw, path, value)
-        except (ConfigError, TypeError, KeyError):
-            continue
-    for keep in ({"work_dir": raw.get("work_dir"), "tracking": raw.get("tracking")},
-                 {"work_dir": raw.get("work_dir")}, {}):
-        try:
-            return validate_config({k: v for k, v in keep.items() if v is not None})
-        except ConfigError:
-            continue
-    return validate_config({})
 
 
 def child_runs(cfg: Config, parent_run_id: str) -> list:

@@ -72,14 +72,13 @@ from recon.network import PerChannel, autocast
 from recon.operators import UndersampledFourier
 from recon.operators.complex_image import IMAGE_MODELS, image_model
 from recon.reconstructor import SliceResult, slice_seed
+from recon.registry import KSPACE_OPERATORS
 from recon.scans import PreparedScan, ViewOriented, crop_phase
 from recon.volumes import STACKS
 
-__all__ = ["KSPACE_OPERATORS", "PHASES", "ScanProblem", "calibrate", "calibration_width",
+__all__ = ["PHASES", "ScanProblem", "calibrate", "calibration_width",
            "sampling_masks", "scan_problems", "scan_scorers", "scan_slab", "write_scan_outputs"]
 
-KSPACE_OPERATORS = ("acquired", "fourier")
-"""Operators that apply to raw k-space: as acquired, or retrospectively undersampled."""
 MAX_CALIBRATION = 24
 """ESPIRiT calibration width at most (lines); at least ``MIN_CALIBRATION``."""
 MIN_CALIBRATION = 6

@@ -82,6 +82,9 @@ WHOLE_VOLUME_OPERATORS = frozenset({"kykz_fourier"})
 volume is one slab."""
 VOLUME_BASELINES = frozenset({"tv3d"})
 """Baselines that regularise across slices: they solve a slab at once."""
+KSPACE_OPERATORS = ("fourier", "acquired")
+"""Operators that apply to raw k-space (``recon.raw``), slice by slice: as acquired, or
+retrospectively undersampled; ``acquired`` applies to nothing else."""
 
-__all__ = ["BASELINES", "DIFFUSIONS", "GUIDANCES", "INTEGRATORS", "OPERATORS", "TIMERS",
-           "VOLUME_BASELINES", "VOLUME_OPERATORS", "WHOLE_VOLUME_OPERATORS", "Registry"]
+__all__ = ["BASELINES", "DIFFUSIONS", "GUIDANCES", "INTEGRATORS", "KSPACE_OPERATORS", "OPERATORS",
+           "TIMERS", "VOLUME_BASELINES", "VOLUME_OPERATORS", "WHOLE_VOLUME_OPERATORS", "Registry"]

@@ -50,16 +50,21 @@ def test_config_resolves_names_and_overrides():
 
 
 def test_invalid_config_exits_2_and_records_a_failed_run(tmp_path, monkeypatch):
+    """An invalid config leaves a FAILED run in the user's store when there is one, and creates
+    none where there is not (a first typo in a new folder)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    out = runner.invoke(cli.app, ["reconstruct", "demo", "--set", f"work_dir={tmp_path}",
-                                  "--set", "reconstruct.integrator=rk4"])
+    args = ["reconstruct", "demo", "--set", f"work_dir={tmp_path}", "--set",
+            "reconstruct.integrator=rk4"]
+    out = runner.invoke(cli.app, args)
     assert out.exit_code == 2
     assert "unknown integrator 'rk4'" in out.output and "euler" in out.output
+    assert list(tmp_path.iterdir()) == []  # no store made for a refusal
     from pipelines import tracking
     from recon.config import load_config
 
     cfg = load_config(None, [f"work_dir={tmp_path}", "tracking.experiment=recon-demo"])
-    c = tracking.client(cfg)
+    c = tracking.client(cfg)  # the store now exists
+    assert runner.invoke(cli.app, args).exit_code == 2
     runs = c.search_runs([tracking.experiment_id(cfg)])
     assert runs and runs[0].info.status == "FAILED" and "rk4" in runs[0].data.tags["error"]
 

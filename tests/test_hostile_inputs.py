@@ -720,3 +720,83 @@ def test_a_signal_while_a_long_slab_samples_stops_the_job_in_seconds(tmp_path, s
             client.search_runs([e.experiment_id for e in client.search_experiments()])}
     for name in ("reconstruct", "evaluate"):
         assert runs[name].info.status == "FAILED", name
+
+
+ROOT = Path(__file__).resolve().parents[1]
+KSPACE = f"data.manifest={ROOT / 'data_manifests' / 'public_kspace.yaml'}"
+BRAIN = f"data.manifest={ROOT / 'data_manifests' / 'public_brain.yaml'}"
+
+
+def _run_cli(args: list[str], cwd: Path, module: str = "recon") -> tuple[int, set[str], list[str], float]:
+    """``python -X importtime -m recon ARGS`` in ``cwd``: exit code, the top-level packages it
+    imported, its non-empty output lines, seconds."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args], cwd=cwd,
+                          env={**env, "COLUMNS": "400"}, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    names = {line.rpartition("|")[2].strip().split(".")[0]
+             for line in done.stderr.splitlines() if line.startswith("import time:")}
+    lines = [line for line in (done.stdout + "\n".join(
+        line for line in done.stderr.splitlines() if not line.startswith("import time:"))
+    ).splitlines() if line.strip()]
+    return done.returncode, names, lines, seconds
+
+
+@pytest.mark.parametrize("args, fragment", [
+    # item 2: a DPS compare row with coupling tv_z (model_copy skipped reconstruct's rule)
+    (["compare", "demo", "--set", "reconstruct.coupling=tv_z"],
+     "compare.methods.0: with reconstruct's other fields: coupling 'tv_z' acts inside"),
+    # item 3: a data root that is a link to nothing, materialised or not
+    (["reconstruct", "demo", "--set", "data.data_root=DANGLING", "--set", "data.materialise=false"],
+     "data.data_root: DANGLING is a symbolic link to"),
+    (["reconstruct", "demo", "--set", "data.data_root=DANGLING", "--set", "data.materialise=true"],
+     "data.data_root: DANGLING is a symbolic link to"),
+    # item 4: raw k-space with a volume operator, a 3-D baseline or coupling
+    (["reconstruct", "kspace", "--set", KSPACE, "--set", "reconstruct.operators=[kykz_fourier]",
+      "--set", "compare.operator=kykz_fourier"],
+     "reconstruct.operators.0: 'kykz_fourier': raw k-space takes fourier or acquired"),
+    (["compare", "kspace", "--set", KSPACE, "--set", "reconstruct.operators=[slice_drop]",
+      "--set", "compare.operator=slice_drop"],
+     "reconstruct.operators.0: 'slice_drop': raw k-space takes fourier or acquired"),
+    (["reconstruct", "kspace", "--set", KSPACE, "--set", "reconstruct.baselines=[tv3d]"],
+     "reconstruct.baselines.0: 'tv3d' solves a volume; raw k-space is reconstructed slice by"),
+    (["reconstruct", "kspace", "--set", KSPACE, "--set", "reconstruct.coupling=tv_z"],
+     "reconstruct.coupling: 'tv_z': raw k-space is reconstructed slice by slice"),
+    (["reconstruct", "demo", "--set", BRAIN, "--set", "reconstruct.operators=[acquired]",
+      "--set", "compare.operator=acquired"],
+     "reconstruct.operators.0: 'acquired' reconstructs raw k-space as it was measured"),
+    # item 5: a warm start at or below the timer's t_min
+    (["reconstruct", "demo", "--set", "reconstruct.warm_start.t0=1e-6"],
+     "warm_start.t0=1e-06 must be above the timer's t_min=0.001"),
+    # item 6: the discrepancy rule without a noise level
+    (["reconstruct", "demo", "--set", "reconstruct.operators=[{name: mask, lam: {tv: discrepancy}}]",
+      "--set", "reconstruct.sigma_y=0", "--set", "reconstruct.baselines=[tv]",
+      "--set", "compare.operator=mask"],
+     "reconstruct.baselines.0: lam 'discrepancy' (for operator 'mask') needs a noise level"),
+    # item 8: a missing config file, a misspelt value
+    (["reconstruct", "/nonexistent.yaml"], "config file not found: /nonexistent.yaml"),
+    (["reconstruct", "demo", "--set", "reconstruct.coupling=tvz"],
+     "reconstruct.coupling.name: Input should be 'none' or 'tv_z' (got 'tvz')"),
+])
+def test_a_wrong_value_is_refused_before_any_heavy_work(tmp_path, args, fragment):
+    """Issue 32, items 2-6 and 8: each wrong value is refused with exit 2, its reason (naming the
+    key) the last line, in about a second: no torch, MLflow or Prefect imported, nothing written
+    where the user stands (before: rc 1 after 30-100 s, or rc 2 after the data was loaded; a
+    refused run left an MLflow store in ./work, its INFO lines last on screen)."""
+    dangling = tmp_path / "unmounted-data"
+    (tmp_path / "data-link").symlink_to(dangling)
+    args = [a.replace("DANGLING", str(tmp_path / "data-link")) for a in args]
+    cwd = tmp_path / "here"
+    cwd.mkdir()
+    code, names, lines, seconds = _run_cli(args, cwd)
+    fragment = fragment.replace("DANGLING", str(tmp_path / "data-link"))
+    text = " ".join(" ".join(lines).split())
+    assert code == 2 and fragment in text, (code, lines[-12:])
+    assert not any("INFO" in line for line in lines), lines  # the reason is the last word
+    assert "Traceback" not in text and not names & {"torch", "mlflow", "prefect"}, names
+    assert list(cwd.iterdir()) == [] and not dangling.exists()
+    assert seconds < 20, seconds

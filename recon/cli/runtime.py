@@ -15,8 +15,9 @@ from typing import Any
 import typer
 
 from recon.cli.console import console
-from recon.config import Config, ConfigError, load_config
+from recon.config import Config, ConfigError, fields_only, load_config
 from recon.data.manifest import DataError
+from recon.input_checks import check_files, dangling_link
 from recon.prior_config import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,10 +37,14 @@ def config_path(config: str) -> Path:
 
 def load(config: str, overrides: list[str] | None, record: bool = False,
          base_dir: Path | None = None) -> Config:
-    """The validated config, or exit 2 with the reasons (``record``: also leave a FAILED
-    MLflow run saying why)."""
+    """The validated config, checked against the files it names (``check_files``), or exit 2
+    with the reasons (``record``: also leave a FAILED MLflow run saying why). The fields and
+    the files are checked before any component is built (nothing imports torch for a refusal)."""
+    path = config_path(config)
     try:
-        return load_config(config_path(config), overrides or [], base_dir=base_dir)
+        with fields_only():
+            check_files(load_config(path, overrides or [], base_dir=base_dir))
+        return load_config(path, overrides or [], base_dir=base_dir)
     except ConfigError as err:
         console.print(f"[bold red]invalid configuration[/]\n{err}", highlight=False)
         if record:
@@ -78,9 +83,8 @@ def unwritable(folder: Path) -> str | None:
     """Why nothing can be written under ``folder`` (created if missing), or None; a link in it
     (``runs``, ``cache``, ...) to a folder that does not exist is named too."""
     for sub in (Path(folder), *(Path(folder) / name for name in WORK_SUBFOLDERS)):
-        if sub.is_symlink() and not sub.exists():
-            return (f"{sub} is a symbolic link to {os.readlink(sub)}, which does not exist; "
-                    "create that folder or remove the link")
+        if link := dangling_link(sub):
+            return link
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
@@ -133,14 +137,34 @@ def use_work_dir(work_dir: str | Path) -> None:
 
 
 def _record_config_failure(config: str, overrides: list[str] | None, err: Exception) -> None:
-    """Invalid configs still leave a FAILED MLflow run saying why (best effort)."""
-    try:
-        from pipelines.tracking import fallback_config, run_failed
+    """An invalid config leaves a FAILED MLflow run saying why in the user's store, when there is
+    one: a first typo in a new folder creates no store (nor imports MLflow). Best effort, and
+    quiet, so the reason stays the last line on screen."""
+    from recon.config import fallback_config
 
-        run_failed(fallback_config(str(config_path(config)), overrides), "config", err,
-                   tags={"recon.flow": "config", "recon.overrides": " ".join(overrides or [])})
+    try:
+        cfg = fallback_config(str(config_path(config)), overrides or [])
+        if not _store_exists(cfg):
+            return
+        from pipelines.tracking import run_failed
+
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        run_failed(cfg, "config", err, tags={"recon.flow": "config",
+                                             "recon.overrides": " ".join(overrides or [])})
     except Exception:  # noqa: BLE001 - never hide the config error behind a tracking error
         pass
+
+
+def _store_exists(cfg: Config) -> bool:
+    """Whether ``cfg``'s MLflow store is already there: a server, or a sqlite file that exists
+    (``pipelines.tracking.tracking_uri``, which would create it)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if uri is None:
+        return (Path(cfg.work_dir) / "mlflow.db").is_file()
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).is_file()
+    return True
 
 
 class _NoTracebacks(logging.Filter):

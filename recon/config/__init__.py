@@ -53,8 +53,8 @@ __all__ = [
     "CompareSection", "Config", "ConfigError", "CouplingConfig", "DataConfig", "GuidanceConfig",
     "IntegratorConfig", "MethodConfig",
     "OperatorConfig", "PriorSection", "ReconstructSection", "RunnerSection", "TimerConfig",
-    "TrackingSection", "TrainSection", "WarmStartConfig", "apply_override", "fields_only",
-    "flatten", "load_config", "parse_override", "validate_config",
+    "TrackingSection", "TrainSection", "WarmStartConfig", "apply_override", "fallback_config",
+    "fields_only", "flatten", "load_config", "parse_override", "validate_config",
 ]
 
 NOMINAL_NATIVE = 256
@@ -73,6 +73,19 @@ class Config(Section):
     compare: CompareSection = Field(default_factory=CompareSection)
     runner: RunnerSection = Field(default_factory=RunnerSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="after")
+    def _compare_settings(self) -> Config:
+        """Each diffusion row of ``compare.methods`` is ``reconstruct`` with some fields changed;
+        refused here, naming the row, when the combination is not a valid ``reconstruct``."""
+        for i, method in enumerate(self.compare.methods):
+            try:
+                method.setting(self.reconstruct)
+            except ValidationError as err:
+                reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+                raise ValueError(f"compare.methods.{i}: with reconstruct's other fields: "
+                                 f"{reasons}") from None
+        return self
 
     @model_validator(mode="after")
     def _cross(self) -> Config:
@@ -260,3 +273,35 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] | Mappi
     for key, value in items:
         apply_override(data, key.split(".") if isinstance(key, str) else list(key), value)
     return validate_config(data, base_dir, source)
+
+
+def fallback_config(config: Any, overrides: Iterable[str] = ()) -> Config:
+    """Defaults, keeping ``work_dir``/``tracking`` of a config (a path, a dict or a ``Config``,
+    and its overrides) that failed to validate, so its FAILED run lands in the user's store.
+    Fields only (``fields_only``): nothing is imported or built."""
+    raw: dict[str, Any] = {}
+    if isinstance(config, Config):
+        raw = config.to_dict()
+    elif isinstance(config, Mapping):
+        raw = dict(config)
+    elif isinstance(config, str | Path) and Path(config).is_file():
+        try:
+            loaded = read_yaml(config, "config")
+            raw = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            raw = {}
+    for o in overrides or []:
+        try:
+            path, value = parse_override(o)
+            if path[0] in ("work_dir", "tracking"):
+                apply_override(raw, path, value)
+        except (ConfigError, TypeError, KeyError):
+            continue
+    with fields_only():
+        for keep in ({"work_dir": raw.get("work_dir"), "tracking": raw.get("tracking")},
+                     {"work_dir": raw.get("work_dir")}):
+            try:
+                return validate_config({k: v for k, v in keep.items() if v is not None})
+            except ConfigError:
+                continue
+        return validate_config({})

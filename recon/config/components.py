@@ -30,6 +30,10 @@ LAM_RULES = ("discrepancy",)
 from its own noise level (``recon.baselines.discrepancy_lambda``)."""
 
 
+T_MIN = 1e-3
+"""``recon.timer.Timer``'s default ``t_min`` (a test checks they agree)."""
+
+
 def check_lam(what: str, lam: Any) -> float | str:
     """``lam`` as a float >= 0 or a rule of ``LAM_RULES``; anything else -> a clear error."""
     if isinstance(lam, str) and lam in LAM_RULES:
@@ -227,10 +231,15 @@ class TimerConfig(_Component):
     RESERVED = ("steps",)
 
     name: str = "cosine"
-    params: dict[str, Any] = Field(default_factory=lambda: {"t_min": 1e-3})
+    params: dict[str, Any] = Field(default_factory=lambda: {"t_min": T_MIN})
 
     def _trial(self) -> Any:
         return self.build(1)
+
+    @property
+    def t_min(self) -> Any:
+        """Where the chains end (``params.t_min``, else ``recon.timer.Timer``'s default)."""
+        return self.params.get("t_min", T_MIN)
 
     def build(self, steps: int, t_max: float | None = None) -> Any:
         """The ``recon.timer.Timer`` of ``steps`` steps (from ``t_max`` when given: a warm

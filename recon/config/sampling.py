@@ -147,6 +147,11 @@ class ReconstructSection(Section):
             if other:
                 raise ValueError(f"coupling {self.coupling.name!r} acts inside the "
                                  f"data-consistency step; guidance {other} has none")
+        t_min = self.timer.t_min
+        if self.warm_start is not None and isinstance(t_min, int | float) \
+                and not isinstance(t_min, bool) and not self.warm_start.t0 > t_min:
+            raise ValueError(f"warm_start.t0={self.warm_start.t0:g} must be above the timer's "
+                             f"t_min={t_min:g}: the chains run from t0 down to t_min")
         return self
 
     def guidance_for(self, op: OperatorConfig) -> GuidanceConfig:
@@ -208,7 +213,10 @@ class MethodConfig(Section):
         return self
 
     def setting(self, rs: ReconstructSection) -> ReconstructSection:
-        """``reconstruct`` with this method's diffusion fields (unchanged for a baseline)."""
+        """``reconstruct`` with this method's diffusion fields (unchanged for a baseline),
+        validated as a whole: the rules that tie its fields together (a coupling needs data
+        consistency, ...) hold for it too (``ValidationError`` otherwise; ``Config`` checks every
+        row on load)."""
         update = {k: v for k, v in (("guidance", self.guidance), ("integrator", self.integrator),
                                     ("timer", self.timer), ("steps", self.steps),
                                     ("warm_start", self.warm_start),
@@ -220,7 +228,8 @@ class MethodConfig(Section):
             update["warm_start"] = self.warm_start
         if self.guidance is not None:  # one guidance for every operator in the comparison
             update["operators"] = [o.model_copy(update={"guidance": None}) for o in rs.operators]
-        return rs.model_copy(update=update)
+        fields = {name: getattr(rs, name) for name in type(rs).model_fields}
+        return type(rs).model_validate({**fields, **update})  # the parts were validated on load
 
 
 class CompareSection(Section):

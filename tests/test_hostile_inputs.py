@@ -800,3 +800,74 @@ def test_a_wrong_value_is_refused_before_any_heavy_work(tmp_path, args, fragment
     assert "Traceback" not in text and not names & {"torch", "mlflow", "prefect"}, names
     assert list(cwd.iterdir()) == [] and not dangling.exists()
     assert seconds < 20, seconds
+
+
+def test_a_train_volume_saved_with_another_dtype_is_still_a_leak(tmp_path):
+    """Issue 32, item 7: a uint8 train volume saved again as float32 and float64 (the same
+    values) and listed as test: ``manifest check`` names the leak, exit 2 (the content digest
+    hashed the dtype: it passed)."""
+    import nibabel as nib
+
+    from recon.data.verify import content_digest, sha256_file, verify
+
+    vol = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    entries = []
+    for name, dtype, split in (("a", np.uint8, "train"), ("b", np.float32, "test"),
+                               ("c", np.float64, "val")):
+        nib.save(nib.Nifti1Image(vol.astype(dtype), np.eye(4)), tmp_path / f"{name}.nii")
+        entries.append({"id": name, "path": f"{name}.nii", "subject": name, "split": split,
+                        "sha256": sha256_file(tmp_path / f"{name}.nii"), "modality": "T1w"})
+    assert content_digest(vol) == content_digest(np.asfortranarray(vol, np.float64))
+    assert content_digest(vol) != content_digest(vol.reshape(5, 4, 3))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"schema_version": 1, "name": "m", "volumes": entries}))
+    with pytest.raises(ValueError, match=r"leak between splits: a \(train, a.nii\), b \(test, "
+                                         r"b.nii\), c \(val, c.nii\)"):
+        verify(load_manifest(manifest), tmp_path)
+    out = runner.invoke(cli.app, ["manifest", "check", str(manifest), "--data-root", str(tmp_path)])
+    assert out.exit_code == 2 and "leak between splits" in out.output, out.output
+
+
+@pytest.fixture(scope="module")
+def raw_scan(tmp_path_factory):
+    """A small simulated multi-coil scan, fully sampled, no noise scans in a fastMRI file."""
+    import nibabel as nib
+    from test_kspace import phantom
+
+    from recon.data.simulate import simulate_scan
+
+    path = tmp_path_factory.mktemp("raw") / "head.nii.gz"
+    nib.save(nib.Nifti1Image(phantom(), np.diag([1.0, 1.0, 2.0, 1.0])), path)
+    return simulate_scan(path, slices=2, coils=4, noise=0.01, seed=1)
+
+
+def test_a_kspace_file_without_usable_sampling_is_refused_by_the_check(raw_scan, tmp_path):
+    """Issue 32, item 10: a fastMRI file whose mask is all False, and one whose acquired lines
+    leave no k-space corner to measure the noise on (no noise scans), pass no more: ``manifest
+    check`` names the file and the problem, exit 2 (before: accepted; the run failed with rc 1,
+    "only 0 acquired k-space samples in the outer 20% corners", naming no file)."""
+    import h5py
+
+    from recon.data.kspace import KSpaceError, read_kspace, write_fastmri
+    from recon.data.verify import sha256_file
+
+    entries = []
+    p = raw_scan.shape[-1]
+    for name, lines in (("none", np.zeros(p, bool)),
+                        ("centre", np.abs(np.arange(p) - p // 2) < 6)):
+        path = write_fastmri(raw_scan, tmp_path / f"{name}.h5")
+        with h5py.File(path, "r+") as f:
+            f.create_dataset("mask", data=lines)
+        entries.append({"id": name, "path": path.name, "sha256": sha256_file(path),
+                        "subject": name, "split": "test", "modality": "T1w", "kind": "kspace"})
+    with pytest.raises(KSpaceError, match=r"none.h5: slice\(s\) \[0, 1\] of 2 acquire no "
+                                          r"phase-encode line"):
+        read_kspace(tmp_path / "none.h5")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"schema_version": 1, "name": "m", "volumes": entries}))
+    out = runner.invoke(cli.app, ["manifest", "check", str(manifest), "--data-root", str(tmp_path)])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 2, out.output
+    assert "volume 'none':" in text and "acquire no phase-encode line" in text
+    assert "volume 'centre':" in text and "centre.h5: only 0 acquired k-space samples" in text
+    assert "no noise scans" in text

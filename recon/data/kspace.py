@@ -50,6 +50,7 @@ from recon.data.kspace_scan import (
     KSpaceError,
     KSpaceScan,
     KSpaceWarning,
+    check_sampling,
     open_h5,
 )
 
@@ -71,5 +72,8 @@ def kspace_format(path: str | Path) -> str:
 
 
 def read_kspace(path: str | Path) -> KSpaceScan:
-    """Read an ISMRMRD or fastMRI file (recognised from its layout)."""
-    return (read_fastmri if kspace_format(path) == "fastmri" else read_ismrmrd)(path)
+    """Read an ISMRMRD or fastMRI file (recognised from its layout); every slice must have
+    acquired lines (``check_sampling``)."""
+    scan = (read_fastmri if kspace_format(path) == "fastmri" else read_ismrmrd)(path)
+    check_sampling(scan.mask, Path(path))
+    return scan

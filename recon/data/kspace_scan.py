@@ -206,6 +206,15 @@ def check_signal(k: np.ndarray, path: Path) -> None:
                           "reconstruct")
 
 
+def check_sampling(mask: np.ndarray, path: Path) -> None:
+    """Every slice acquires at least one phase-encode line (``mask (S, P)``)."""
+    empty = np.flatnonzero(~np.asarray(mask, bool).any(axis=1))
+    if empty.size:
+        raise KSpaceError(f"{path}: slice(s) {empty.tolist()[:8]}{'...' if empty.size > 8 else ''} "
+                          f"of {len(mask)} acquire no phase-encode line: the sampling mask is all "
+                          "False there, nothing to reconstruct")
+
+
 def check_finite(k: np.ndarray, path: Path) -> None:
     if not np.isfinite(k).all():
         raise KSpaceError(f"{path}: {int(np.size(k) - np.isfinite(k).sum())} non-finite (NaN/Inf) "

@@ -41,15 +41,19 @@ class VolumeCheck:
     orientation: str | None = None
     nbytes: int | None = None
     content: str | None = None
-    """sha256 of the decoded voxels (dtype, shape and values): the same scan in another file
-    (re-compressed, another header) has the same content."""
+    """sha256 of the decoded voxels (shape and values, ``content_digest``): the same scan in
+    another file (re-compressed, another header, another dtype) has the same content."""
 
 
 def content_digest(data: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and values (C order)."""
-    arr = np.ascontiguousarray(data)
-    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(memoryview(arr).cast("B"))
+    """sha256 of an array's shape and values, whatever its dtype: each value as a float64
+    (complex128 for complex data; exact for integer and float32 voxels; -0.0 as 0.0), C order,
+    one slice of the first axis at a time (memory: one slice)."""
+    arr = np.atleast_1d(np.asarray(data))
+    wide = np.complex128 if np.iscomplexobj(arr) else np.float64
+    h = hashlib.sha256(f"{arr.shape}".encode())
+    for plane in arr:  # a view: a Fortran-ordered volume (NIfTI's) is not copied whole
+        h.update(np.ascontiguousarray(plane, dtype=wide) + 0.0)
     return h.hexdigest()
 
 
@@ -122,6 +126,14 @@ def _verify_kspace(volume: VolumeEntry, path: Path) -> VolumeCheck:
         scan = read_kspace(path)
     except DataError as err:
         raise DataError(f"volume {volume.id!r}: {err}") from None
+    if scan.noise is None:  # the noise level then comes from the k-space corners
+        from recon.coils import corner_noise_variance
+
+        try:
+            corner_noise_variance(scan.kspace, scan.mask)
+        except ValueError as err:
+            raise DataError(f"volume {volume.id!r}: {path}: {err}, and the file has no noise "
+                            "scans to measure it from") from None
     if volume.shape is not None and tuple(volume.shape) != scan.shape:
         raise DataError(f"volume {volume.id!r}: k-space shape {scan.shape} differs from the "
                         f"manifest's {tuple(volume.shape)}")

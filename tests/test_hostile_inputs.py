@@ -871,3 +871,38 @@ def test_a_kspace_file_without_usable_sampling_is_refused_by_the_check(raw_scan,
     assert "volume 'none':" in text and "acquire no phase-encode line" in text
     assert "volume 'centre':" in text and "centre.h5: only 0 acquired k-space samples" in text
     assert "no noise scans" in text
+
+
+def test_describe_says_what_a_file_is_and_writes_only_what_check_accepts(tmp_path):
+    """Issue 32, item 11: a ``.h5`` that is not HDF5 is named as such (not "not a readable NIfTI
+    file"), a folder as a folder (not "no such file"), ``--subject ''`` is refused (it wrote an
+    entry ``check`` refuses), ``modality`` is ``unknown`` unless given (it said T1w for any
+    scan), and a bad entry in a manifest is one line (a second one said "volumes: Tuple should
+    have at least 1 item after validation, not 0")."""
+    import nibabel as nib
+
+    (tmp_path / "fake.h5").write_text("not HDF5")
+    (tmp_path / "folder").mkdir()
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 3), np.float32), np.eye(4)), tmp_path / "x.nii.gz")
+
+    def describe(*args):
+        out = runner.invoke(cli.app, ["manifest", "describe", *args, "--data-root", str(tmp_path)])
+        return out.exit_code, " ".join(out.output.split())
+
+    code, text = describe(str(tmp_path / "fake.h5"))
+    assert code == 2 and "fake.h5: not a readable HDF5 file" in text, text
+    code, text = describe(str(tmp_path / "folder"))
+    assert code == 2 and "folder is a folder, not a file" in text, text
+    code, text = describe(str(tmp_path / "x.nii.gz"), "--subject", "")
+    assert code == 2 and "x.nii.gz: its manifest entry would be invalid: subject:" in text, text
+    code, text = describe(str(tmp_path / "x.nii.gz"))
+    assert code == 0 and "modality: unknown" in text, text
+    code, text = describe(str(tmp_path / "x.nii.gz"), "--modality", "FLAIR")
+    assert code == 0 and "modality: FLAIR" in text, text
+    bad = tmp_path / "m.yaml"
+    bad.write_text(yaml.safe_dump({"name": "m", "volumes": [
+        {"id": "x", "path": "x.nii.gz", "sha256": "00", "subject": "x", "split": "test",
+         "modality": "T1w"}]}))
+    out = runner.invoke(cli.app, ["manifest", "check", str(bad), "--data-root", str(tmp_path)])
+    assert out.exit_code == 2 and "sha256 must be 64 hexadecimal digits" in out.output
+    assert "Tuple should have at least 1 item" not in out.output, out.output

@@ -281,7 +281,8 @@ def manifest_describe(
         data_root: DataRootOpt,
         split: Annotated[str, typer.Option(help="train, val or test")] = "train",
         subject: Annotated[str, typer.Option(help="subject id; {id} is each file's id")] = "{id}",
-        modality: Annotated[str, typer.Option(help="e.g. T1w, T2w, FLAIR")] = "T1w") -> None:
+        modality: Annotated[str, typer.Option(help="e.g. T1w, T2w, FLAIR (default: unknown)")]
+        = "unknown") -> None:
     """YAML manifest entries (id, path, sha256, subject, split, modality, shape, spacing; kind:
     kspace for raw k-space) for new NIfTI / ISMRMRD / fastMRI files, ready for ``recon manifest
     check``."""

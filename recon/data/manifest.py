@@ -253,7 +253,10 @@ def load_manifest(path: str | Path) -> Manifest:
         return Manifest.model_validate(raw)
     except ValidationError as err:
         lines = []
-        for e in err.errors():
+        errors = err.errors()
+        for e in errors:
+            if e["type"] == "too_short" and e["loc"] == ("volumes",) and len(errors) > 1:
+                continue  # an echo of the entries' own errors: those were dropped, not absent
             loc = _loc(raw, e["loc"])
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")

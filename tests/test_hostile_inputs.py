@@ -906,3 +906,18 @@ def test_describe_says_what_a_file_is_and_writes_only_what_check_accepts(tmp_pat
     out = runner.invoke(cli.app, ["manifest", "check", str(bad), "--data-root", str(tmp_path)])
     assert out.exit_code == 2 and "sha256 must be 64 hexadecimal digits" in out.output
     assert "Tuple should have at least 1 item" not in out.output, out.output
+
+
+def test_prior_train_on_a_missing_config_is_one_line(tmp_path):
+    """Issue 32, item 9: ``recon prior train /nonexistent.yaml``: one line naming the file, exit
+    2, before torch is imported (before: a 46-line traceback, exit 1, 7 s)."""
+    code, names, lines, seconds = _run_cli(
+        ["prior", "train", str(tmp_path / "nonexistent.yaml"), "--data-root", str(tmp_path)],
+        tmp_path)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"cannot read {tmp_path / 'nonexistent.yaml'}: No such file" in lines[0]
+    assert "torch" not in names and seconds < 20
+    (tmp_path / "bad.yaml").write_text("training: {steps: -1}\n")
+    code, _, lines, _ = _run_cli(["prior", "train", str(tmp_path / "bad.yaml"), "--data-root",
+                                  str(tmp_path)], tmp_path)
+    assert code == 2 and len(lines) == 1 and "training.steps: Input should be greater" in lines[0]

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import yaml
+from pydantic import ValidationError
 
 from recon.cli.console import (
     COMPARE_COLUMNS,
@@ -297,6 +299,39 @@ def manifest_describe(
 
 
 # -- the prior outside the flows ----------------------------------------------------------------
+def _prior_config(path: Path, steps: int | None = None):
+    """The prior config at ``path`` (``steps``, in range by its option: its training steps
+    replaced), or exit 2 with one line naming the file and the problem (before torch is
+    imported)."""
+    try:
+        cfg = load_prior_config(path)
+    except OSError as err:
+        reason = f"cannot read {path}: {err.strerror or err}"
+    except ValidationError as err:
+        reason = f"invalid prior config {path}: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors())
+    except ValueError as err:  # YAML that is not a config
+        reason = " ".join(str(err).split())
+    else:
+        if steps is None:
+            return cfg
+        return cfg.model_copy(update={"training": cfg.training.model_copy(update={"steps": steps})})
+    console.print(f"[bold red]error:[/] {reason}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def _data_errors():
+    """A ``DataError`` (a manifest, a missing or corrupt volume) -> one line and exit 2."""
+    try:
+        yield
+    except DataError as err:
+        console.print(f"[bold red]error:[/] {' '.join(str(err).split())}", highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 PriorConfigArg = Annotated[Path, typer.Argument(help="prior config YAML (e.g. configs/prior_64.yaml)")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="torch intra-op threads (1 is steadier on a "
                                                 "busy shared CPU)")]
@@ -307,11 +342,13 @@ def prior_train(config: PriorConfigArg, data_root: DataRootOpt,
                 out: Annotated[Path, typer.Option(help="training output folder")] = Path("work/prior"),
                 export: Annotated[Path | None, typer.Option(help="also write the shipped prior "
                                                             "here")] = None,
-                steps: Annotated[int | None, typer.Option(help="override training.steps")] = None,
+                steps: Annotated[int | None, typer.Option(min=1, max=10_000_000,
+                                                          help="override training.steps")] = None,
                 resume: Annotated[bool, typer.Option(help="resume from out/last.pt")] = True,
                 progress: Annotated[bool, typer.Option(help="progress bar")] = True,
                 threads: ThreadsOpt = None) -> None:
     """Train (or resume) the prior on its manifest's train/val slices; export the EMA weights."""
+    cfg = _prior_config(config, steps)
     import torch
 
     from recon.prior_files import export_prior, load_slices  # MONAI: only when training
@@ -319,11 +356,9 @@ def prior_train(config: PriorConfigArg, data_root: DataRootOpt,
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = load_prior_config(config)
-    if steps is not None:
-        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"steps": steps})})
-    train = load_slices(cfg, data_root, cfg.data.train_split)
-    val = load_slices(cfg, data_root, cfg.data.val_split)
+    with _data_errors():
+        train = load_slices(cfg, data_root, cfg.data.train_split)
+        val = load_slices(cfg, data_root, cfg.data.val_split)
     console.print(f"training on {len(train)} slices, validating on {len(val)}")
     result = train_prior(cfg, train, val, out, resume=resume, progress=progress)
     console.print(f"done: step {result.step}, train loss {result.train_loss:.4f}, val loss (EMA) "
@@ -341,17 +376,18 @@ def prior_heldout(config: PriorConfigArg, data_root: DataRootOpt,
                   n: Annotated[int, typer.Option(help="slices to keep (per volume for a "
                                                  "native prior)")] = 48) -> None:
     """Write the held-out test slices the prior's quality tests use."""
+    cfg = _prior_config(config)
     from recon.prior_files import load_slices, save_heldout_slices, save_native_heldout
 
-    cfg = load_prior_config(config)
-    if cfg.data.image_size is None:  # native grid: a few central slices per volume
-        path = save_native_heldout(cfg, data_root, out, per_volume=n)
-    else:
-        split, ids = cfg.data.heldout_split, cfg.data.heldout_ids
-        slices = load_slices(cfg, data_root, split, ids)
-        path = save_heldout_slices(slices, out, n, source=(
-            f"{cfg.data.manifest} split={split} volumes={ids} size={cfg.data.image_size}: "
-            f"evenly spaced over {len(slices)} foreground slices"))
+    with _data_errors():
+        if cfg.data.image_size is None:  # native grid: a few central slices per volume
+            path = save_native_heldout(cfg, data_root, out, per_volume=n)
+        else:
+            split, ids = cfg.data.heldout_split, cfg.data.heldout_ids
+            slices = load_slices(cfg, data_root, split, ids)
+            path = save_heldout_slices(slices, out, n, source=(
+                f"{cfg.data.manifest} split={split} volumes={ids} size={cfg.data.image_size}: "
+                f"evenly spaced over {len(slices)} foreground slices"))
     console.print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)", highlight=False)
 
 

@@ -921,3 +921,9 @@ def test_prior_train_on_a_missing_config_is_one_line(tmp_path):
     code, _, lines, _ = _run_cli(["prior", "train", str(tmp_path / "bad.yaml"), "--data-root",
                                   str(tmp_path)], tmp_path)
     assert code == 2 and len(lines) == 1 and "training.steps: Input should be greater" in lines[0]
+
+
+def test_python_m_recon_cli_is_the_command_too(tmp_path):
+    """Issue 32, item 13: ``python -m recon.cli`` (the CLI is a package) runs the command."""
+    code, _, lines, _ = _run_cli(["--version"], tmp_path, module="recon.cli")
+    assert code == 0 and lines and lines[0].startswith("recon "), lines

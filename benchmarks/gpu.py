@@ -21,6 +21,7 @@ A GPU is lent rarely and briefly: this script measures, in one process tree and 
     python benchmarks/gpu.py --data-root gpu_bundle/data --manifest gpu_bundle/data/manifest.yaml
     python benchmarks/gpu.py --dry-run            # CPU, tiny sizes, every field (CI), < 2 min
     python benchmarks/gpu.py --bundle gpu_bundle  # wheels + data the GPU machine lacks, < 60 MiB
+                                                  # (needs the package index and data/public)
 
 On the GPU machine (Python 3.12 with torch, numpy, scipy, scikit-image, h5py, numba):
 ``bash gpu_bundle/run.sh`` installs the bundled wheels (no network) and runs the check.
@@ -269,43 +270,70 @@ def volume(data_root: Path, manifest: Path, device: torch.device, dry: bool,
 
 
 # -- the bundle ---------------------------------------------------------------------------------
-def bundle(dest: Path) -> int:
+def bundle(dest: Path, data_root: Path) -> int:
     """Wheels (CPython 3.12, manylinux x86_64, the versions installed here) and the public
-    volumes of ``BUNDLE_VOLUMES`` with their manifest, plus ``run.sh``; refuses above 60 MiB."""
+    volumes of ``BUNDLE_VOLUMES`` (from ``data_root``) with their manifest, plus ``run.sh``;
+    refuses above 60 MiB. Made in a temporary folder beside ``dest``, renamed at the end: a
+    failure (no package index, no data) leaves nothing half-made and says in one line what it
+    needs (exit 2)."""
     from importlib.metadata import version
 
     import yaml
 
     from recon.data.manifest import load_manifest, resolve
 
-    dest.mkdir(parents=True, exist_ok=True)
-    wheels = dest / "wheels"
-    pins = [f"{name}=={version(name)}" for name in BUNDLED]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                    "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-                    "--abi", "cp312", "--platform", "manylinux2014_x86_64", "--platform",
-                    "manylinux_2_17_x86_64", "--platform", "manylinux_2_28_x86_64",
-                    "-d", str(wheels), *pins], check=True)
     public = ROOT / "data_manifests" / "public_brain.yaml"
-    raw = yaml.safe_load(public.read_text())
-    raw["volumes"] = [v for v in raw["volumes"] if v["id"] in BUNDLE_VOLUMES]
-    data = dest / "data"
-    for v in load_manifest(public).volumes():
-        if v.id in BUNDLE_VOLUMES:
-            target = data / v.path
+    volumes = [v for v in load_manifest(public).volumes() if v.id in BUNDLE_VOLUMES]
+    missing = [v.id for v in volumes if not resolve(v, data_root).is_file()]
+    if missing:
+        print(f"--bundle needs the public volumes under --data-root {data_root} ({', '.join(missing)}"
+              f" missing): run `make data` or give --data-root")
+        return 2
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        print(f"--bundle {dest}: already exists; remove it or choose another folder")
+        return 2
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
+        work = Path(tmp)
+        pins = [f"{name}=={version(name)}" for name in BUNDLED]
+        pip = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                              "--only-binary=:all:", "--python-version", "3.12", "--implementation",
+                              "cp", "--abi", "cp312", "--platform", "manylinux2014_x86_64",
+                              "--platform", "manylinux_2_17_x86_64", "--platform",
+                              "manylinux_2_28_x86_64", "-d", str(work / "wheels"), *pins],
+                             capture_output=True, text=True)
+        if pip.returncode != 0:
+            errors = [line.strip() for line in pip.stderr.splitlines() if "ERROR" in line]
+            print(f"--bundle needs the package index (or a pip --find-links folder) with the "
+                  f"CPython 3.12 manylinux wheels of {', '.join(pins)}; pip download failed: "
+                  f"{errors[-1] if errors else pip.stderr.strip()[-300:]}")
+            return 2
+        raw = yaml.safe_load(public.read_text())
+        raw["volumes"] = [v for v in raw["volumes"] if v["id"] in BUNDLE_VOLUMES]
+        for v in volumes:
+            target = work / "data" / v.path
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(resolve(v, ROOT / "data" / "public"), target)
-    (data / "manifest.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    (dest / "run.sh").write_text(
-        "#!/usr/bin/env bash\n# On the GPU machine, from the repository root: no network needed.\n"
-        "set -euo pipefail\npython3 -m pip install -q --no-index --no-deps "
-        f"{dest.name}/wheels/*.whl\nexport PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg\n"
-        f"python3 benchmarks/gpu.py --data-root {dest.name}/data --manifest "
-        f"{dest.name}/data/manifest.yaml --out \"${{OUT:-.}}/gpu_check.json\"\n")
-    mib = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 2**20
-    print(f"{dest}: {len(list(wheels.glob('*.whl')))} wheels, "
-          f"{len(raw['volumes'])} volumes, {mib:.1f} MiB (limit {MAX_BUNDLE_MIB})")
-    return 0 if mib < MAX_BUNDLE_MIB else 1
+            shutil.copyfile(resolve(v, data_root), target)
+        (work / "data" / "manifest.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        (work / "run.sh").write_text(
+            "#!/usr/bin/env bash\n# On the GPU machine, from the repository root: no network "
+            "needed.\nset -euo pipefail\npython3 -m pip install -q --no-index --no-deps "
+            f"{dest.name}/wheels/*.whl\nexport PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg\n"
+            f"python3 benchmarks/gpu.py --data-root {dest.name}/data --manifest "
+            f"{dest.name}/data/manifest.yaml --out \"${{OUT:-.}}/gpu_check.json\"\n")
+        mib = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) / 2**20
+        summary = (f"{dest}: {len(list(work.glob('wheels/*.whl')))} wheels, "
+                   f"{len(raw['volumes'])} volumes, {mib:.1f} MiB (limit {MAX_BUNDLE_MIB})")
+        if mib >= MAX_BUNDLE_MIB:
+            print(f"{summary}: too big, not written")
+            return 1
+        if dest.exists():
+            dest.rmdir()  # empty (checked above)
+        work.rename(dest)
+        dest.chmod(0o755)  # made private by mkdtemp
+        work.mkdir()  # for the TemporaryDirectory's clean-up
+    print(summary)
+    return 0
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -319,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-tests", action="store_true")
     args = p.parse_args(argv)
     if args.bundle is not None:
-        return bundle(args.bundle)
+        return bundle(args.bundle, args.data_root)
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.dry_run:
         print("no CUDA device: use --dry-run for the CPU check")

@@ -927,3 +927,36 @@ def test_python_m_recon_cli_is_the_command_too(tmp_path):
     """Issue 32, item 13: ``python -m recon.cli`` (the CLI is a package) runs the command."""
     code, _, lines, _ = _run_cli(["--version"], tmp_path, module="recon.cli")
     assert code == 0 and lines and lines[0].startswith("recon "), lines
+
+
+def test_the_gpu_bundle_without_a_package_index_says_so_and_leaves_nothing(tmp_path):
+    """Issue 32, item 12: ``benchmarks/gpu.py --bundle DIR`` where pip finds no wheels: one line
+    saying what it needs, exit 2, no DIR (before: an 11-line traceback, exit 1, an empty
+    ``DIR/wheels``)."""
+    import subprocess
+    import sys
+
+    from recon.data.manifest import resolve
+
+    data = tmp_path / "data"
+    for v in load_manifest(ROOT / "data_manifests" / "public_brain.yaml").volumes():
+        resolve(v, data).parent.mkdir(parents=True, exist_ok=True)
+        resolve(v, data).write_bytes(b"a volume")  # what is copied, unread
+    (tmp_path / "no-wheels").mkdir()
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": str(tmp_path / "no-wheels")}
+
+    def bundle(data_root: Path) -> tuple[int, list[str]]:
+        done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--bundle",
+                               str(tmp_path / "bundle"), "--data-root", str(data_root)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        return done.returncode, [line for line in (done.stdout + done.stderr).splitlines()
+                                 if line.strip()]
+
+    code, lines = bundle(data)
+    assert code == 2 and len(lines) == 1, lines
+    assert "--bundle needs the package index" in lines[0] and "monai==" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "no-wheels"]
+    code, lines = bundle(tmp_path / "elsewhere")
+    assert code == 2 and len(lines) == 1 and "--bundle needs the public volumes" in lines[0]
+    assert not (tmp_path / "bundle").exists()

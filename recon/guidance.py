@@ -209,7 +209,9 @@ class DataConsistency(Guidance):
         if isinstance(tv_iterations, bool) or not isinstance(tv_iterations, int) or \
                 not 1 <= tv_iterations <= 1000:
             raise ValueError(f"tv_iterations must be an integer in [1, 1000], got {tv_iterations!r}")
-        self.soft = bool(soft)
+        if not isinstance(soft, bool):
+            raise ValueError(f"soft must be true or false, got {soft!r}")
+        self.soft = soft
         self.prior_weight = float(prior_weight)
         self.tv, self.tv_iterations, self.tv_z = float(tv), tv_iterations, float(tv_z)
 

@@ -155,3 +155,31 @@ def _measures_images(op: OperatorConfig, kinds: set[str]) -> bool:
     k-space has its own, measured noise. ``kinds``: those of the test volumes (empty: unknown,
     the manifest could not be read)."""
     return op.name not in KSPACE_OPERATORS or (op.name == "fourier" and "image" in kinds)
+
+
+def check_prior(cfg: Config) -> None:
+    """The samplers' time grids fit the prior's diffusion (``prior.config``; building it imports
+    torch, so this runs once the components are built): a warm start's ``t0`` or a timer's
+    ``t_max`` beyond the model's own ``t_max`` is named on load, not by the first slab. Nothing
+    to check without a readable prior config (``check_files`` names a missing one)."""
+    try:
+        expected = cfg.prior.expected()
+    except ValueError:
+        return
+    if expected is None:
+        return
+    diffusion = expected.diffusion.build()
+    settings = [("reconstruct", cfg.reconstruct)] + [  # and the rows with a grid of their own
+        (f"compare.methods.{i}", m.setting(cfg.reconstruct)) for i, m in enumerate(cfg.compare.methods)
+        if m.baseline is None and (m.timer is not None or "warm_start" in m.model_fields_set)]
+    problems = []
+    for key, rs in settings:
+        t0 = None if rs.warm_start is None else rs.warm_start.t0
+        try:
+            rs.timer.build(rs.steps, t0).times(diffusion)
+        except ValueError as err:
+            what = f"warm_start.t0={t0:g}" if t0 is not None else "the timer"
+            problems.append(f"{key}: {what} does not fit the prior's diffusion "
+                            f"({cfg.prior.config}): {err}")
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))

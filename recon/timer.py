@@ -22,8 +22,8 @@ class Timer(ABC):
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if not (t_min > 0 and math.isfinite(t_min)):
             raise ValueError(f"t_min must be a positive finite time, got {t_min}")
-        if t_max is not None and not t_min < t_max:
-            raise ValueError(f"t_min={t_min} must be smaller than t_max={t_max}")
+        if t_max is not None and not (t_min < t_max and math.isfinite(t_max)):
+            raise ValueError(f"t_min={t_min} must be smaller than t_max={t_max}, a finite time")
         self.steps, self.t_min, self.t_max = steps, float(t_min), t_max
 
     def __repr__(self) -> str:
@@ -67,8 +67,8 @@ class KarrasTimer(Timer):
     def __init__(self, steps: int, t_min: float = 1e-3, t_max: float | None = None,
                  rho: float = 7.0):
         super().__init__(steps, t_min, t_max)
-        if not rho > 0:
-            raise ValueError(f"rho must be positive, got {rho}")
+        if not (rho > 0 and math.isfinite(rho)):
+            raise ValueError(f"rho must be a positive finite number, got {rho}")
         self.rho = float(rho)
 
     def _warp(self, u, t_min, t_max, diffusion):

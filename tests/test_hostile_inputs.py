@@ -960,3 +960,217 @@ def test_the_gpu_bundle_without_a_package_index_says_so_and_leaves_nothing(tmp_p
     code, lines = bundle(tmp_path / "elsewhere")
     assert code == 2 and len(lines) == 1 and "--bundle needs the public volumes" in lines[0]
     assert not (tmp_path / "bundle").exists()
+
+
+# -- the bar of issue 32: no wrong config value reaches exit code 1 ------------------------------
+NOT_A_NUMBER = ("text", "[1, 2]", "{a: 1}", ".nan", ".inf", "-.inf")
+
+
+def _types(annotation) -> set:
+    """The types an annotation allows, unions flattened (``Literal`` for any literal)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_types(a) for a in typing.get_args(annotation)))
+    return {typing.Literal} if origin is typing.Literal else {origin or annotation}
+
+
+def _outside(field) -> list[str]:
+    """Numbers just outside a field's bounds (``ge``, ``gt``, ``le``, ``lt``)."""
+    import annotated_types as at
+
+    out = []
+    for m in field.metadata:
+        if isinstance(m, at.Ge):
+            out.append(m.ge - 1 if isinstance(m.ge, int) else m.ge - abs(m.ge) / 2 - 1e-3)
+        elif isinstance(m, at.Le):
+            out.append(m.le + 1 if isinstance(m.le, int) else m.le * 1.5 + 1e-3)
+        elif isinstance(m, at.Gt | at.Lt):
+            out.append(m.gt if isinstance(m, at.Gt) else m.lt)
+    return [repr(v) for v in out]
+
+
+def _wrong_values(field) -> list[str]:
+    """YAML values a field of this annotation must refuse: of another type, not finite, out of
+    its bounds, not one of its names."""
+    from pydantic import BaseModel
+
+    from recon.config.components import _Component
+
+    kinds = _types(field.annotation) - {type(None)}
+    if kinds <= {int}:
+        return ["text", "2.5", "true", "[1]", *_outside(field)]
+    if kinds <= {float, int}:
+        return [*NOT_A_NUMBER, *_outside(field)]
+    if kinds <= {bool}:
+        return ["text", "2", "[1]"]
+    if kinds <= {__import__("typing").Literal}:
+        return ["nope", "[1]"]
+    if kinds <= {str, Path}:
+        return ["[1]", "{a: 1}"]
+    if kinds <= {tuple}:
+        return ["text", "[1]", "[2.0, 1.0]", "[.nan, 1.0]"]
+    if kinds <= {list}:
+        return ["text", "{a: 1}", "[[1]]"]
+    if kinds <= {dict}:
+        return ["text", "[1]"]
+    if all(isinstance(k, type) and issubclass(k, BaseModel) for k in kinds):
+        named = any(issubclass(k, _Component) for k in kinds)
+        return ["7", "[1, 2]", *(["{name: nope}"] if named else [])]
+    raise AssertionError(f"no wrong values known for {field.annotation}: add them here")
+
+
+def _schema_overrides(section, prefix: str = ""):
+    """``(key, "key=value")`` setting each field of ``section`` (its nested sections and the
+    first item of its lists too) to each of its ``_wrong_values``, and an unknown key in it;
+    components (operators, guidances, ...) are ``_component_overrides``'."""
+    from recon.config.base import Section
+    from recon.config.components import _Component
+
+    yield f"{prefix}nope", f"{prefix}nope=1"
+    for name, field in type(section).model_fields.items():
+        key, value = f"{prefix}{name}", getattr(section, name)
+        first = value[0] if isinstance(value, list) and value else value
+        if isinstance(first, _Component):
+            continue
+        if isinstance(value, Section):
+            yield from _schema_overrides(value, f"{key}.")
+            yield key, f"{key}=[1, 2]"
+        elif isinstance(first, Section):
+            yield from _schema_overrides(first, f"{key}.0.")
+            yield key, f"{key}=7"
+        else:
+            yield from ((key, f"{key}={v}") for v in _wrong_values(field))
+
+
+COMPONENT_SLOTS = {
+    "operator": "reconstruct.operators=[{{name: {name}, params: {params}}}]",
+    "guidance": "reconstruct.guidance={{name: {name}, params: {params}}}",
+    "integrator": "reconstruct.integrator={{name: {name}, params: {params}}}",
+    "timer": "reconstruct.timer={{name: {name}, params: {params}}}",
+    "baseline": "reconstruct.baselines=[{{name: {name}, params: {params}}}]",
+}
+
+
+def _component_overrides():
+    """``(config, name to be named, "key=value")``: each kind of component with an unknown
+    name, and each component of the registries with an unknown parameter and each of its
+    parameters set to values of another type, not finite or negative; an operator's own
+    ``lam`` and ``guidance`` too."""
+    import inspect
+
+    from recon import registry
+
+    for kind, slot in COMPONENT_SLOTS.items():
+        reg = getattr(registry, {"guidance": "GUIDANCES"}.get(kind, f"{kind.upper()}S"))
+        yield "demo", kind, slot.format(name="nope", params="{}")
+        for name in reg:
+            config = "kspace" if name == "acquired" else "demo"  # it takes raw k-space only
+            yield config, "nope", slot.format(name=name, params="{nope: 1}")
+            target = reg[name]
+            if inspect.isclass(target) and target.__init__ is object.__init__:
+                continue
+            for p in inspect.signature(target.__init__ if inspect.isclass(target)
+                                       else target).parameters.values():
+                if p.name in ("self", "shape", "sigma_y", "seed", "indices", "steps", "operator",
+                              "tv_z"):
+                    continue  # filled in by the library
+                d = p.default
+                if isinstance(d, bool):
+                    values = ["text", "2", "[1]"]
+                elif isinstance(d, str):
+                    values = ["nope", "[1]"]
+                else:
+                    values = [*NOT_A_NUMBER, "-1", "true", *(["2.5"] if type(d) is int else [])]
+                for v in values:
+                    yield config, p.name, slot.format(name=name, params=f"{{{p.name}: {v}}}")
+    for lam in ("{tv: -1}", "{tv: text}", "{tv: .nan}", "{tv: true}", "{nope: 1}", "[1]"):
+        yield "demo", "lam", f"reconstruct.operators=[{{name: mask, lam: {lam}}}]"
+    yield "demo", "guidance", "reconstruct.operators=[{name: mask, guidance: nope}]"
+
+
+def _cross_field_overrides(tmp_path: Path):
+    """``(command, config, name to be named, [overrides])``: values wrong only together, or
+    only against the files the config names (issues 15, 22, 27, 32)."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    no_val = tmp_path / "no-val.yaml"
+    brain = load_manifest(ROOT / "data_manifests" / "public_brain.yaml")
+    no_val.write_text(yaml.safe_dump({"name": "no-val", "volumes": [
+        v.model_dump(mode="json", exclude={"provenance"}) for v in brain.volumes("test")]}))
+    kspace, images = [KSPACE], [BRAIN]
+    return [
+        ("config", "demo", "compare.methods.0", ["reconstruct.coupling=tv_z"]),
+        ("config", "demo", "coupling", ["reconstruct.guidance=dps", "reconstruct.coupling=tv_z",
+                                        "reconstruct.operators=[mask]"]),
+        ("config", "demo", "compare.methods.0", ["compare.methods=[{guidance: dps, coupling: tv_z}]"]),
+        ("config", "kspace", "reconstruct.operators.0", [*kspace, "reconstruct.operators=[kykz_fourier]"]),
+        ("config", "kspace", "reconstruct.operators.0", [*kspace, "reconstruct.operators=[slice_drop]"]),
+        ("config", "kspace", "reconstruct.operators.0", [*kspace, "reconstruct.operators=[mask]"]),
+        ("config", "kspace", "coils", [*kspace, "reconstruct.operators=[{name: fourier, params: "
+                                                "{coils: 4}}]"]),
+        ("config", "kspace", "reconstruct.baselines.0", [*kspace, "reconstruct.baselines=[tv3d]"]),
+        ("config", "kspace", "reconstruct.coupling", [*kspace, "reconstruct.coupling=tv_z"]),
+        ("config", "kspace", "reconstruct.warm_start.baseline",
+         [*kspace, "reconstruct.warm_start={baseline: {name: tv3d, params: {lam: 0.01}}}"]),
+        ("config", "kspace", "compare.methods.0.baseline", [*kspace, "compare.methods=[tv3d]"]),
+        ("config", "demo", "reconstruct.operators.0", [*images, "reconstruct.operators=[acquired]"]),
+        ("config", "demo", "warm_start.t0", ["reconstruct.warm_start.t0=1e-6"]),
+        ("config", "demo", "warm_start.t0", ["reconstruct.warm_start.t0=0.9995"]),
+        ("config", "demo", "timer", ["reconstruct.warm_start=null",
+                                     "reconstruct.timer.params.t_max=0.99999"]),
+        ("config", "demo", "compare.methods.0", ["compare.methods=[{warm_start: {t0: 0.0005}}]"]),
+        ("config", "demo", "discrepancy", ["reconstruct.operators=[{name: mask, lam: "
+                                           "{tv: discrepancy}}]", "reconstruct.sigma_y=0"]),
+        ("config", "demo", "data.data_root", [f"data.data_root={tmp_path / 'link'}"]),
+        ("config", "demo", "data.data_root", [f"data.data_root={tmp_path / 'a-file'}"]),
+        ("config", "demo", "prior.config", [f"prior.config={tmp_path / 'nowhere.yaml'}"]),
+        ("config", "demo", "prior.checkpoint", [f"prior.checkpoint={tmp_path / 'nowhere.pt'}"]),
+        ("config", "demo", "validation volumes", [f"data.manifest={no_val}",
+                                                  "reconstruct.operators=[mask]"]),
+        ("config", "demo", "operators listed more than once", ["reconstruct.operators=[mask, mask]"]),
+        ("config", "demo", "baselines listed more than once", ["reconstruct.baselines=[tv, tv]"]),
+        ("config", "demo", "x0_range", ["reconstruct.x0_range=[1.0, 0.0]"]),
+        ("config", "demo", "cluster_class", ["runner.kind=dask",
+                                             "runner.cluster_class=subprocess.Popen"]),
+        ("config", "demo", "need kind: dask", ["runner.address=tcp://x:8786"]),
+        ("config", "demo", "either address", ["runner.kind=dask", "runner.address=tcp://x:8786",
+                                              "runner.cluster_class=distributed.LocalCluster"]),
+        ("config", "demo", "nothing to compare", ["compare.integrators=[]", "compare.methods=[]"]),
+        ("config", "demo", "either a baseline", ["compare.methods=[{baseline: tv, steps: 4}]"]),
+        ("config", "demo", "tracking.uri", ["tracking.uri=file:///tmp/mlruns"]),
+        ("compare", "demo", "compare.operator", ["reconstruct.operators=[mask]",
+                                                 "compare.operator=blur"]),
+        ("compare", "demo", "work_dir", [f"work_dir={tmp_path / 'a-file' / 'work'}"]),
+    ]
+
+
+def test_no_wrong_config_value_can_reach_exit_code_1(tmp_path, monkeypatch):
+    """The bar of issue 32. Every field of the schema (its nested sections and each list's
+    first item) and every parameter of every component of the registries is set, one at a time,
+    to the values it must refuse (another type, not finite, out of its bounds, an unknown name,
+    key or parameter), and the combinations the hostile rounds found are set together. Each
+    must end ``recon`` with exit 2 and a message naming the key, before any flow starts. What is
+    let through (exit 0: a run finds it later, as exit 1) or crashes (exit 1) is listed: the list
+    stays empty."""
+    monkeypatch.chdir(ROOT)  # the shipped configs' relative paths
+    with __import__("recon.config", fromlist=["fields_only"]).fields_only():
+        demo = load_config(ROOT / "configs" / "demo.yaml")
+    cases = [("config", "demo", key.split(".")[-1], [o]) for key, o in _schema_overrides(demo)]
+    cases += [("config", c, name, [o]) for c, name, o in _component_overrides()]
+    cases += _cross_field_overrides(tmp_path)
+    assert len(cases) > 500
+    for config in ("demo", "kspace"):  # the configs themselves pass
+        assert runner.invoke(cli.app, ["config", config]).exit_code == 0
+    reached, unnamed = [], []
+    for command, config, name, overrides in cases:
+        out = runner.invoke(cli.app, [command, config, *[a for o in overrides for a in ("--set", o)]])
+        text = " ".join(out.output.split())
+        if out.exit_code != 2:
+            reached.append((overrides, out.exit_code, text[-300:]))
+        elif name not in text:
+            unnamed.append((overrides, text[-300:]))
+    assert reached == [], reached
+    assert unnamed == [], unnamed

@@ -17,7 +17,7 @@ import typer
 from recon.cli.console import console
 from recon.config import Config, ConfigError, fields_only, load_config
 from recon.data.manifest import DataError
-from recon.input_checks import check_files, dangling_link
+from recon.input_checks import check_files, check_prior, dangling_link
 from recon.prior_config import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,9 @@ def load(config: str, overrides: list[str] | None, record: bool = False,
     try:
         with fields_only():
             check_files(load_config(path, overrides or [], base_dir=base_dir))
-        return load_config(path, overrides or [], base_dir=base_dir)
+        cfg = load_config(path, overrides or [], base_dir=base_dir)
+        check_prior(cfg)
+        return cfg
     except ConfigError as err:
         console.print(f"[bold red]invalid configuration[/]\n{err}", highlight=False)
         if record:

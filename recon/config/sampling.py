@@ -183,7 +183,7 @@ class MethodConfig(Section):
     guidance: GuidanceConfig | None = None
     integrator: IntegratorConfig | None = None
     timer: TimerConfig | None = None
-    steps: int | None = Field(None, ge=1, le=10_000)
+    steps: int | None = Field(None, ge=1, le=10_000, strict=True)
     warm_start: WarmStartConfig | None = None
     n_samples: int | None = Field(None, ge=1, le=64, strict=True)
     coupling: CouplingConfig | None = None

@@ -27,9 +27,11 @@ def gaussian_kernel(sigma: float, truncate: float = 4.0,
     Size ``2 r + 1`` with radius ``r = int(truncate * sigma + 0.5)``, as in
     ``scipy.ndimage.gaussian_filter``; sums to 1.
     """
-    sigma = float(sigma)
+    sigma, truncate = float(sigma), float(truncate)
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive finite number of pixels, got {sigma}")
+    if not (math.isfinite(truncate) and truncate > 0):
+        raise ValueError(f"truncate must be a positive finite number of sigmas, got {truncate}")
     radius = int(truncate * sigma + 0.5)
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     g = torch.exp(-0.5 * (offsets / sigma) ** 2)

@@ -138,6 +138,8 @@ def build_mask(shape: Sequence[int], kind: str = "random", keep: float = 0.3, fr
                drop: float = 0.5, *, sigma_y: float = 0.0, seed: int = 0) -> Mask:
     """``kind="random"``: ``keep`` of the pixels kept; ``"box"``: a centred hole covering
     ``fraction`` of the image; ``"lines"``: ``drop`` of the rows missing."""
+    for value, name in ((keep, "keep"), (fraction, "fraction"), (drop, "drop")):
+        _check_fraction(value, name)  # each, whichever kind uses it: a typo is never ignored
     gen = torch.Generator().manual_seed(seed)
     if kind == "random":
         m = random_pixel_mask(shape, keep, gen)

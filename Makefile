@@ -70,7 +70,8 @@ gpu-check: $(STAMP) data
 	$(BIN)/python benchmarks/gpu.py --out gpu_check.json
 
 gpu-bundle: $(STAMP) data
-	$(BIN)/python benchmarks/gpu.py --bundle gpu_bundle
+	rm -rf gpu_bundle
+	$(BIN)/python benchmarks/gpu.py --bundle gpu_bundle --data-root data/public
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

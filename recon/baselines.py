@@ -48,12 +48,12 @@ import sigpy as sp
 import torch
 from torch import Tensor
 
-from recon.cancellation import check_cancelled
 from recon.cond_denoiser import Posterior
 from recon.config.components import LAM_RULES
 from recon.config.components import check_lam as _check_lam
 from recon.guidance import real_adjoint
 from recon.operators.complex_image import ComplexImageModel
+from recon.sigpy_linop import OperatorLinop
 
 LAMBDA_GRID: tuple[float, ...] = tuple(float(v) for v in 10.0 ** np.arange(-4.0, -0.25, 0.5))
 """Candidate ``lam`` for ``select_lambda``: two per decade, 1e-4 to 10^-0.5 (image units [0, 1.5],
@@ -73,43 +73,6 @@ DISCREPANCY_KAPPA = 0.03
 best lam of SENSE and L1-wavelet on each validation acquisition at 8x: 0.016-0.035)."""
 
 log = logging.getLogger(__name__)
-
-
-class OperatorLinop(sp.linop.Linop):
-    """A ``recon.operators`` operator as a sigpy ``Linop`` on real numpy arrays.
-
-    ``forward``: real image ``(B, 1, H, W)`` -> ``A x`` (complex as trailing real pairs);
-    ``adjoint``: ``v -> Re(A^H v)``, the adjoint for the real inner product. The operator
-    computes on ``device`` (where its mask/kernel live); arrays cross to it and back.
-    """
-
-    def __init__(self, operator, ishape: Sequence[int], adjoint: bool = False,
-                 device: torch.device | str = "cpu"):
-        self.operator, self.device = operator, torch.device(device)
-        probe = operator.forward(torch.zeros(tuple(ishape), device=self.device))
-        self.complex = probe.is_complex()
-        yshape = tuple(probe.shape) + ((2,) if self.complex else ())
-        self.is_adjoint = adjoint
-        oshape, ishape = (tuple(ishape), yshape) if adjoint else (yshape, tuple(ishape))
-        super().__init__(oshape, ishape)
-
-    def _apply(self, input):
-        check_cancelled()  # every sigpy iteration applies A or A^H
-        v = torch.from_numpy(np.ascontiguousarray(input)).to(self.device)
-        with torch.no_grad():
-            if self.is_adjoint:
-                if self.complex:
-                    v = torch.view_as_complex(v.contiguous())
-                out = real_adjoint(self.operator, v)
-            else:
-                out = self.operator.forward(v)
-                if out.is_complex():
-                    out = torch.view_as_real(out)
-        return out.cpu().numpy().astype(input.dtype, copy=False)
-
-    def _adjoint_linop(self):
-        image = self.oshape if self.is_adjoint else self.ishape
-        return OperatorLinop(self.operator, image, adjoint=not self.is_adjoint, device=self.device)
 
 
 class Baseline:

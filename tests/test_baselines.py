@@ -10,12 +10,12 @@ import torch
 from recon.baselines import (
     LAMBDA_GRID,
     L1Wavelet,
-    OperatorLinop,
     Sense,
     TotalVariation,
     select_lambda,
 )
 from recon.registry import BASELINES, OPERATORS
+from recon.sigpy_linop import OperatorLinop
 
 SHAPE = (24, 20)
 

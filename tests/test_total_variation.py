@@ -7,9 +7,9 @@ import pytest
 import sigpy as sp
 import torch
 
-from recon.baselines import OperatorLinop
 from recon.guidance import DataConsistency
 from recon.operators import build_blur, build_fourier, build_mask
+from recon.sigpy_linop import OperatorLinop
 from recon.total_variation import (
     finite_difference,
     finite_difference_adjoint,

@@ -748,7 +748,7 @@ def _run_cli(args: list[str], cwd: Path, module: str = "recon") -> tuple[int, se
 
 @pytest.mark.parametrize("args, fragment", [
     # item 2: a DPS compare row with coupling tv_z (model_copy skipped reconstruct's rule)
-    (["compare", "demo", "--set", "reconstruct.coupling=tv_z"],
+    (["compare", "demo", "--set", "compare.methods=[{guidance: dps, coupling: tv_z}]"],
      "compare.methods.0: with reconstruct's other fields: coupling 'tv_z' acts inside"),
     # item 3: a data root that is a link to nothing, materialised or not
     (["reconstruct", "demo", "--set", "data.data_root=DANGLING", "--set", "data.materialise=false"],
@@ -800,6 +800,24 @@ def test_a_wrong_value_is_refused_before_any_heavy_work(tmp_path, args, fragment
     assert "Traceback" not in text and not names & {"torch", "mlflow", "prefect"}, names
     assert list(cwd.iterdir()) == [] and not dangling.exists()
     assert seconds < 20, seconds
+
+
+def test_a_compare_row_without_data_consistency_runs_uncoupled(workspace):
+    """Issue 32, item 2: ``reconstruct.coupling: tv_z`` with a DPS row in ``compare.methods`` (the
+    shipped configs have one): the row, which has no data-consistency step to put TV along z in,
+    runs uncoupled, and its sampler is built (before: "TypeError: DPS.__init__() got an
+    unexpected keyword argument 'tv_z'", exit 1 after 100 s); a row asking for both is refused."""
+    from recon.reconstruction import sampler_for
+
+    cfg = load_config(None, [*workspace["overrides"], "reconstruct.coupling=tv_z",
+                             "compare.methods=[{guidance: dps, steps: 2}, {steps: 2}]"])
+    dps, plain = (m.setting(cfg.reconstruct) for m in cfg.compare.methods)
+    assert dps.coupling.name == "none" and "tv_z" not in dps.label(dps.operators[1])
+    assert plain.coupling.name == "tv_z"  # a row with data consistency keeps it
+    sampler_for(dps.operators[1], dps, cfg.prior, None, "cpu")
+    with pytest.raises(ConfigError, match="compare.methods.0: .* coupling 'tv_z' acts inside"):
+        load_config(None, [*workspace["overrides"], "compare.methods=[{guidance: dps, "
+                                                   "coupling: tv_z}]"])
 
 
 def test_a_train_volume_saved_with_another_dtype_is_still_a_leak(tmp_path):
@@ -1102,7 +1120,6 @@ def _cross_field_overrides(tmp_path: Path):
         v.model_dump(mode="json", exclude={"provenance"}) for v in brain.volumes("test")]}))
     kspace, images = [KSPACE], [BRAIN]
     return [
-        ("config", "demo", "compare.methods.0", ["reconstruct.coupling=tv_z"]),
         ("config", "demo", "coupling", ["reconstruct.guidance=dps", "reconstruct.coupling=tv_z",
                                         "reconstruct.operators=[mask]"]),
         ("config", "demo", "compare.methods.0", ["compare.methods=[{guidance: dps, coupling: tv_z}]"]),

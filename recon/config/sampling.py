@@ -214,9 +214,11 @@ class MethodConfig(Section):
 
     def setting(self, rs: ReconstructSection) -> ReconstructSection:
         """``reconstruct`` with this method's diffusion fields (unchanged for a baseline),
-        validated as a whole: the rules that tie its fields together (a coupling needs data
-        consistency, ...) hold for it too (``ValidationError`` otherwise; ``Config`` checks every
-        row on load)."""
+        validated as a whole: the rules that tie its fields together hold for it too
+        (``ValidationError`` otherwise; ``Config`` checks every row on load). A row whose
+        guidance has no data-consistency step (DPS, MMPS) does not inherit ``reconstruct``'s
+        coupling, which acts inside that step: it runs uncoupled (its label says so); one that
+        sets a coupling too is refused."""
         update = {k: v for k, v in (("guidance", self.guidance), ("integrator", self.integrator),
                                     ("timer", self.timer), ("steps", self.steps),
                                     ("warm_start", self.warm_start),
@@ -228,6 +230,8 @@ class MethodConfig(Section):
             update["warm_start"] = self.warm_start
         if self.guidance is not None:  # one guidance for every operator in the comparison
             update["operators"] = [o.model_copy(update={"guidance": None}) for o in rs.operators]
+            if self.coupling is None and self.guidance.name != "data_consistency":
+                update["coupling"] = CouplingConfig()
         fields = {name: getattr(rs, name) for name in type(rs).model_fields}
         return type(rs).model_validate({**fields, **update})  # the parts were validated on load
 

@@ -1,7 +1,8 @@
 """Methods side by side at the native matrix: diffusion samplers at <= 30 NFE against tuned
 total variation and L1-wavelet (sigpy) and the naive pseudo-inverse, on the same y.
 
-For every T1 volume of the test split, its central slices are measured on their own grid
+For every T1 volume of the test split (``--modalities``: others, e.g. the DWI b0 the prior
+never trained on), its central slices are measured on their own grid
 (mask 30 %, blur sigma 2 px, 4x Cartesian k-space; sigma_y from the config) with the same seeds
 for every method, exactly as the `reconstruct` flow does. The baselines' lam (and the warm
 start's) is chosen per operator on the validation split (`recon.reconstruction.tune_baseline`,
@@ -19,6 +20,7 @@ TV and L1-wavelet on every operator, SSIM not below TV's on any volume; >= 6 dB 
 
     python benchmarks/methods.py                          # configs/demo.yaml, 2 slices per volume
     python benchmarks/methods.py --operators fourier --max-slices 4
+    python benchmarks/methods.py --modalities DWI-b0        # a contrast the prior never saw
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ BASELINES = ("tv", "l1_wavelet")
 BARS = {"over_classical_db": 1.0, "fourier_over_naive_db": 6.0, "ssim_over_tv": 0.0}
 
 
-def prepare_split(manifest, cfg, split, max_slices, tmp, t1_only=True):
+def prepare_split(manifest, cfg, split, max_slices, tmp, modalities=("T1w",)):
+    """The split's image volumes of ``modalities`` (None: every one), prepared."""
     d = cfg.data
     ok = {c.id for c in verify(manifest, d.data_root, split=split) if c.status == "ok"}
     return [prepare_volume(resolve(v, d.data_root), d, Path(tmp) / "prepared" / split, max_slices,
                            name=v.id)
-            for v in manifest.volumes(split) if v.id in ok and (v.modality == "T1w" or not t1_only)]
+            for v in manifest.volumes(split) if v.id in ok and v.kind != "kspace"
+            and (modalities is None or v.modality in modalities)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-slices", type=int, default=2, help="per validation volume")
     p.add_argument("--operators", nargs="*", default=None)
     p.add_argument("--methods", nargs="*", default=None, help=f"of {list(DIFFUSION)}")
+    p.add_argument("--modalities", nargs="*", default=["T1w"],
+                   help="test volumes of these modalities (e.g. DWI-b0: a contrast the prior "
+                        "never trained on); lam is chosen on the T1 validation volumes")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                  if args.methods is None or k in args.methods}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        test = prepare_split(manifest, cfg, "test", args.max_slices, tmp)
+        test = prepare_split(manifest, cfg, "test", args.max_slices, tmp, args.modalities)
         val = prepare_split(manifest, cfg, cfg.data.val_split, args.tune_slices, tmp)
         for op in operators:
             tuned = {}
@@ -107,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                     r = rows[-1]
                     print(f"{r['volume']:16s} {r['shape']:>8s} {op.name:8s} {label:22s} PSNR "
                           f"{r['psnr_naive']:6.2f} -> {r['psnr']:6.2f}  SSIM {r['ssim_naive']:.3f} -> "
-                          f"{r['ssim']:.3f}  NFE {r['nfe']:3d}  VJP {r['vjp']:3d}  "
+                          f"{r['ssim']:.3f} | head PSNR {r['psnr_head']:6.2f} SSIM "
+                          f"{r['ssim_head']:.3f}  NFE {r['nfe']:3d}  VJP {r['vjp']:3d}  "
                           f"{r['s_per_slice']:6.2f} s/slice", flush=True)
-    print(f"\nnative matrix, test split, {args.max_slices} central slices per T1 volume, "
+    print(f"\nnative matrix, test split, {args.max_slices} central slices per volume "
+          f"({', '.join(args.modalities)}), "
           f"{rs.n_samples} posterior samples averaged, sigma_y={rs.sigma_y:g}, prior "
           f"{cfg.prior.checkpoint.name}; lam on the validation split")
     classical = [r["method"] for r in rows if r["kind"] == "baseline"]

@@ -127,6 +127,10 @@ def reconstruct(config: str | dict[str, Any] | Config = DEFAULT_CONFIG, override
             tasks.log_artifacts(tracking_uri(cfg), run.run_id,
                                 {k: out[k] for k in ("recon", "naive", "std", "stacks", "summary")},
                                 f"nifti/{metric_key(out['volume'])}/{metric_key(series(out))}")
+            if out.get("adapters"):  # the prior's weights adapted to this volume, per slab
+                run.log_metrics({f"adapt_seconds/{key}": out["adapt_seconds"]})
+                tasks.log_artifacts(tracking_uri(cfg), run.run_id, out["adapters"],
+                                    f"adapters/{metric_key(out['volume'])}/{metric_key(series(out))}")
 
         outputs = reconstruct_all(cfg, run, data["prepared"], checkpoint, on_volume=log_volume)
         total = sum(o["slices"] for o in outputs)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from recon.adaptation import Adapter
 from recon.denoiser import Denoiser, Network
 from recon.diffusion import DiffusionModel, eps_from_x0, tweedie
 from recon.guidance import Guidance, make_guidance, real_adjoint
@@ -54,6 +55,10 @@ class CondDenoiser(Denoiser):
     chains then start at the timer's ``t_max`` from ``x = s x_init + sigma z`` instead of pure
     noise, so a timer with ``t_max = t0 < 1`` spends every step near the answer.
 
+    ``adapter`` (``recon.adaptation.Adapter``, the network this sampler evaluates or the one
+    inside its wrappers): before each evaluation its parameters take a step on ``misfit``, the
+    measurement's own data term (the prior adapted to the scan).
+
     ``operator`` needs ``forward(x)`` (batched images -> measurements), ``adjoint(y)``,
     ``sigma_y`` and ``check_measurement(y)`` (raises ``ValueError`` on a bad ``y``). Images are
     real; their shape and dtype are those of ``Re(adjoint(y))``. ``guidance`` is a ``Guidance``
@@ -68,9 +73,10 @@ class CondDenoiser(Denoiser):
     def __init__(self, diffusion: DiffusionModel, network: Network, integrator: Integrator,
                  timer: Timer, operator, guidance: Guidance | str,
                  x0_range: tuple[float, float] | None = None,
-                 warm_start: Callable[[Tensor], Tensor] | None = None):
+                 warm_start: Callable[[Tensor], Tensor] | None = None,
+                 adapter: Adapter | None = None):
         super().__init__(diffusion, network, integrator, timer)
-        self.warm_start = warm_start
+        self.warm_start, self.adapter = warm_start, adapter
         if x0_range is not None:
             lo, hi = (float(v) for v in x0_range)
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
@@ -92,7 +98,19 @@ class CondDenoiser(Denoiser):
                 f"{type(self.operator).__name__}, {self.guidance!r})")
 
     def _grad_mode(self) -> contextlib.AbstractContextManager:
-        return torch.no_grad() if self.guidance.vjps_per_eval else torch.inference_mode()
+        grads = self.guidance.vjps_per_eval or self.adapter is not None
+        return torch.no_grad() if grads else torch.inference_mode()
+
+    def misfit(self, x: Tensor, t: float, y: Tensor) -> Tensor:
+        """``||y - A x0_hat(x, t)||^2 / (m sigma_y^2)`` per chain, averaged (``m``: measured
+        entries per chain), through the network: the adapter's loss."""
+        s, sigma = scales(self.diffusion, t)
+        r = y - self.operator.forward(tweedie(x.detach(), self.eps(x.detach(), t), s, sigma))
+        support = self.operator._noise_support() if hasattr(self.operator, "_noise_support") \
+            else None
+        m = r[0].numel() if support is None else int(torch.broadcast_to(support, r.shape[1:]).sum())
+        var = max(float(self.operator.sigma_y) ** 2, 1e-12)
+        return r.abs().square().sum() / (r.shape[0] * m * var)
 
     @property
     def vjp(self) -> int:
@@ -112,6 +130,8 @@ class CondDenoiser(Denoiser):
         support = getattr(self.operator, "support", None)
 
         def eps_fn(x: Tensor, t: float) -> Tensor:
+            if self.adapter is not None:
+                self.adapter.fit(lambda: self.misfit(x, t, y), t)
             eps = self.guidance.eps(x, t, y, eps_fn=self.eps, diffusion=self.diffusion,
                                     operator=self.operator)
             if self.x0_range is None and support is None:

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recon import raw
+from recon.adaptation import Adapter
 from recon.baselines import select_lambda
 from recon.cond_denoiser import CondDenoiser
 from recon.config import BaselineConfig, OperatorConfig, PriorSection, ReconstructSection
@@ -91,7 +92,9 @@ def sampler_for(operator: OperatorConfig, settings: ReconstructSection, prior: P
     """``op -> sampler`` for operators on ``device``: the classical ``baseline``, or the
     diffusion sampler of ``settings`` with the prior (``load_network``) wrapped by ``wrap``
     (``SliceStack`` for a slab solved as one volume, ``ViewOriented`` for a raw scan); the
-    sampler's ``x0_range`` is ``settings``' unless given (``make(op, x0_range)``)."""
+    sampler's ``x0_range`` is ``settings``' unless given (``make(op, x0_range)``). With
+    ``settings.adapt`` every sampler ``make`` returns shares one ``Adapter`` (a copy of the
+    prior fitted to the measurements it samples, slice after slice)."""
     if baseline is not None:
         return lambda op, x0_range=None: baseline.build(op)
     network, diffusion = load_network(prior, device)
@@ -100,15 +103,19 @@ def sampler_for(operator: OperatorConfig, settings: ReconstructSection, prior: P
         raise ValueError(f"the warm start's {start.baseline.name} has lam: null and operator "
                          f"{operator.name!r} gives none (its lam: {{{start.baseline.name}: "
                          f"...}}); set one or choose it on validation data (tune_baseline)")
-    coupling = settings.coupling
+    coupling, adapt = settings.coupling, settings.adapt
     guidance = settings.guidance_for(operator).build(
         **({"tv_z": coupling.weight} if coupling.name == "tv_z" else {}))
+    adapter = None if adapt.name == "none" else Adapter(network, adapt.lr, adapt.iterations,
+                                                        adapt.t_max)
+    network = network if adapter is None else adapter  # one adapted copy for the slab
     parts = (network if wrap is None else wrap(network), settings.integrator.build(),
              settings.timer.build(settings.steps, None if start is None else start.t0))
 
     def make(op, x0_range=settings.x0_range):
         warm = None if start is None else start.baseline.build(op).solve
-        return CondDenoiser(diffusion, *parts, op, guidance, x0_range=x0_range, warm_start=warm)
+        return CondDenoiser(diffusion, *parts, op, guidance, x0_range=x0_range, warm_start=warm,
+                            adapter=adapter)
     return make
 
 
@@ -176,10 +183,24 @@ def reconstruct_slab(prepared: str | Path, operator: OperatorConfig, settings: R
     seconds = time.perf_counter() - t0
     with atomic_path(out_file, suffix=".npz") as tmp:
         np.savez(tmp, indices=np.asarray(indices), **{k: np.concatenate(v) for k, v in parts.items()})
+    adapted = _save_adapter(getattr(reconstructor.sampler, "adapter", None), Path(out_file))
     return {"slab": str(out_file), "span": [int(start), int(stop)], "slices": len(indices),
             "nfe": reconstructor.sampler.nfe, "vjp": reconstructor.sampler.vjp, "seconds": seconds,
             "started": started, "finished": time.time(), "host": socket.gethostname(),
-            "pid": os.getpid(), "device": str(device)}
+            "pid": os.getpid(), "device": str(device), **adapted}
+
+
+def _save_adapter(adapter: Adapter | None, slab_file: Path) -> dict:
+    """The adapted parameters of a slab beside its file (``<slab>.adapter.pt``: ``state``,
+    ``seconds``, ``updates``, ``losses``), and what the slab's result says of them."""
+    if adapter is None:
+        return {}
+    path = slab_file.with_suffix(".adapter.pt")
+    record = {"state": adapter.state(), "seconds": adapter.seconds, "updates": adapter.updates,
+              "losses": adapter.losses}
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(record, tmp)
+    return {"adapter": str(path), "adapt_seconds": adapter.seconds}
 
 
 def assemble_volume(prepared: str | Path, slabs: Sequence[dict], operator: OperatorConfig,
@@ -212,6 +233,10 @@ def assemble_volume(prepared: str | Path, slabs: Sequence[dict], operator: Opera
     out_dir = Path(out_dir)
     paths, extra = KINDS[type(vol)].write_outputs(vol, stack, out_dir, operator, settings)
     seconds = sum(s["seconds"] for s in slabs)
+    adapters = [s["adapter"] for s in slabs if s.get("adapter")]
+    if adapters:
+        extra = {**extra, "adapters": adapters,
+                 "adapt_seconds": sum(s["adapt_seconds"] for s in slabs if s.get("adapter"))}
     method = {"method": "diffusion", "guidance": settings.guidance_for(operator).name,
               "label": settings.label(operator), "integrator": settings.integrator.label,
               "steps": settings.steps} if baseline is None else {

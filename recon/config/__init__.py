@@ -32,6 +32,7 @@ from recon.config.components import (
     WarmStartConfig,
 )
 from recon.config.sampling import (
+    AdaptConfig,
     CompareSection,
     CouplingConfig,
     MethodConfig,
@@ -49,7 +50,7 @@ from recon.prior_config import CheckpointError
 from recon.yaml_io import YamlError, parse_yaml, read_yaml
 
 __all__ = [
-    "DASK_CLUSTER_CLASSES", "NOMINAL_NATIVE", "BaselineConfig", "CheckpointError",
+    "DASK_CLUSTER_CLASSES", "NOMINAL_NATIVE", "AdaptConfig", "BaselineConfig", "CheckpointError",
     "CompareSection", "Config", "ConfigError", "CouplingConfig", "DataConfig", "GuidanceConfig",
     "IntegratorConfig", "MethodConfig",
     "OperatorConfig", "PriorSection", "ReconstructSection", "RunnerSection", "TimerConfig",

@@ -50,6 +50,24 @@ class CouplingConfig(Section):
         return "" if self.name == "none" else f"{self.name}({self.weight:.4g})"
 
 
+class AdaptConfig(Section):
+    """The prior adapted to the measurement during sampling (``recon.adaptation.Adapter``):
+    ``norms`` fits the normalisation layers' scale and shift of a copy of the prior, one copy
+    per slab, by ``iterations`` Adam steps of ``lr`` on the data misfit before each network
+    evaluation at ``t <= t_max``; ``none`` samples with the prior as trained."""
+
+    name: Literal["none", "norms"] = "none"
+    lr: float = Field(1e-3, gt=0, le=1.0, description="Adam's learning rate")
+    iterations: int = Field(1, ge=1, le=10, strict=True,
+                            description="Adam steps before each network evaluation")
+    t_max: float = Field(1.0, gt=0, le=1.0, description="adapt only at diffusion times t <= "
+                         "t_max")
+
+    @property
+    def label(self) -> str:
+        return "" if self.name == "none" else f"adapt {self.name}(lr={self.lr:g})"
+
+
 class ReconstructSection(Section):
     """Posterior sampling of every test volume, slice-batched, for each operator. The defaults
     are the sampler chosen on the validation split: DiffPIR's full re-noising, data consistency
@@ -72,6 +90,8 @@ class ReconstructSection(Section):
         description="start from a classical solution noised to t0 (null: from noise)")
     coupling: CouplingConfig = Field(default_factory=CouplingConfig, description="through-"
                                      "plane coupling of a slab's slices: none | tv_z")
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="the prior adapted to "
+                               "each slab's measurement while it samples: none | norms")
     baselines: list[BaselineConfig] = Field(
         default_factory=lambda: [BaselineConfig(name="tv"), BaselineConfig(name="l1_wavelet")],
         max_length=64, description="classical reconstructions of the same "
@@ -112,7 +132,7 @@ class ReconstructSection(Section):
     def _short_lists(cls, v: Any) -> Any:
         return named_list(v)
 
-    @field_validator("guidance", "integrator", "timer", "coupling", mode="before")
+    @field_validator("guidance", "integrator", "timer", "coupling", "adapt", mode="before")
     @classmethod
     def _short(cls, v: Any) -> Any:
         return named(v)
@@ -162,6 +182,7 @@ class ReconstructSection(Section):
         image model and phase when they are not the defaults."""
         warm = "" if self.warm_start is None else f" {self.warm_start.label}"
         coupled = f" {self.coupling.label}" if self.coupling.label else ""
+        coupled += f" {self.adapt.label}" if self.adapt.label else ""
         image = "".join(f" {getattr(self, k)}" for k in ("kspace_image", "kspace_phase")
                         if getattr(self, k) != type(self).model_fields[k].default)
         return f"{self.guidance_for(op).label} {self.integrator.label}{warm}{coupled}{image}"
@@ -174,7 +195,8 @@ class ReconstructSection(Section):
 class MethodConfig(Section):
     """One row of a comparison: the diffusion sampler of ``reconstruct`` with some of
     ``guidance`` / ``integrator`` / ``timer`` / ``steps`` / ``warm_start`` / ``n_samples`` /
-    ``coupling`` / ``kspace_image`` / ``kspace_phase`` changed, or a classical ``baseline``. A
+    ``coupling`` / ``kspace_image`` / ``kspace_phase`` / ``adapt`` changed, or a classical
+    ``baseline``. A
     field left out keeps ``reconstruct``'s value; ``warm_start: null`` given explicitly starts
     from pure noise. Short forms: ``tv`` (a baseline name) and
     ``{baseline: l1_wavelet, ...}``."""
@@ -189,6 +211,7 @@ class MethodConfig(Section):
     coupling: CouplingConfig | None = None
     kspace_image: Literal["magnitude", "tracked_phase", "real_imag"] | None = None
     kspace_phase: Literal["lowres", "sense", "none"] | None = None
+    adapt: AdaptConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -196,8 +219,8 @@ class MethodConfig(Section):
         if isinstance(v, str):
             return {"baseline": {"name": v}} if v in BASELINES else {"guidance": {"name": v}}
         if isinstance(v, dict):
-            v = {k: (named(x) if k in ("baseline", "guidance", "integrator", "timer", "coupling")
-                     else x)
+            v = {k: (named(x) if k in ("baseline", "guidance", "integrator", "timer", "coupling",
+                                       "adapt") else x)
                  for k, x in v.items()}
         return v
 
@@ -206,10 +229,10 @@ class MethodConfig(Section):
         if self.baseline is not None and (self.guidance or self.integrator or self.timer
                                           or self.steps or self.warm_start or self.n_samples
                                           or self.coupling or self.kspace_image
-                                          or self.kspace_phase):
+                                          or self.kspace_phase or self.adapt):
             raise ValueError("a method is either a baseline or a diffusion setting (guidance, "
                              "integrator, timer, steps, warm_start, n_samples, coupling, "
-                             "kspace_image, kspace_phase), not both")
+                             "kspace_image, kspace_phase, adapt), not both")
         return self
 
     def setting(self, rs: ReconstructSection) -> ReconstructSection:
@@ -225,7 +248,8 @@ class MethodConfig(Section):
                                     ("n_samples", self.n_samples),
                                     ("coupling", self.coupling),
                                     ("kspace_image", self.kspace_image),
-                                    ("kspace_phase", self.kspace_phase)) if v is not None}
+                                    ("kspace_phase", self.kspace_phase),
+                                    ("adapt", self.adapt)) if v is not None}
         if "warm_start" in self.model_fields_set:  # given, null included: no warm start
             update["warm_start"] = self.warm_start
         if self.guidance is not None:  # one guidance for every operator in the comparison

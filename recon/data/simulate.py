@@ -72,20 +72,20 @@ def central_slices(volume: np.ndarray, count: int, min_foreground: float = 0.05)
 def tissue_phase(m: np.ndarray, rng: np.random.Generator,
                  pixel_mm: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
     r"""The phase ``(R, P)`` a measured gradient-echo image of magnitude ``m`` holds beyond a
-    smooth background, from the physics of the signal at an echo time of a few ms (3 T):
+    smooth background, from the physics of the signal at an echo time of a few ms (3 T, 4 ms):
 
-    - **fat**: the bright rim of the head (within 12 mm of its edge and brighter than its 60th
-      percentile: subcutaneous fat and marrow; on a slice without scalp, the brightest tissue at
-      the edge of the brain) at one offset drawn from ``U(-pi, pi)`` per slice; fat precesses
-      3.4 ppm (440 Hz at 3 T) below water, so at the echo time their phases differ by an
-      arbitrary angle, and the step is as sharp as the tissue boundary;
+    - **fat**: the bright rim of the head (within 6 mm of its edge and brighter than its 60th
+      percentile: the scalp's subcutaneous fat; a skull-stripped brain has almost none there)
+      at one offset drawn from ``U(-pi, pi)`` per slice; fat precesses 3.4 ppm (440 Hz at 3 T)
+      below water, so at the echo time their phases differ by an arbitrary angle, and the step
+      is as sharp as the tissue boundary;
     - **air-tissue interfaces**: 1 to 3 Gaussian bumps of ``U(1, 3)`` rad, 10 to 25 mm wide,
       centred on the head's edge (B0 near sinuses and ear canals: tens of Hz over a few mm);
-    - **veins**: 5 to 20 blobs of 1 to 2 mm inside the head of ``+-U(0.5, 1.5)`` rad
-      (deoxygenated blood's susceptibility);
+    - **veins**: 5 to 15 blobs of 1 to 2 mm inside the head of ``+-U(0.1, 0.5)`` rad
+      (deoxygenated blood, 0.3-0.45 ppm more paramagnetic than tissue: at most
+      ``Delta chi B0 / 3``, about 19 Hz at 3 T, 0.5 rad at a 4 ms echo);
     - **tissues**: the head's intensity terciles (roughly CSF, grey and white matter in a T1)
-      at ``N(0, 0.15)`` rad offsets each (susceptibility and frequency differences of a few
-      hundredths of a ppm)."""
+      at ``N(0, 0.1)`` rad offsets each (grey and white matter differ by a few Hz at 3 T)."""
     from scipy import ndimage
 
     m = np.asarray(m, float)
@@ -95,7 +95,7 @@ def tissue_phase(m: np.ndarray, rng: np.random.Generator,
         return np.zeros_like(m)
     depth = ndimage.distance_transform_edt(head, sampling=pixel_mm)
     phi = np.zeros_like(m)
-    fat = head & (depth < 12.0) & (m > np.percentile(m[head], 60))
+    fat = head & (depth < 6.0) & (m > np.percentile(m[head], 60))
     phi[fat] += rng.uniform(-np.pi, np.pi)
     rows, cols = np.indices(m.shape)
     y_mm, x_mm = rows * pixel_mm[0], cols * pixel_mm[1]
@@ -106,14 +106,14 @@ def tissue_phase(m: np.ndarray, rng: np.random.Generator,
         phi += rng.uniform(1.0, 3.0) * np.exp(-((y_mm - cy) ** 2 + (x_mm - cx) ** 2)
                                               / (2 * width**2))
     inside = np.argwhere(head)
-    for _ in range(rng.integers(5, 21)):
+    for _ in range(rng.integers(5, 16)):
         cy, cx = inside[rng.integers(len(inside))] * np.asarray(pixel_mm)
         width = rng.uniform(1.0, 2.0)
-        phi += rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.5) * np.exp(
+        phi += rng.choice([-1.0, 1.0]) * rng.uniform(0.1, 0.5) * np.exp(
             -((y_mm - cy) ** 2 + (x_mm - cx) ** 2) / (2 * width**2))
     terciles = np.percentile(m[head], [100 / 3, 200 / 3])
     tissue = np.digitize(m, terciles)
-    phi += np.where(head, rng.normal(0.0, 0.15, 3)[tissue], 0.0)
+    phi += np.where(head, rng.normal(0.0, 0.1, 3)[tissue], 0.0)
     return phi
 
 

@@ -17,7 +17,9 @@ from the previous winner:
 - ``samples``: the posterior mean over n samples (one batch) of the config's own sampler (the
   winner of the groups above);
 - ``end``: where the chains stop, the timer's ``t_min``: the output is the guided Tweedie
-  estimate there (the config's own sampler otherwise), nearer the posterior mean the later.
+  estimate there (the config's own sampler otherwise), nearer the posterior mean the later;
+- ``adapt``: the config's own sampler with the prior adapted to each measurement
+  (``reconstruct.adapt: norms``) at a few learning rates and end times.
 
     python benchmarks/sampler_choice.py                       # every group, every operator
     python benchmarks/sampler_choice.py --groups warm samples --operators fourier
@@ -66,6 +68,9 @@ def groups(lam: float) -> dict[str, dict[str, dict]]:
         "end": {f"the config's sampler, t_min={t:g}": {"timer": {"name": "cosine",
                                                                "params": {"t_min": t}}}
                 for t in (0.001, 0.01, 0.03, 0.06, 0.1)},
+        "adapt": {f"the config's sampler, adapt lr={lr:g} t_max={tm:g}": {"adapt": {
+            "name": "norms", "lr": lr, "t_max": tm}} for lr, tm in ((1e-3, 1.0), (1e-2, 0.5),
+                                                                    (3e-2, 0.5))},
     }
 
 
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--slices", type=int, default=2, help="central slices per validation volume")
     p.add_argument("--operators", nargs="*", default=None)
-    p.add_argument("--groups", nargs="*", default=None, help="of step weight tv warm samples end")
+    p.add_argument("--groups", nargs="*", default=None, help="of step weight tv warm samples end adapt")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override, e.g. prior.checkpoint=PATH")
     p.add_argument("--threads", type=int, default=2)

@@ -115,7 +115,7 @@ class ReconstructSection(Section):
         "lowres", description="raw k-space: the image phase absorbed into the coil maps "
         "(recon.raw): of the calibration image, of a SENSE solution, or none")
     kspace_image: Literal["magnitude", "tracked_phase", "real_imag"] = Field(
-        "magnitude", description="raw k-space: how the real prior sees the complex image "
+        "real_imag", description="raw k-space: how the real prior sees the complex image "
         "(recon.operators.complex_image): its magnitude in the maps' phase frame, its magnitude "
         "with the phase re-estimated at every step, or its real and imaginary parts")
     device: str = "auto"

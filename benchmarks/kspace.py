@@ -231,7 +231,12 @@ def _summary(rows: list[dict], accelerations: list[str]) -> None:
                      and r["kind"] == "diffusion"]
             margin = (f"  worst {min(w[0] for w in worst):+5.2f} / {min(w[1] for w in worst):+5.2f}"
                       if worst and all(w is not None for w in worst) else "")
-            print(f"  {acc} {label:24s} " + " | ".join(parts) + margin)
+            own = [r["s_per_slice"] for r in mine if r["method"] == label]
+            l1 = [r["s_per_slice"] for r in mine if r["method"].startswith("l1_wavelet")
+                  and "discrepancy" in r["method"]]
+            seconds = f"  {np.mean(own):6.1f} s/slice" + (
+                f" = {np.mean(own) / np.mean(l1):4.1f}x L1-wavelet's" if l1 else "")
+            print(f"  {acc} {label:24s} " + " | ".join(parts) + margin + seconds)
 
 
 def _margin(rows: list[dict], r: dict) -> tuple[float, float] | None:

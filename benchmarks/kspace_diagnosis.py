@@ -14,7 +14,8 @@ does, it prints:
 - per method (zero-filled, SENSE and L1-wavelet with lam by discrepancy, the diffusion sampler
   under each image model of `recon.operators.complex_image`): the data residual
   ||y - A x||^2 / (m sigma^2) of its complex image (the discrepancy principle aims at 0.9; the
-  fully sampled image itself sits where the data's own noise puts it), PSNR whole / head, and
+  fully sampled image itself sits where the data's own noise puts it), PSNR whole / inside the
+  head / outside it (the background: the noisy RSS's noise floor), and
   the error inside the head split into magnitude (relative, against the fully sampled combined
   image) and phase (RMS radians, magnitude-weighted).
 
@@ -147,15 +148,15 @@ def diagnose(scan: PreparedScan, op: OperatorConfig, rs, prior, models) -> tuple
     for name, z in methods.items():
         resid = float((A.forward(z) - y).abs().square().sum()) / (m * A.sigma_y**2)
         x = crop_phase(z[0, 0].detach().numpy(), width)
-        whole, inside = (_psnr(np.abs(x)[sel], pr.reference[sel], pr.reference.max())
-                         for sel in (np.ones_like(head), head))
+        whole, inside, outside = (_psnr(np.abs(x)[sel], pr.reference[sel], pr.reference.max())
+                                  for sel in (np.ones_like(head), head, ~head))
         ref_mag = np.abs(combined[head])
         mag_err = np.linalg.norm(np.abs(x[head]) - ref_mag) / np.linalg.norm(ref_mag)
         dphi = np.angle(x[head] * np.conj(combined[head]))
         phase_err = np.sqrt(np.sum(ref_mag**2 * dphi**2) / np.sum(ref_mag**2))
         print(f"    {name:34s} ||y - A x||^2 = {resid:5.2f} m sigma^2   PSNR {whole:6.2f} / head "
-              f"{inside:6.2f}   head error: magnitude {100 * mag_err:5.1f} %, phase "
-              f"{phase_err:.3f} rad")
+              f"{inside:6.2f} / outside {outside:6.2f}   head error: magnitude "
+              f"{100 * mag_err:5.1f} %, phase {phase_err:.3f} rad")
         errors[name.split(" (")[0]] = np.where(head, np.abs(x) - np.abs(combined), np.nan)
     return pr.reference, np.where(head, np.angle(combined), np.nan), errors
 

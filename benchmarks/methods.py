@@ -150,7 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         for label, (c, n) in margins.items():
             if label != best:
                 print(f"  {'':8s} {label}: {c:+.2f} dB over classical, {n:+.2f} dB over naive")
+        print(f"  {'':8s} seconds per slice, mean over volumes, x TV's: " + ", ".join(
+            f"{label} {ratio:.1f}x" for label, ratio in time_ratios(rows, op.name).items()))
     return 0 if passed else 1
+
+
+def time_ratios(rows: list[dict], operator: str) -> dict[str, float]:
+    """Each row's mean seconds per slice on ``operator`` over TV's (same volumes, same run)."""
+    mine = [r for r in rows if r["operator"] == operator]
+    mean = {label: sum(r["s_per_slice"] for r in mine if r["method"] == label)
+            / sum(r["method"] == label for r in mine) for label in dict.fromkeys(r["method"] for r in mine)}
+    tv = next((v for k, v in mean.items() if k.startswith("tv")), None)
+    return {k: v / tv for k, v in mean.items()} if tv else {}
 
 
 def warm_settings(settings, tuned):

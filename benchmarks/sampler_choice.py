@@ -68,9 +68,9 @@ def groups(lam: float) -> dict[str, dict[str, dict]]:
         "end": {f"the config's sampler, t_min={t:g}": {"timer": {"name": "cosine",
                                                                "params": {"t_min": t}}}
                 for t in (0.001, 0.01, 0.03, 0.06, 0.1)},
-        "adapt": {f"the config's sampler, adapt lr={lr:g} t_max={tm:g}": {"adapt": {
-            "name": "norms", "lr": lr, "t_max": tm}} for lr, tm in ((1e-3, 1.0), (1e-2, 0.5),
-                                                                    (3e-2, 0.5))},
+        "adapt": {"the config's sampler, not adapted": {}, **{
+            f"the config's sampler, adapt lr={lr:g} t_max={tm:g}": {"adapt": {
+                "name": "norms", "lr": lr, "t_max": tm}} for lr, tm in ((1e-2, 0.5), (3e-2, 0.5))}},
     }
 
 

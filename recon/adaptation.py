@@ -35,7 +35,9 @@ class Adapter(nn.Module):
         if not (lr > 0 and iterations >= 1 and 0 < t_max <= 1):
             raise ValueError(f"need lr > 0, iterations >= 1 and 0 < t_max <= 1; got {lr}, "
                              f"{iterations}, {t_max}")
-        self.network = copy.deepcopy(network).requires_grad_(False)
+        # contiguous weights: torch 2.13's CPU backward through the channels_last prior segfaults
+        self.network = copy.deepcopy(network).to(memory_format=torch.contiguous_format)
+        self.network.requires_grad_(False)
         self.names = [f"{name}.{p}" for name, m in self.network.named_modules()
                       if isinstance(m, nn.GroupNorm | nn.LayerNorm | nn.BatchNorm2d) and m.affine
                       for p in ("weight", "bias")]

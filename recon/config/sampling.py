@@ -121,7 +121,8 @@ class ReconstructSection(Section):
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="the prior's forward passes: fp32, or bf16 autocast (a GPU's "
-        "tensor cores; the samplers' arithmetic and data consistency stay float32)")
+        "tensor cores, a CPU's AVX512-BF16 / AMX through oneDNN; the samplers' arithmetic and "
+        "data consistency stay float32)")
     num_threads: int | None = Field(None, ge=1, le=1024, strict=True,
                                     description="torch CPU threads (None: torch's "
                                     "default); 1 avoids oversubscription on shared CPUs")

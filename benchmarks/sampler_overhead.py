@@ -21,14 +21,14 @@ import time
 import torch
 from torch import nn
 
-from recon.cond_denoiser import CondDenoiser
-from recon.denoiser import Denoiser
-from recon.diffusion import VPLinear
-from recon.guidance import DPS, DataConsistency
-from recon.integrator import DDIMIntegrator
 from recon.network import load_prior, resolve_device
 from recon.registry import INTEGRATORS, OPERATORS
-from recon.timer import LinearTimer
+from recon.sampling.cond_denoiser import CondDenoiser
+from recon.sampling.denoiser import Denoiser
+from recon.sampling.diffusion import VPLinear
+from recon.sampling.guidance import DPS, DataConsistency
+from recon.sampling.integrator import DDIMIntegrator
+from recon.sampling.timer import LinearTimer
 
 
 class SmallConvNet(nn.Module):

@@ -40,10 +40,10 @@ JOB = ["colin27_t1", "antspyx_r85_t1", "itk_kmeans_t1", "dipy_s0_b0"]
 
 
 def nfe_overhead(device: str, steps: int, repeats: int) -> bool:
-    from recon.cond_denoiser import CondDenoiser
     from recon.config import load_config
     from recon.network import resolve_device
     from recon.reconstruction import load_network
+    from recon.sampling.cond_denoiser import CondDenoiser
 
     cfg = load_config(ROOT / "configs/demo.yaml", [f"reconstruct.device={device}"]).absolute(ROOT)
     rs = cfg.reconstruct

@@ -48,11 +48,11 @@ import sigpy as sp
 import torch
 from torch import Tensor
 
-from recon.cond_denoiser import Posterior
 from recon.config.components import LAM_RULES
 from recon.config.components import check_lam as _check_lam
-from recon.guidance import real_adjoint
 from recon.operators.complex_image import ComplexImageModel
+from recon.sampling.cond_denoiser import Posterior
+from recon.sampling.guidance import real_adjoint
 from recon.sigpy_linop import OperatorLinop
 
 LAMBDA_GRID: tuple[float, ...] = tuple(float(v) for v in 10.0 ** np.arange(-4.0, -0.25, 0.5))

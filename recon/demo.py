@@ -12,17 +12,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from recon.analytic import GaussianMixture, coordinate_wasserstein
-from recon.denoiser import Denoiser
-from recon.diffusion import VPLinear
-from recon.integrator import (
+from recon.sampling.analytic import GaussianMixture, coordinate_wasserstein
+from recon.sampling.denoiser import Denoiser
+from recon.sampling.diffusion import VPLinear
+from recon.sampling.integrator import (
     DDIMIntegrator,
     DPMpp2sIntegrator,
     EulerIntegrator,
     EulerMaruyamaIntegrator,
     HeunIntegrator,
 )
-from recon.timer import CosineTimer
+from recon.sampling.timer import CosineTimer
 
 
 def demo_mixture() -> GaussianMixture:

@@ -41,8 +41,8 @@ from monai.networks.nets import DiffusionModelUNet
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from recon.diffusion import DiffusionModel
 from recon.prior_config import CheckpointError, DiffusionConfig, NetworkConfig, PriorConfig
+from recon.sampling.diffusion import DiffusionModel
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "EpsNetwork", "build_network",
            "check_state_dict", "count_parameters", "load_prior", "read_checkpoint",

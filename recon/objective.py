@@ -12,11 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from recon.batches import STREAM_VAL, seeded_generator, stack_items
-from recon.diffusion import DiffusionModel
 from recon.network import (
     EpsNetwork,
     autocast,
 )
+from recon.sampling.diffusion import DiffusionModel
 
 
 def train_autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:

@@ -79,7 +79,7 @@ class DiffusionConfig(_Strict):
         return self
 
     def build(self) -> Any:
-        """The forward model named here (a ``recon.diffusion.DiffusionModel``)."""
+        """The forward model named here (a ``recon.sampling.diffusion.DiffusionModel``)."""
         return DIFFUSIONS[self.name](**self.params)
 
 

@@ -35,9 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recon import raw
-from recon.adaptation import Adapter
 from recon.baselines import select_lambda
-from recon.cond_denoiser import CondDenoiser
 from recon.config import BaselineConfig, OperatorConfig, PriorSection, ReconstructSection
 from recon.coupling import (
     SlabReconstructor,
@@ -59,6 +57,8 @@ from recon.reconstructor import (  # noqa: F401  (re-exported: the slice-batch A
     stream,
 )
 from recon.registry import WHOLE_VOLUME_OPERATORS
+from recon.sampling.adaptation import Adapter
+from recon.sampling.cond_denoiser import CondDenoiser
 from recon.scans import PreparedScan, open_prepared
 from recon.volumes import STACKS, PreparedVolume, write_outputs
 

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recon.cond_denoiser import CondDenoiser
 from recon.config import PriorSection
-from recon.guidance import Guidance
-from recon.integrator import Integrator
 from recon.network import EpsNetwork, autocast, load_prior, resolve_device
 from recon.operators import Operator
-from recon.timer import Timer
+from recon.sampling.cond_denoiser import CondDenoiser
+from recon.sampling.guidance import Guidance
+from recon.sampling.integrator import Integrator
+from recon.sampling.timer import Timer
 
 _NETWORKS: dict[tuple, tuple] = {}
 

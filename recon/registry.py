@@ -52,26 +52,29 @@ OPERATORS = Registry("operator", {
 volumes: their ``shape`` is a volume's ``(S, H, W)``, not a slice's ``(H, W)``."""
 
 GUIDANCES = Registry("guidance", {
-    "dps": "recon.guidance:DPS", "tweedie_covariance": "recon.guidance:TweedieCovariance",
-    "mmps": "recon.guidance:TweedieCovariance",
-    "data_consistency": "recon.guidance:DataConsistency"})
+    "dps": "recon.sampling.guidance:DPS", "tweedie_covariance": "recon.sampling.guidance:TweedieCovariance",
+    "mmps": "recon.sampling.guidance:TweedieCovariance",
+    "data_consistency": "recon.sampling.guidance:DataConsistency"})
 
 INTEGRATORS = Registry("integrator", {
-    "euler": "recon.integrator:EulerIntegrator", "heun": "recon.integrator:HeunIntegrator",
-    "ddim": "recon.integrator:DDIMIntegrator", "dpmpp2s": "recon.integrator:DPMpp2sIntegrator",
-    "diffpir": "recon.integrator:DiffPIRIntegrator",
-    "euler_maruyama": "recon.integrator:EulerMaruyamaIntegrator"})
+    "euler": "recon.sampling.integrator:EulerIntegrator",
+    "heun": "recon.sampling.integrator:HeunIntegrator",
+    "ddim": "recon.sampling.integrator:DDIMIntegrator",
+    "dpmpp2s": "recon.sampling.integrator:DPMpp2sIntegrator",
+    "diffpir": "recon.sampling.integrator:DiffPIRIntegrator",
+    "euler_maruyama": "recon.sampling.integrator:EulerMaruyamaIntegrator"})
 
-TIMERS = Registry("timer", {"linear": "recon.timer:LinearTimer", "cosine": "recon.timer:CosineTimer",
-                            "karras": "recon.timer:KarrasTimer"})
+TIMERS = Registry("timer", {"linear": "recon.sampling.timer:LinearTimer",
+                            "cosine": "recon.sampling.timer:CosineTimer",
+                            "karras": "recon.sampling.timer:KarrasTimer"})
 
 BASELINES = Registry("baseline", {"sense": "recon.baselines:Sense",
                                   "tv": "recon.baselines:TotalVariation",
                                   "tv3d": "recon.baselines:TotalVariation3D",
                                   "l1_wavelet": "recon.baselines:L1Wavelet"})
 
-DIFFUSIONS = Registry("diffusion", {"vp_linear": "recon.diffusion:VPLinear",
-                                    "vp_cosine": "recon.diffusion:VPCosine"})
+DIFFUSIONS = Registry("diffusion", {"vp_linear": "recon.sampling.diffusion:VPLinear",
+                                    "vp_cosine": "recon.sampling.diffusion:VPCosine"})
 
 VOLUME_OPERATORS = frozenset({"kykz_fourier", "slice_drop"})
 """Operators that measure a volume ``(S, H, W)``, not each slice alone: a slab is sampled as one

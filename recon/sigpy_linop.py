@@ -12,7 +12,7 @@ import sigpy as sp
 import torch
 
 from recon.cancellation import check_cancelled
-from recon.guidance import real_adjoint
+from recon.sampling.guidance import real_adjoint
 
 
 class OperatorLinop(sp.linop.Linop):

@@ -47,7 +47,6 @@ from tqdm.auto import tqdm
 
 from recon.batches import BatchSampler, batch_stream
 from recon.data.nifti import atomic_path
-from recon.diffusion import DiffusionModel
 from recon.network import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -60,6 +59,7 @@ from recon.network import (
 )
 from recon.objective import ValidationSet, prior_loss, train_autocast
 from recon.prior_config import PriorConfig, TrainingConfig
+from recon.sampling.diffusion import DiffusionModel
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from recon.analytic import GaussianMixture
 from recon.config import load_config
 from recon.demo import demo_mixture
+from recon.sampling.analytic import GaussianMixture
 
 
 @pytest.fixture(scope="session")

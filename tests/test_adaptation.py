@@ -1,4 +1,4 @@
-"""The prior adapted to its measurement (``recon.adaptation.Adapter``): only the normalisation
+"""The prior adapted to its measurement (``recon.sampling.adaptation.Adapter``): only the normalisation
 layers' scale and shift move, the prior itself is untouched, and the steps lower the data
 misfit they are taken on."""
 
@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recon.adaptation import Adapter
-from recon.cond_denoiser import CondDenoiser
-from recon.integrator import DiffPIRIntegrator
 from recon.network import build_network
 from recon.operators import build_fourier
 from recon.prior_config import PriorConfig
-from recon.timer import CosineTimer
+from recon.sampling.adaptation import Adapter
+from recon.sampling.cond_denoiser import CondDenoiser
+from recon.sampling.integrator import DiffPIRIntegrator
+from recon.sampling.timer import CosineTimer
 
 SIZE = 16
 

@@ -11,12 +11,12 @@ import torch
 
 from recon.baselines import TotalVariation
 from recon.cancellation import Cancelled, cancellable, check_cancelled
-from recon.denoiser import Denoiser
-from recon.diffusion import VPCosine
-from recon.integrator import EulerIntegrator
 from recon.linalg import conjugate_gradient
 from recon.operators import build_mask
-from recon.timer import CosineTimer
+from recon.sampling.denoiser import Denoiser
+from recon.sampling.diffusion import VPCosine
+from recon.sampling.integrator import EulerIntegrator
+from recon.sampling.timer import CosineTimer
 from recon.total_variation import tv_prox
 
 

@@ -23,17 +23,18 @@ import pytest
 import torch
 from torch import Tensor
 
-from recon.analytic import GaussianMixture
-from recon.cond_denoiser import CondDenoiser, Posterior
-from recon.diffusion import VPLinear
-from recon.guidance import (
+from recon.registry import GUIDANCES, INTEGRATORS
+from recon.sampling.analytic import GaussianMixture
+from recon.sampling.cond_denoiser import CondDenoiser, Posterior
+from recon.sampling.diffusion import VPLinear
+from recon.sampling.guidance import (
     DPS,
     DataConsistency,
     TweedieCovariance,
     conjugate_gradient,
     make_guidance,
 )
-from recon.integrator import (
+from recon.sampling.integrator import (
     DDIMIntegrator,
     DiffPIRIntegrator,
     DPMpp2sIntegrator,
@@ -41,8 +42,7 @@ from recon.integrator import (
     EulerMaruyamaIntegrator,
     HeunIntegrator,
 )
-from recon.registry import GUIDANCES, INTEGRATORS
-from recon.timer import CosineTimer
+from recon.sampling.timer import CosineTimer
 
 F64 = torch.float64
 DIFF = VPLinear()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from recon.diffusion import VPCosine, VPLinear
+from recon.sampling.diffusion import VPCosine, VPLinear
 
 MODELS = [VPLinear(0.1, 20.0), VPLinear(0.5, 5.0), VPCosine(0.008)]
 

@@ -549,10 +549,10 @@ def test_mri_baselines_run_sigpy_mri_apps_on_the_coil_data(prepared):
 
 def test_support_keeps_unseen_pixels_at_zero(prepared):
     """A prior that fills every pixel with 1 still leaves the pixels outside the maps at 0."""
-    from recon.cond_denoiser import CondDenoiser
-    from recon.diffusion import VPCosine
-    from recon.integrator import DDIMIntegrator
-    from recon.timer import CosineTimer
+    from recon.sampling.cond_denoiser import CondDenoiser
+    from recon.sampling.diffusion import VPCosine
+    from recon.sampling.integrator import DDIMIntegrator
+    from recon.sampling.timer import CosineTimer
 
     _, problems = scan_problems(prepared, OperatorConfig(name="acquired"), seed=0)
     pr = next(problems)

@@ -18,9 +18,6 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from scipy import ndimage
 
 from recon.batches import BatchSampler
-from recon.denoiser import Denoiser
-from recon.diffusion import VPCosine
-from recon.integrator import DDIMIntegrator
 from recon.network import (
     CheckpointError,
     EpsNetwork,
@@ -30,7 +27,10 @@ from recon.network import (
 )
 from recon.prior_config import PriorConfig, load_prior_config
 from recon.prior_files import export_prior
-from recon.timer import LinearTimer
+from recon.sampling.denoiser import Denoiser
+from recon.sampling.diffusion import VPCosine
+from recon.sampling.integrator import DDIMIntegrator
+from recon.sampling.timer import LinearTimer
 from recon.training import LAST, save_atomic, train_prior
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -525,9 +525,9 @@ def _native_operators(shape):
 
 
 def _reconstruct(native, operator, x, guidance, steps=8, x0_range=(0.0, 1.5), integrator=None):
-    from recon.integrator import DDIMIntegrator
     from recon.reconstruction import SliceReconstructor
-    from recon.timer import CosineTimer
+    from recon.sampling.integrator import DDIMIntegrator
+    from recon.sampling.timer import CosineTimer
 
     net, diffusion, _ = native
     rec = SliceReconstructor.diffusion(net, diffusion, operator, guidance,
@@ -554,7 +554,7 @@ def test_native_prior_never_diverges_on_scans_unlike_its_training_data(native, n
     range. Without the guard, data consistency for masks and k-space stays within a sane margin
     of it; deblurring a saturated out-of-distribution scan does not (the prox amplifies what
     the prior gets wrong: -6 .. 7 on the b0), which is what ``x0_range`` is for."""
-    from recon.guidance import DPS, DataConsistency
+    from recon.sampling.guidance import DPS, DataConsistency
 
     g = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(48), torch.arange(40), indexing="ij")
@@ -584,9 +584,9 @@ def test_native_reconstruction_beats_naive_at_the_native_matrix(native, native_s
     proximal data consistency, 29 DiffPIR (full re-noising) steps and one sample, beats the
     naive pseudo-inverse by >= 2 dB PSNR and >= 0.03 SSIM on every volume (the benchmark's bar,
     3 dB and 0.05 with two posterior samples averaged, is met there)."""
-    from recon.guidance import DataConsistency
-    from recon.integrator import DiffPIRIntegrator
     from recon.metrics import evaluate_stacks
+    from recon.sampling.guidance import DataConsistency
+    from recon.sampling.integrator import DiffPIRIntegrator
 
     for vid in ("colin27_t1", "antspyx_r85_t1", "itk_kmeans_t1"):
         x = native_slices[vid]
@@ -606,8 +606,8 @@ def test_dps_at_zeta_one_holds_on_every_operator_with_the_shipped_prior(native, 
     k-space (the old eps-space step at zeta = 1 ended around 17 dB, below naive, pinned to the
     guard's edges). DPS is not the project's best method (benchmarks/methods.py): this asserts
     that it holds, not that it wins."""
-    from recon.guidance import DPS
     from recon.metrics import evaluate_stacks
+    from recon.sampling.guidance import DPS
 
     for vid in ("antspyx_r85_t1", "itk_kmeans_t1"):
         x = native_slices[vid]

@@ -1,7 +1,7 @@
 """Every integrator, fed the exact score of a known law, reproduces that law.
 
 Ground truth: a 2-D Gaussian mixture and a 16-D Gaussian, whose eps(x_t, t) is closed-form
-(``recon.analytic``). Thresholds are set between what correct integrators reach and what
+(``recon.sampling.analytic``). Thresholds are set between what correct integrators reach and what
 deliberately broken steps (sign flipped, time off by one step, s and sigma swapped) give; the
 mutation tests check the thresholds do fail for those.
 """
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from recon.analytic import coordinate_wasserstein
-from recon.denoiser import Denoiser
-from recon.diffusion import VPCosine, VPLinear
-from recon.integrator import (
+from recon.sampling.analytic import coordinate_wasserstein
+from recon.sampling.denoiser import Denoiser
+from recon.sampling.diffusion import VPCosine, VPLinear
+from recon.sampling.integrator import (
     DDIMIntegrator,
     DPMpp2sIntegrator,
     EulerIntegrator,
@@ -21,7 +21,7 @@ from recon.integrator import (
     HeunIntegrator,
     ode_velocity,
 )
-from recon.timer import CosineTimer, LinearTimer
+from recon.sampling.timer import CosineTimer, LinearTimer
 
 N = 20_000  # samples per run: standard error of the mean <= 0.015, W1 noise floor ~0.02
 # (integrator, steps): first-order and stochastic integrators get more steps.

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from recon.diffusion import VPCosine, VPLinear
-from recon.timer import CosineTimer, KarrasTimer, LinearTimer
+from recon.sampling.diffusion import VPCosine, VPLinear
+from recon.sampling.timer import CosineTimer, KarrasTimer, LinearTimer
 
 
 @pytest.mark.parametrize("timer_cls", [LinearTimer, CosineTimer, KarrasTimer])

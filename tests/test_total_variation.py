@@ -7,8 +7,8 @@ import pytest
 import sigpy as sp
 import torch
 
-from recon.guidance import DataConsistency
 from recon.operators import build_blur, build_fourier, build_mask
+from recon.sampling.guidance import DataConsistency
 from recon.sigpy_linop import OperatorLinop
 from recon.total_variation import (
     finite_difference,
@@ -75,7 +75,7 @@ def test_data_consistency_with_tv_is_smoother_and_validates():
     def eps(v, t):
         return torch.zeros_like(v)
 
-    from recon.diffusion import VPCosine
+    from recon.sampling.diffusion import VPCosine
     diffusion = VPCosine()
     plain = DataConsistency().eps(x, 0.3, y, eps_fn=eps, diffusion=diffusion, operator=op)
     smooth = DataConsistency(tv=0.1).eps(x, 0.3, y, eps_fn=eps, diffusion=diffusion, operator=op)

@@ -31,7 +31,7 @@ from its own noise level (``recon.baselines.discrepancy_lambda``)."""
 
 
 T_MIN = 1e-3
-"""``recon.timer.Timer``'s default ``t_min`` (a test checks they agree)."""
+"""``recon.sampling.timer.Timer``'s default ``t_min`` (a test checks they agree)."""
 
 
 def check_lam(what: str, lam: Any) -> float | str:
@@ -174,7 +174,7 @@ class GuidanceConfig(_Component):
     RESERVED = ("tv_z",)
 
     def build(self, **given: Any) -> Any:
-        """The ``recon.guidance.Guidance`` (``given``: ``tv_z``, from ``reconstruct.coupling``)."""
+        """The ``recon.sampling.guidance.Guidance`` (``given``: ``tv_z``, from ``reconstruct.coupling``)."""
         return super().build(**given)
 
 
@@ -219,7 +219,7 @@ class IntegratorConfig(_Component):
     name: str = "heun"
 
     def build(self) -> Any:
-        """The ``recon.integrator.Integrator``."""
+        """The ``recon.sampling.integrator.Integrator``."""
         return super().build()
 
 
@@ -238,11 +238,11 @@ class TimerConfig(_Component):
 
     @property
     def t_min(self) -> Any:
-        """Where the chains end (``params.t_min``, else ``recon.timer.Timer``'s default)."""
+        """Where the chains end (``params.t_min``, else ``recon.sampling.timer.Timer``'s default)."""
         return self.params.get("t_min", T_MIN)
 
     def build(self, steps: int, t_max: float | None = None) -> Any:
-        """The ``recon.timer.Timer`` of ``steps`` steps (from ``t_max`` when given: a warm
+        """The ``recon.sampling.timer.Timer`` of ``steps`` steps (from ``t_max`` when given: a warm
         start)."""
         params = self.params if t_max is None else {**self.params, "t_max": t_max}
         return self.REGISTRY[self.name](steps, **params)

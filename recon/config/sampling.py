@@ -51,7 +51,7 @@ class CouplingConfig(Section):
 
 
 class AdaptConfig(Section):
-    """The prior adapted to the measurement during sampling (``recon.adaptation.Adapter``):
+    """The prior adapted to the measurement during sampling (``recon.sampling.adaptation.Adapter``):
     ``norms`` fits the normalisation layers' scale and shift of a copy of the prior, one copy
     per slab, by ``iterations`` Adam steps of ``lr`` on the data misfit before each network
     evaluation at ``t <= t_max``; ``none`` samples with the prior as trained."""

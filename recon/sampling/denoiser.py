@@ -10,9 +10,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from recon.cancellation import check_cancelled
-from recon.diffusion import DiffusionModel, tweedie
-from recon.integrator import EpsFn, Integrator, scales
-from recon.timer import Timer
+from recon.sampling.diffusion import DiffusionModel, tweedie
+from recon.sampling.integrator import EpsFn, Integrator, scales
+from recon.sampling.timer import Timer
 
 Network = Callable[[Tensor, Tensor], Tensor]
 

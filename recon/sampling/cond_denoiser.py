@@ -1,6 +1,6 @@
 r"""Conditional sampling ``x0 ~ p(x0 | y)`` for ``y = A x0 + sigma_y n`` with a diffusion prior.
 
-The prior's eps-network is wrapped by a ``Guidance`` (``recon.guidance``) into the conditional
+The prior's eps-network is wrapped by a ``Guidance`` (``recon.sampling.guidance``) into the conditional
 
     eps_y(x_t, t) = eps(x_t, t) - sigma(t) grad log p_t(y | x_t),
 
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from recon.adaptation import Adapter
-from recon.denoiser import Denoiser, Network
-from recon.diffusion import DiffusionModel, eps_from_x0, tweedie
-from recon.guidance import Guidance, make_guidance, real_adjoint
-from recon.integrator import Integrator, scales
-from recon.timer import Timer
+from recon.sampling.adaptation import Adapter
+from recon.sampling.denoiser import Denoiser, Network
+from recon.sampling.diffusion import DiffusionModel, eps_from_x0, tweedie
+from recon.sampling.guidance import Guidance, make_guidance, real_adjoint
+from recon.sampling.integrator import Integrator, scales
+from recon.sampling.timer import Timer
 
 _OPERATOR_API = ("forward", "adjoint", "sigma_y", "check_measurement")
 
@@ -55,7 +55,7 @@ class CondDenoiser(Denoiser):
     chains then start at the timer's ``t_max`` from ``x = s x_init + sigma z`` instead of pure
     noise, so a timer with ``t_max = t0 < 1`` spends every step near the answer.
 
-    ``adapter`` (``recon.adaptation.Adapter``, the network this sampler evaluates or the one
+    ``adapter`` (``recon.sampling.adaptation.Adapter``, the network this sampler evaluates or the one
     inside its wrappers): before each evaluation its parameters take a step on ``misfit``, the
     measurement's own data term (the prior adapted to the scan).
 

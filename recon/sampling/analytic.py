@@ -18,7 +18,7 @@ import torch
 from scipy.stats import wasserstein_distance
 from torch import Tensor
 
-from recon.diffusion import DiffusionModel
+from recon.sampling.diffusion import DiffusionModel
 
 
 class GaussianMixture:

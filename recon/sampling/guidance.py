@@ -30,10 +30,10 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from recon.diffusion import DiffusionModel, eps_from_x0, tweedie
-from recon.integrator import EpsFn, scales
 from recon.linalg import batch_dot, conjugate_gradient
 from recon.registry import GUIDANCES
+from recon.sampling.diffusion import DiffusionModel, eps_from_x0, tweedie
+from recon.sampling.integrator import EpsFn, scales
 from recon.total_variation import tv_prox
 
 __all__ = ["batch_dot", "conjugate_gradient"]  # re-exported: the guidances' linear algebra

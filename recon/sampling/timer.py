@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from recon.diffusion import DiffusionModel
+from recon.sampling.diffusion import DiffusionModel
 
 
 class Timer(ABC):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from recon.diffusion import DiffusionModel, tweedie
+from recon.sampling.diffusion import DiffusionModel, tweedie
 
 EpsFn = Callable[[Tensor, float], Tensor]
 

@@ -1,0 +1,1 @@
+"""The sampler's math: diffusions, timers, integrators, (conditional) denoisers, guidance, adaptation."""

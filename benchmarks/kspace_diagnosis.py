@@ -170,7 +170,7 @@ def _uncrop(image: np.ndarray, width: int) -> np.ndarray:
 
 
 def _wrap(network, scan: PreparedScan, model: str):
-    from recon.network import PerChannel
+    from recon.prior.network import PerChannel
 
     seen = ViewOriented(network, scan.view)
     return PerChannel(seen) if IMAGE_MODELS[model].channels > 1 else seen

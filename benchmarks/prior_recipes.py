@@ -5,7 +5,7 @@ For each exported prior (``recon prior train ... --export``), with its own store
 
 - train / val v-loss: the training objective on ``--crops`` fixed crops (no augmentation, no
   synthetic heads: the real slices only) of its training split and of the validation split,
-  with the same stratified t and noise for every prior (``recon.objective.ValidationSet``);
+  with the same stratified t and noise for every prior (``recon.prior.objective.ValidationSet``);
   their ratio is the prior's health (1 = no memorisation);
 - val PSNR / SSIM: the reconstruction of ``configs/demo.yaml`` (its sampler, operators and
   seeds; lam of the warm start chosen on the same validation slices) of the central
@@ -34,8 +34,8 @@ from recon.data.manifest import load_manifest
 from recon.data.patches import CropDataset
 from recon.data.slicing import SliceConfig
 from recon.metrics import evaluate_stacks
-from recon.network import load_prior, read_checkpoint
-from recon.objective import ValidationSet
+from recon.prior.network import load_prior, read_checkpoint
+from recon.prior.objective import ValidationSet
 from recon.prior_config import PriorConfig
 from recon.reconstruction import reconstruct_prepared, tune_baseline
 from recon.volumes import read_stacks

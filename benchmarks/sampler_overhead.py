@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from recon.network import load_prior, resolve_device
+from recon.prior.network import load_prior, resolve_device
 from recon.registry import INTEGRATORS, OPERATORS
 from recon.sampling.cond_denoiser import CondDenoiser
 from recon.sampling.denoiser import Denoiser

@@ -41,7 +41,7 @@ JOB = ["colin27_t1", "antspyx_r85_t1", "itk_kmeans_t1", "dipy_s0_b0"]
 
 def nfe_overhead(device: str, steps: int, repeats: int) -> bool:
     from recon.config import load_config
-    from recon.network import resolve_device
+    from recon.prior.network import resolve_device
     from recon.reconstruction import load_network
     from recon.sampling.cond_denoiser import CondDenoiser
 

@@ -1,7 +1,7 @@
 """Can the data path feed the optimiser? Crops/s of the training data and steps/s of the real
 training loop with the batches made in the training process or in DataLoader workers.
 
-On the shipped native prior config's training slices (``recon.prior_files.load_slices``: MONAI
+On the shipped native prior config's training slices (``recon.prior.files.load_slices``: MONAI
 crops and augmentation, plus ``--synthetic`` domain-randomised crops), measured in one run:
 
 - crops/s: ``CropDataset.batch`` alone, in this process;
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from recon.batches import BatchSampler
+from recon.prior.batches import BatchSampler
+from recon.prior.files import load_slices
+from recon.prior.training import Trainer
 from recon.prior_config import load_prior_config
-from recon.prior_files import load_slices
-from recon.training import Trainer
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,6 +1,6 @@
 """Training throughput of the shipped prior config: steps/s, samples/s and peak memory.
 
-Times the real training step (``recon.training.train_step``: autocast forward, loss,
+Times the real training step (``recon.prior.training.train_step``: autocast forward, loss,
 backward, grad-norm clipping, AdamW, EMA update) against a bare no-grad forward pass on the
 same batch, interleaved, median of repeated trials, and prints ``step / forward``.
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, else the process's peak resident set
@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from recon.batches import BatchSampler, make_batch
-from recon.network import build_network, count_parameters, resolve_device
+from recon.prior.batches import BatchSampler, make_batch
+from recon.prior.network import build_network, count_parameters, resolve_device
+from recon.prior.training import lr_at, train_step
 from recon.prior_config import load_prior_config
-from recon.training import lr_at, train_step
 
 
 def _maxrss_mb() -> float:

@@ -12,10 +12,10 @@ from recon.config import Config
 from recon.data.manifest import DataError, load_manifest, resolve
 from recon.data.public import materialise as build
 from recon.data.verify import verify as check
-from recon.network import CheckpointError, read_checkpoint
+from recon.prior.files import export_prior, load_slices
+from recon.prior.network import CheckpointError, read_checkpoint
+from recon.prior.training import train_prior
 from recon.prior_config import PriorConfig
-from recon.prior_files import export_prior, load_slices
-from recon.training import train_prior
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -89,8 +89,8 @@ def train_and_export(cfg: PriorConfig, data_root: str | Path, manifest: str | Pa
                      out_dir: str | Path, resume: bool = True, progress: bool = True,
                      callback: Callable[[int, dict[str, float]], None] | None = None,
                      axis: int = 2, cache_dir: str | Path | None = None) -> dict:
-    """Train with ``recon.training.train_prior`` on the train/val slices of ``manifest`` (cut
-    as the prior config says: ``recon.prior_files.load_slices``, crops for a patch prior), export
+    """Train with ``recon.prior.training.train_prior`` on the train/val slices of ``manifest`` (cut
+    as the prior config says: ``recon.prior.files.load_slices``, crops for a patch prior), export
     the EMA weights (a state dict + config, loadable with ``load_prior``) to
     ``out_dir/prior.pt``."""
     data = cfg.data.model_copy(update={"manifest": Path(manifest), "axis": axis,

@@ -162,7 +162,7 @@ def prepare_volume(volume: dict, data: DataConfig, out_dir: str) -> str:
 def train_prior(prior: PriorConfig, data_root: str, manifest: str, out_dir: str, axis: int = 2,
                 resume: bool = True, progress: bool = True, run_id: str | None = None,
                 tracking_uri: str | None = None) -> dict:
-    """Train the prior (``recon.training.train_prior``) and export the EMA weights to
+    """Train the prior (``recon.prior.training.train_prior``) and export the EMA weights to
     ``out_dir/prior.pt``; training metrics go to the MLflow run ``run_id`` as they come."""
     run = Run(tracking_uri, run_id) if run_id and tracking_uri else None
 

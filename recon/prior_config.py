@@ -1,6 +1,6 @@
 """The prior's schema: what defines a trained prior (network, diffusion, training, data).
 
-One low module that ``recon.network`` (building and loading), ``recon.training`` (fitting) and
+One low module that ``recon.prior.network`` (building and loading), ``recon.prior.training`` (fitting) and
 ``recon.config`` (the pipeline's ``data`` section shares ``SliceSource``) all import; it names
 the diffusion models through ``recon.registry`` and imports no torch itself. A ``PriorConfig``
 is stored, as a JSON dict, in every checkpoint.

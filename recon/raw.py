@@ -68,9 +68,9 @@ from recon.data.simulate import head_median
 from recon.data.slicing import FOREGROUND_MEDIAN
 from recon.filelock import exclusive_lock
 from recon.metrics import psnr
-from recon.network import PerChannel, autocast
 from recon.operators import UndersampledFourier
 from recon.operators.complex_image import IMAGE_MODELS, image_model
+from recon.prior.network import PerChannel, autocast
 from recon.reconstructor import SliceResult, slice_seed
 from recon.registry import KSPACE_OPERATORS
 from recon.scans import PreparedScan, ViewOriented, crop_phase

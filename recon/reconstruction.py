@@ -46,7 +46,7 @@ from recon.coupling import (
 )
 from recon.data.nifti import atomic_path, atomic_write_bytes
 from recon.metrics import psnr
-from recon.network import resolve_device
+from recon.prior.network import resolve_device
 from recon.reconstructor import (  # noqa: F401  (re-exported: the slice-batch API)
     SliceReconstructor,
     SliceResult,

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from recon.config import PriorSection
-from recon.network import EpsNetwork, autocast, load_prior, resolve_device
 from recon.operators import Operator
+from recon.prior.network import EpsNetwork, autocast, load_prior, resolve_device
 from recon.sampling.cond_denoiser import CondDenoiser
 from recon.sampling.guidance import Guidance
 from recon.sampling.integrator import Integrator

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recon.network import build_network
 from recon.operators import build_fourier
+from recon.prior.network import build_network
 from recon.prior_config import PriorConfig
 from recon.sampling.adaptation import Adapter
 from recon.sampling.cond_denoiser import CondDenoiser

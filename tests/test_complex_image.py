@@ -13,7 +13,6 @@ import torch
 
 from recon.baselines import Sense
 from recon.config import OperatorConfig, PriorSection, ReconstructSection
-from recon.network import PerChannel
 from recon.operators import UndersampledFourier, birdcage_maps, cartesian_mask
 from recon.operators.complex_image import (
     IMAGE_MODELS,
@@ -22,6 +21,7 @@ from recon.operators.complex_image import (
     TrackedPhase,
     image_model,
 )
+from recon.prior.network import PerChannel
 from recon.raw import x0_range_for
 
 SHAPE = (12, 10)

@@ -30,7 +30,7 @@ from pipelines import tasks, tracking  # noqa: E402
 from pipelines.figures import quality_cost, volume_figure  # noqa: E402
 from recon.baselines import LAMBDA_GRID  # noqa: E402
 from recon.config import ConfigError, load_config  # noqa: E402
-from recon.network import (  # noqa: E402
+from recon.prior.network import (  # noqa: E402
     CHECKPOINT_FORMAT,
     CheckpointError,
     build_network,

@@ -2,7 +2,7 @@
 
 Unit tests use a tiny UNet on 16x16 images (seconds on two CPU cores). The quality tests load
 ``checkpoints/prior_64.pt`` and the held-out slices shipped in ``tests/data/heldout_slices_64.npz``
-(made by ``recon.prior_files.save_heldout_slices`` from the test split), so they need no data
+(made by ``recon.prior.files.save_heldout_slices`` from the test split), so they need no data
 download and always run.
 """
 
@@ -17,21 +17,21 @@ import torch
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from scipy import ndimage
 
-from recon.batches import BatchSampler
-from recon.network import (
+from recon.prior.batches import BatchSampler
+from recon.prior.files import export_prior
+from recon.prior.network import (
     CheckpointError,
     EpsNetwork,
     build_network,
     count_parameters,
     load_prior,
 )
+from recon.prior.training import LAST, save_atomic, train_prior
 from recon.prior_config import PriorConfig, load_prior_config
-from recon.prior_files import export_prior
 from recon.sampling.denoiser import Denoiser
 from recon.sampling.diffusion import VPCosine
 from recon.sampling.integrator import DDIMIntegrator
 from recon.sampling.timer import LinearTimer
-from recon.training import LAST, save_atomic, train_prior
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "prior_64.pt"

@@ -351,8 +351,8 @@ def prior_train(config: PriorConfigArg, data_root: DataRootOpt,
     cfg = _prior_config(config, steps)
     import torch
 
-    from recon.prior_files import export_prior, load_slices  # MONAI: only when training
-    from recon.training import train_prior
+    from recon.prior.files import export_prior, load_slices  # MONAI: only when training
+    from recon.prior.training import train_prior
 
     if threads:
         torch.set_num_threads(threads)
@@ -377,7 +377,7 @@ def prior_heldout(config: PriorConfigArg, data_root: DataRootOpt,
                                                  "native prior)")] = 48) -> None:
     """Write the held-out test slices the prior's quality tests use."""
     cfg = _prior_config(config)
-    from recon.prior_files import load_slices, save_heldout_slices, save_native_heldout
+    from recon.prior.files import load_slices, save_heldout_slices, save_native_heldout
 
     with _data_errors():
         if cfg.data.image_size is None:  # native grid: a few central slices per volume

@@ -57,7 +57,7 @@ class PriorSection(Section):
 
 
 class TrainSection(Section):
-    """Training the prior (``recon.training.train_prior``); disabled: the shipped checkpoint."""
+    """Training the prior (``recon.prior.training.train_prior``); disabled: the shipped checkpoint."""
 
     enabled: bool = False
     steps: int | None = Field(None, ge=1, le=10_000_000, strict=True,

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from recon.batches import STREAM_VAL, seeded_generator, stack_items
-from recon.network import (
+from recon.prior.batches import STREAM_VAL, seeded_generator, stack_items
+from recon.prior.network import (
     EpsNetwork,
     autocast,
 )

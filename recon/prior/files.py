@@ -11,17 +11,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recon.batches import stack_items
 from recon.data.loading import SliceDataset
 from recon.data.nifti import atomic_path
 from recon.data.patches import CropDataset
 from recon.data.slicing import SliceConfig
-from recon.network import (
+from recon.prior.batches import stack_items
+from recon.prior.network import (
     CHECKPOINT_FORMAT,
     read_checkpoint,
 )
+from recon.prior.training import save_atomic
 from recon.prior_config import PriorConfig
-from recon.training import save_atomic
 
 
 def export_prior(checkpoint: str | Path, dest: str | Path,

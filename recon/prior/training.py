@@ -7,7 +7,7 @@ Loss (DESIGN section 2), for a batch of slices ``x0``, ``t ~ U[t_eps, t_max]``,
     v-network:    L = E ||v - v_theta(x_t, t)||^2 = E ||eps - eps_theta(x_t, t)||^2 / s(t)^2
 
 (``v = s eps - sigma x0``; the shipped prior is a v-network behind the eps interface, see
-``recon.network``). The validation also reports the plain eps-MSE.
+``recon.prior.network``). The validation also reports the plain eps-MSE.
 
 AdamW with linear warm-up (then constant or cosine decay), gradient-norm
 clipping, an exponential moving average (EMA) of the weights, optional autocast (bf16/fp16) on
@@ -19,7 +19,7 @@ A *training checkpoint* (``out_dir/last.pt``) holds model, EMA, optimiser, AMP s
 RNG state, metric history and the config as plain primitives; it is written atomically
 (temporary file in the same folder, fsync, ``os.replace``) and read with
 ``torch.load(..., weights_only=True)``. ``export_prior`` writes the small *shipped* file: EMA
-weights + config + a summary, loadable with ``recon.network.load_prior``.
+weights + config + a summary, loadable with ``recon.prior.network.load_prior``.
 
     recon prior train configs/prior_64.yaml --data-root data/public \
         --out work/prior_64 --export checkpoints/prior_64.pt
@@ -45,9 +45,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from recon.batches import BatchSampler, batch_stream
 from recon.data.nifti import atomic_path
-from recon.network import (
+from recon.prior.batches import BatchSampler, batch_stream
+from recon.prior.network import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     EpsNetwork,
@@ -57,7 +57,7 @@ from recon.network import (
     read_checkpoint,
     resolve_device,
 )
-from recon.objective import ValidationSet, prior_loss, train_autocast
+from recon.prior.objective import ValidationSet, prior_loss, train_autocast
 from recon.prior_config import PriorConfig, TrainingConfig
 from recon.sampling.diffusion import DiffusionModel
 

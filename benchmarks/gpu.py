@@ -185,7 +185,7 @@ def _settings(dry: bool, device: torch.device, **update):
 def sampling(device: torch.device, dry: bool) -> dict:
     """Seconds per slice by batch and precision, peak memory, bytes per chain pixel, and the
     PSNR of bf16 minus fp32, on the shipped prior's 256 x 256 test slice(s)."""
-    from recon.baselines import TotalVariation
+    from recon.classical.baselines import TotalVariation
     from recon.metrics import psnr
     from recon.reconstruction import SliceReconstructor, load_network
 

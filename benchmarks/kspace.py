@@ -11,7 +11,7 @@ oversampling removed), undersampled retrospectively with fastMRI-style random Ca
 with coil maps from its calibration lines. Rows, the same y for each:
 
 - the baselines with lam chosen per slice from its own noise level (`lam by discrepancy`,
-  `recon.baselines.discrepancy_lambda`, the chosen lam printed), and with `--val-lam` also the
+  `recon.classical.baselines.discrepancy_lambda`, the chosen lam printed), and with `--val-lam` also the
   lam chosen per acceleration on the validation acquisitions (test split only);
 - the diffusion sampler of the config (`default`), and each `--sampler LABEL=SETTING`, a compare
   row of the config (`recon.config.MethodConfig` in YAML: `{kspace_image: real_imag, steps: 16}`);
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recon import coils
+from recon.classical import coils
 from recon.config import BaselineConfig, MethodConfig, OperatorConfig, load_config
 from recon.data.manifest import DataError, load_manifest, resolve
 from recon.data.verify import verify
@@ -68,7 +68,7 @@ SIMULATED = ("simulate_kspace",)
 
 
 class _ChosenLam(logging.Handler):
-    """Collects the lam a rule chose per slice (``recon.baselines``' log records)."""
+    """Collects the lam a rule chose per slice (``recon.classical.baselines``' log records)."""
 
     def __init__(self):
         super().__init__(logging.INFO)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     chosen = _ChosenLam()
-    logger = logging.getLogger("recon.baselines")
+    logger = logging.getLogger("recon.classical.baselines")
     logger.addHandler(chosen)
     logger.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from recon import coils
+from recon.classical import coils
 from recon.config import BaselineConfig, OperatorConfig, load_config
 from recon.data.manifest import load_manifest, resolve
 from recon.data.verify import verify

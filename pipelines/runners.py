@@ -24,14 +24,14 @@ from contextlib import ExitStack
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from pipelines.settings import api_url
-from recon.cancellation import cancellable
+from recon.classical.cancellation import cancellable
 from recon.config import RunnerSection
 
 
 class StoppingThreadPool(ThreadPoolTaskRunner):
     """Prefect's thread pool whose exit on an error or a signal (Ctrl-C, SIGTERM: both reach
     only the flow's thread, waiting on a slab) stops the slabs still running at their next
-    sampler step (``recon.cancellation``) instead of waiting for them to finish (minutes)."""
+    sampler step (``recon.classical.cancellation``) instead of waiting for them to finish (minutes)."""
 
     def __enter__(self) -> StoppingThreadPool:
         with ExitStack() as scope:

@@ -10,7 +10,7 @@ A slab ``(S, H, W)`` of consecutive slices is sampled as one image ``(1, S, H, W
   undersampled in the (kz, ky) plane; ``slice_drop``: every k-th slice missing;
   ``recon.registry.VOLUME_OPERATORS``), and through ``reconstruct.coupling: tv_z`` (total variation
   along the slices, ``+ mu_z ||D_z x||_1``, inside every data-consistency step:
-  ``recon.total_variation.tv_prox``).
+  ``recon.classical.total_variation.tv_prox``).
 
 A slab is reconstructed with ``halo`` extra slices on each side (``halo_span``), dropped
 afterwards, so that each slab stays an independent task whose border slices saw their

@@ -12,7 +12,7 @@ resume); here are its slices (``scan_slab``), outputs and lam scorers (``scan_sc
 1. noise: with noise scans (ISMRMRD) the k-space is *whitened*, ``k -> W k`` with
    ``W = L^{-1}``, ``L L^H = Psi`` (the noise covariance of the scans), so the noise is white
    with unit variance per complex entry; without them (fastMRI) it is left as it is and the
-   noise variance is estimated from the k-space corners (``recon.coils``);
+   noise variance is estimated from the k-space corners (``recon.classical.coils``);
 2. the readout oversampling is removed (``remove_readout_oversampling``);
 3. the reference: the file's ``reconstruction_rss`` when given (and the data were not
    whitened), else the root-sum-of-squares of the fully sampled coil images, else none
@@ -27,10 +27,10 @@ data only, as for a real accelerated scan:
 - intensity scale (cached with the maps: ``calibrate``): the head's median of the zero-filled
   root-sum-of-squares over the volume is mapped to 0.5 (the prior's foreground
   normalisation), ``y -> y / scale``;
-- coil maps: ESPIRiT on the fully sampled centre of each slice (``recon.coils.espirit_maps``,
+- coil maps: ESPIRiT on the fully sampled centre of each slice (``recon.classical.coils.espirit_maps``,
   calibration width = the largest centred fully sampled square, at most 24);
 - phase: the low-resolution phase of the coil-combined calibration image is absorbed into the
-  maps (``recon.coils.absorb_phase``), so the image the real-valued prior models is the
+  maps (``recon.classical.coils.absorb_phase``), so the image the real-valued prior models is the
   (non-negative) magnitude; the data consistency solves over complex images and keeps the
   magnitude (``UndersampledFourier.prox``), so the phase the low-resolution estimate misses
   stays in the data fit (``benchmarks/kspace.py --phase`` measures the alternatives);
@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recon import coils
+from recon.classical import coils
 from recon.config import BaselineConfig, OperatorConfig, ReconstructSection
 from recon.coupling import is_volume_method
 from recon.data.manifest import DataError

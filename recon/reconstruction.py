@@ -12,7 +12,7 @@ into slabs of consecutive slices (``slab_ranges``), each reconstructed on its ow
   operators (``kykz_fourier``, ``slice_drop``), ``reconstruct.coupling: tv_z`` and the 3-D
   baseline ``tv3d``.
 
-A classical baseline (``recon.baselines``: TV, L1-wavelet, 3-D TV) takes the sampler's place on
+A classical baseline (``recon.classical.baselines``: TV, L1-wavelet, 3-D TV) takes the sampler's place on
 the same ``y``; its ``lam`` is chosen on validation volumes by ``tune_baseline``.
 ``assemble_volume`` turns the slab files into NIfTI outputs on the source's grid
 (``prepared.write_outputs``), one output at a time. The config sections build the parts
@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recon import raw
-from recon.baselines import select_lambda
+from recon.classical.baselines import select_lambda
 from recon.config import BaselineConfig, OperatorConfig, PriorSection, ReconstructSection
 from recon.coupling import (
     SlabReconstructor,
@@ -291,7 +291,7 @@ def image_scorers(vol: PreparedVolume, operator: OperatorConfig, baseline: Basel
 
 def tune_baseline(prepared: Sequence[str | Path], operator: OperatorConfig, baseline: BaselineConfig,
                   sigma_y: float, seed: int = 0) -> dict:
-    """Choose a baseline's ``lam`` on validation volumes or scans (``recon.baselines.select_lambda``
+    """Choose a baseline's ``lam`` on validation volumes or scans (``recon.classical.baselines.select_lambda``
     over ``LAMBDA_GRID``): every slice is measured as a test slice would be (same operator config,
     ``sigma_y`` and ``seed``; a scan's sampling as its test twin's, scored against its reference)
     and reconstructed for each candidate (``prepared.scorers``); the best mean PSNR wins.

@@ -3,7 +3,7 @@ r"""Slices measured and reconstructed a batch at a time, and the prior they are 
 ``SliceReconstructor`` measures each slice ``y = A x + sigma_y n`` (noise seeded per slice,
 ``measure_slices``, so neither ``y`` nor the sample depends on the batch or slab it falls in) and
 draws ``n_samples`` posterior samples with a ``CondDenoiser`` (or solves a classical
-``recon.baselines.Baseline`` on the same ``y``): their mean is the reconstruction, their pixel-wise
+``recon.classical.baselines.Baseline`` on the same ``y``): their mean is the reconstruction, their pixel-wise
 std the uncertainty, ``A^+ y`` the naive baseline. ``load_network`` loads the prior a
 ``PriorSection`` names, once per process.
 """
@@ -90,7 +90,7 @@ class SliceReconstructor:
 
     ``sampler`` has ``sample(y, n_samples, generator, progress, keep_samples) -> Posterior``
     and ``nfe``: a ``CondDenoiser`` (``SliceReconstructor.diffusion``) or a classical
-    ``recon.baselines.Baseline``. ``measure_seed`` fixes the measurement noise (per slice),
+    ``recon.classical.baselines.Baseline``. ``measure_seed`` fixes the measurement noise (per slice),
     ``seed`` the sampler's noise, so two reconstructors that differ only in the method see the
     same ``y``.
     """

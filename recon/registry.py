@@ -68,10 +68,10 @@ TIMERS = Registry("timer", {"linear": "recon.sampling.timer:LinearTimer",
                             "cosine": "recon.sampling.timer:CosineTimer",
                             "karras": "recon.sampling.timer:KarrasTimer"})
 
-BASELINES = Registry("baseline", {"sense": "recon.baselines:Sense",
-                                  "tv": "recon.baselines:TotalVariation",
-                                  "tv3d": "recon.baselines:TotalVariation3D",
-                                  "l1_wavelet": "recon.baselines:L1Wavelet"})
+BASELINES = Registry("baseline", {"sense": "recon.classical.baselines:Sense",
+                                  "tv": "recon.classical.baselines:TotalVariation",
+                                  "tv3d": "recon.classical.baselines:TotalVariation3D",
+                                  "l1_wavelet": "recon.classical.baselines:L1Wavelet"})
 
 DIFFUSIONS = Registry("diffusion", {"vp_linear": "recon.sampling.diffusion:VPLinear",
                                     "vp_cosine": "recon.sampling.diffusion:VPCosine"})

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from recon import coils
+from recon.classical import coils
 from recon.data.kspace import LPS_TO_RAS, read_kspace
 from recon.data.nifti import atomic_dir
 from recon.volumes import PreparedVolume

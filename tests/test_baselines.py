@@ -1,4 +1,4 @@
-"""Classical baselines (recon.baselines): the sigpy wrapping of our operators is adjoint, each
+"""Classical baselines (recon.classical.baselines): the sigpy wrapping of our operators is adjoint, each
 solver reaches the minimum of its own objective, and lam is chosen on validation slices."""
 
 from __future__ import annotations
@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from recon.baselines import (
+from recon.classical.baselines import (
     LAMBDA_GRID,
     L1Wavelet,
     Sense,
     TotalVariation,
     select_lambda,
 )
+from recon.classical.sigpy_linop import OperatorLinop
 from recon.registry import BASELINES, OPERATORS
-from recon.sigpy_linop import OperatorLinop
 
 SHAPE = (24, 20)
 
@@ -176,7 +176,7 @@ def test_discrepancy_lambda_is_the_largest_lam_under_the_bound():
     ``tau m sigma^2`` to within one step; a floor above it moves the bound to floor +
     ``kappa m sigma^2``; without kappa (plain Morozov) nothing meets it and the grid's lower end
     is returned; a curve under the bound everywhere gives the upper end."""
-    from recon.baselines import DISCREPANCY_KAPPA, DISCREPANCY_TAU, discrepancy_lambda
+    from recon.classical.baselines import DISCREPANCY_KAPPA, DISCREPANCY_TAU, discrepancy_lambda
 
     m, sigma = 1000, 0.1
     step = (max(LAMBDA_GRID) / min(LAMBDA_GRID)) ** (1 / 32)
@@ -201,7 +201,7 @@ def test_discrepancy_lam_fits_the_data_to_the_noise_level_and_follows_sigma(cls)
     """Multi-coil k-space with known sigma: the chosen lam's complex solution leaves
     ``||y - A x||^2 <= tau m sigma^2`` (m = measured complex entries) and the next lam of the
     search exceeds it; less noise, smaller lam; ``solve`` returns that solution's magnitude."""
-    from recon.baselines import DISCREPANCY_TAU
+    from recon.classical.baselines import DISCREPANCY_TAU
 
     chosen = {}
     for sigma in (0.03, 0.01):

@@ -9,15 +9,15 @@ import threading
 import pytest
 import torch
 
-from recon.baselines import TotalVariation
-from recon.cancellation import Cancelled, cancellable, check_cancelled
-from recon.linalg import conjugate_gradient
+from recon.classical.baselines import TotalVariation
+from recon.classical.cancellation import Cancelled, cancellable, check_cancelled
+from recon.classical.linalg import conjugate_gradient
+from recon.classical.total_variation import tv_prox
 from recon.operators import build_mask
 from recon.sampling.denoiser import Denoiser
 from recon.sampling.diffusion import VPCosine
 from recon.sampling.integrator import EulerIntegrator
 from recon.sampling.timer import CosineTimer
-from recon.total_variation import tv_prox
 
 
 class StopAfter:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from recon.baselines import Sense
+from recon.classical.baselines import Sense
 from recon.config import OperatorConfig, PriorSection, ReconstructSection
 from recon.operators import UndersampledFourier, birdcage_maps, cartesian_mask
 from recon.operators.complex_image import (

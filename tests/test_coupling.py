@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from recon.classical.total_variation import (
+    finite_difference,
+    finite_difference_adjoint,
+    total_variation,
+    tv_prox,
+)
 from recon.config import CouplingConfig, OperatorConfig, load_config
 from recon.coupling import SliceStack, halo_span, is_volume_method, measure_volume
 from recon.metrics import psnr
 from recon.operators import build_mask
 from recon.reconstruction import measure_slices, reconstruct_prepared, slab_ranges
-from recon.total_variation import finite_difference, finite_difference_adjoint, total_variation, tv_prox
 from recon.volumes import read_stacks
 
 DIMS = (-3, -2, -1)

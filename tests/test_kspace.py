@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from recon import coils
-from recon.baselines import L1Wavelet, Sense
+from recon.classical import coils
+from recon.classical.baselines import L1Wavelet, Sense
 from recon.config import BaselineConfig, OperatorConfig, ReconstructSection
 from recon.data import simulate
 from recon.data.kspace import (
@@ -266,7 +266,7 @@ def test_a_fastmri_file_with_its_readout_oversampling_removed_is_read_with_a_war
     """The header's encoded readout is twice what the file holds (the oversampling was removed
     before saving, as in many fastMRI exports): read on the stored matrix, with one warning,
     not refused."""
-    from recon.coils import remove_readout_oversampling
+    from recon.classical.coils import remove_readout_oversampling
     from recon.data.kspace import KSpaceWarning
 
     path = write_fastmri(scan, tmp_path / "fast.h5")
@@ -630,7 +630,7 @@ def test_a_baseline_with_the_discrepancy_lam_is_above_zero_filled(prepared, tmp_
     """A config's ``lam: discrepancy`` through ``reconstruct_prepared`` on a noisy simulated
     acquisition (whitened, 6 coils, 3x): lam is chosen per slice from the slice's own noise
     level, and every slice is above zero-filled PSNR, where the grid's largest lam is below."""
-    from recon.baselines import LAMBDA_GRID
+    from recon.classical.baselines import LAMBDA_GRID
     from recon.metrics import psnr
     from recon.reconstruction import reconstruct_prepared
     from recon.volumes import read_stacks
@@ -719,7 +719,7 @@ def test_image_baselines_still_run_after_a_kspace_one(prepared):
     """sigpy's soft threshold is a lazily typed numba ufunc: after a complex L1-wavelet on coil
     data, a real TV / L1-wavelet solve of an image in the same process must still work (it
     failed with a complex128 -> float32 cast before the real loops were compiled first)."""
-    from recon.baselines import TotalVariation
+    from recon.classical.baselines import TotalVariation
     from recon.registry import OPERATORS
 
     _, problems = scan_problems(prepared, OperatorConfig(name="acquired"), seed=0)

@@ -28,7 +28,7 @@ import yaml  # noqa: E402
 
 from pipelines import tasks, tracking  # noqa: E402
 from pipelines.figures import quality_cost, volume_figure  # noqa: E402
-from recon.baselines import LAMBDA_GRID  # noqa: E402
+from recon.classical.baselines import LAMBDA_GRID  # noqa: E402
 from recon.config import ConfigError, load_config  # noqa: E402
 from recon.prior.network import (  # noqa: E402
     CHECKPOINT_FORMAT,
@@ -332,7 +332,7 @@ def test_compare_methods_parent_and_children(workspace, harness):
     tv = next(m for label, m in by.items() if label.startswith("tv(lam="))
     assert tv["nfe"] == 0 and tv["vjp"] == 0 and tv["slices_per_s"] > 0
     lam = mlflow_client(cfg).get_run(out["run_id"]).data.metrics["lam/fourier-tv"]
-    from recon.baselines import LAMBDA_GRID
+    from recon.classical.baselines import LAMBDA_GRID
     assert lam in LAMBDA_GRID
     # same data, seed and measurement: the naive baseline is identical in every child
     assert len({round(m["psnr_naive"], 9) for m in by.values()}) == 1

@@ -7,15 +7,15 @@ import pytest
 import sigpy as sp
 import torch
 
-from recon.operators import build_blur, build_fourier, build_mask
-from recon.sampling.guidance import DataConsistency
-from recon.sigpy_linop import OperatorLinop
-from recon.total_variation import (
+from recon.classical.sigpy_linop import OperatorLinop
+from recon.classical.total_variation import (
     finite_difference,
     finite_difference_adjoint,
     total_variation,
     tv_prox,
 )
+from recon.operators import build_blur, build_fourier, build_mask
+from recon.sampling.guidance import DataConsistency
 
 F64 = torch.float64
 SHAPE = (18, 15)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from recon.baselines import TotalVariation, TotalVariation3D
+from recon.classical.baselines import TotalVariation, TotalVariation3D
 from recon.operators import (
     KyKzFourier,
     SliceDrop,

@@ -172,7 +172,7 @@ def _store_exists(cfg: Config) -> bool:
 class _NoTracebacks(logging.Filter):
     """Keeps Prefect's console quiet about a failure the CLI reports in one line: drops its
     ``Encountered exception`` records (with their tracebacks), ``Finished in state Failed`` and
-    ``Crashed`` (a slab stopped by Ctrl-C, ``recon.cancellation``)."""
+    ``Crashed`` (a slab stopped by Ctrl-C, ``recon.classical.cancellation``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("prefect"):

@@ -27,7 +27,7 @@ from recon.registry import (
 
 LAM_RULES = ("discrepancy",)
 """A baseline's ``lam`` may name a rule instead of a number: chosen per acquisition at solve time
-from its own noise level (``recon.baselines.discrepancy_lambda``)."""
+from its own noise level (``recon.classical.baselines.discrepancy_lambda``)."""
 
 
 T_MIN = 1e-3
@@ -198,7 +198,7 @@ class BaselineConfig(_Component):
         return self.build(OPERATORS["mask"]((8, 8), keep=0.5, sigma_y=0.01, seed=0))
 
     def build(self, operator: Any) -> Any:
-        """The ``recon.baselines.Baseline`` for this ``recon.operators.Operator``."""
+        """The ``recon.classical.baselines.Baseline`` for this ``recon.operators.Operator``."""
         return self.REGISTRY[self.name](operator, **self.params)
 
     @property

@@ -152,7 +152,7 @@ def pyqmri_to_fastmri_bytes(raw: bytes, flip: int = 4, fov_mm: float = 224.0,
 
     import h5py
 
-    from recon.coils import centered_fft, centered_ifft, rss
+    from recon.classical.coils import centered_fft, centered_ifft, rss
     from recon.data.kspace import KSpaceScan, write_fastmri
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +180,7 @@ def mirtorch_to_fastmri_bytes(raw: bytes, fov_mm: float = 220.0, thickness_mm: f
     ``fov_mm`` (readout) and ``thickness_mm`` are assumptions (square pixels)."""
     import io
 
-    from recon.coils import centered_ifft, remove_readout_oversampling, rss
+    from recon.classical.coils import centered_ifft, remove_readout_oversampling, rss
     from recon.data.kspace import KSpaceScan, write_fastmri
 
     with np.load(io.BytesIO(raw)) as z:

@@ -168,7 +168,7 @@ def write_ismrmrd(scan: KSpaceScan, path: str | Path, noise_readouts: int = 8) -
     flagged ``ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING``)."""
     import ismrmrd
 
-    from recon.coils import acs_lines
+    from recon.classical.coils import acs_lines
 
     path = Path(path)
     s_n, c, r_enc, p_enc = scan.shape

@@ -13,7 +13,7 @@ Layout and conventions (the same for both formats):
   k-space centre sits at ``(R_enc // 2, P_enc // 2)`` (``recon.operators.fft2c``). Lines that
   were not acquired are zero and ``mask`` is False there.
 - The reconstructed image has the header's ``reconSpace.matrixSize`` ``(R, P)``: the readout
-  oversampling is removed (``recon.coils.remove_readout_oversampling``), a larger encoded
+  oversampling is removed (``recon.classical.coils.remove_readout_oversampling``), a larger encoded
   phase field of view is cropped in the image after reconstruction.
 - Geometry (ISMRMRD acquisition headers): ``position`` is the centre of the slice, which is
   where pixel ``(R // 2, P // 2)`` of the image lies (the DFT's centre), ``read_dir``,

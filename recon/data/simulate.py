@@ -40,7 +40,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from recon.coils import centered_fft, centered_ifft, remove_readout_oversampling, rss
+from recon.classical.coils import centered_fft, centered_ifft, remove_readout_oversampling, rss
 from recon.data.kspace import LPS_TO_RAS, KSpaceScan
 
 __all__ = ["central_slices", "coil_sensitivities", "head_median", "simulate_scan", "tissue_phase"]

@@ -127,7 +127,7 @@ def _verify_kspace(volume: VolumeEntry, path: Path) -> VolumeCheck:
     except DataError as err:
         raise DataError(f"volume {volume.id!r}: {err}") from None
     if scan.noise is None:  # the noise level then comes from the k-space corners
-        from recon.coils import corner_noise_variance
+        from recon.classical.coils import corner_noise_variance
 
         try:
             corner_noise_variance(scan.kspace, scan.mask)

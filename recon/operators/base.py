@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from recon.linalg import conjugate_gradient
+from recon.classical.linalg import conjugate_gradient
 
 Seed = torch.Generator | int | None
 

@@ -6,7 +6,7 @@ images, so one of three image models stands between it and ``A`` (an ``Undersamp
 coil maps and complex images), each an operator on the real images the sampler draws:
 
 - ``Magnitude``: ``x = rho``, real, in the frame of the phase absorbed into the maps beforehand
-  (``recon.coils.absorb_phase``); each data consistency solves over complex images and keeps
+  (``recon.classical.coils.absorb_phase``); each data consistency solves over complex images and keeps
   the magnitude (``UndersampledFourier.prox`` of a real image), so its phase is pulled back to
   that frame at every step. Exact only where the absorbed phase is the image's.
 - ``TrackedPhase``: ``x = rho e^{i phi}`` with ``phi`` re-estimated from every data-consistent

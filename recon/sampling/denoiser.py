@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recon.cancellation import check_cancelled
+from recon.classical.cancellation import check_cancelled
 from recon.sampling.diffusion import DiffusionModel, tweedie
 from recon.sampling.integrator import EpsFn, Integrator, scales
 from recon.sampling.timer import Timer
@@ -78,7 +78,7 @@ class Denoiser:
     def integrate(self, x: Tensor, eps_fn: EpsFn, generator: torch.Generator | None = None,
                   trajectory: bool = False, progress: bool = False):
         """Run the integrator from ``x`` at ``t_max`` along the grid and denoise at ``t_min``
-        (``recon.cancellation.Cancelled`` between steps once the job is cancelled)."""
+        (``recon.classical.cancellation.Cancelled`` between steps once the job is cancelled)."""
         times = self.times.tolist()
         path = [x] if trajectory else None
         with self._grad_mode():

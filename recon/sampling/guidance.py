@@ -30,11 +30,11 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from recon.linalg import batch_dot, conjugate_gradient
+from recon.classical.linalg import batch_dot, conjugate_gradient
+from recon.classical.total_variation import tv_prox
 from recon.registry import GUIDANCES
 from recon.sampling.diffusion import DiffusionModel, eps_from_x0, tweedie
 from recon.sampling.integrator import EpsFn, scales
-from recon.total_variation import tv_prox
 
 __all__ = ["batch_dot", "conjugate_gradient"]  # re-exported: the guidances' linear algebra
 
@@ -187,7 +187,7 @@ class DataConsistency(Guidance):
     the measured coefficients of ``x0_hat`` pulled towards ``y`` (replaced when ``sigma_y = 0``
     or ``soft=False``, ``lam = 0``). With ``tv = mu > 0`` total variation shares the step
     (DiffusionMBIR): ``argmin 1/2 ||y - A x||^2 + lam/2 ||x - x0_hat||^2 + mu TV(x)`` by
-    ``tv_iterations`` PDHG steps (``recon.total_variation.tv_prox``); ``mu`` is in the units of
+    ``tv_iterations`` PDHG steps (``recon.classical.total_variation.tv_prox``); ``mu`` is in the units of
     the TV baseline's ``lam``. With ``tv_z = mu_z > 0`` the images are slabs ``(N, S, H, W)``
     of ``S`` slices sampled as one (``recon.coupling``) and TV along the slices couples them in
     the same step: ``+ mu_z ||D_z x||_1`` (DiffusionMBIR's through-plane TV). Then

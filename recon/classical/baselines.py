@@ -48,12 +48,12 @@ import sigpy as sp
 import torch
 from torch import Tensor
 
+from recon.classical.sigpy_linop import OperatorLinop
 from recon.config.components import LAM_RULES
 from recon.config.components import check_lam as _check_lam
 from recon.operators.complex_image import ComplexImageModel
 from recon.sampling.cond_denoiser import Posterior
 from recon.sampling.guidance import real_adjoint
-from recon.sigpy_linop import OperatorLinop
 
 LAMBDA_GRID: tuple[float, ...] = tuple(float(v) for v in 10.0 ** np.arange(-4.0, -0.25, 0.5))
 """Candidate ``lam`` for ``select_lambda``: two per decade, 1e-4 to 10^-0.5 (image units [0, 1.5],
@@ -131,7 +131,7 @@ class Baseline:
         lam = self.lam if lam is None else check_lam(lam)
         if lam is None:
             raise ValueError(f"{self.name}: lam is not set; choose it on validation slices "
-                             f"(recon.baselines.select_lambda) or name a rule ({LAM_RULES})")
+                             f"(recon.classical.baselines.select_lambda) or name a rule ({LAM_RULES})")
         return lam
 
     def _solve_real(self, y: Tensor, lam: float) -> Tensor:
@@ -294,7 +294,7 @@ class TotalVariation3D(TotalVariation):
     """``R(x) = ||D x||_1`` over the volume: finite differences over (S, H, W), the last three
     axes of the image ``Re(A^H y)`` (e.g. ``(1, S, H, W)`` for ``kykz_fourier`` or
     ``slice_drop``), so slices share information through z. Circular in-plane as ``tv``, not
-    along z (a slab's first and last slices are not neighbours), as ``recon.total_variation``'s
+    along z (a slab's first and last slices are not neighbours), as ``recon.classical.total_variation``'s
     through-plane TV. The iterations start from the operator's naive solution (for dropped
     slices: linear interpolation along z), since TV alone reaches a slice without data only
     slowly from zeros, and is indifferent to where a dropped slice lies between its neighbours."""

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from recon.cancellation import check_cancelled
+from recon.classical.cancellation import check_cancelled
 
 _DIMS = (-2, -1)
 Z = -3

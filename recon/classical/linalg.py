@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from recon.cancellation import check_cancelled
+from recon.classical.cancellation import check_cancelled
 
 
 def _per_sample(c: Tensor, x: Tensor) -> Tensor:

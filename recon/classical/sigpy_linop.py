@@ -1,7 +1,7 @@
 """A ``recon.operators`` operator seen by sigpy: ``OperatorLinop``, a ``sigpy.linop.Linop`` on
-real numpy arrays, through which the classical baselines (``recon.baselines``) run sigpy's
+real numpy arrays, through which the classical baselines (``recon.classical.baselines``) run sigpy's
 solvers. Every sigpy iteration applies it, so it is where a cancelled job stops them
-(``recon.cancellation``)."""
+(``recon.classical.cancellation``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import sigpy as sp
 import torch
 
-from recon.cancellation import check_cancelled
+from recon.classical.cancellation import check_cancelled
 from recon.sampling.guidance import real_adjoint
 
 

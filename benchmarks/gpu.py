@@ -187,7 +187,7 @@ def sampling(device: torch.device, dry: bool) -> dict:
     PSNR of bf16 minus fp32, on the shipped prior's 256 x 256 test slice(s)."""
     from recon.classical.baselines import TotalVariation
     from recon.metrics import psnr
-    from recon.reconstruction import SliceReconstructor, load_network
+    from recon.reconstruct.reconstruction import SliceReconstructor, load_network
 
     cfg, rs, op_cfg = _settings(dry, device)
     held = np.load(ROOT / "tests" / "data" / "heldout_native.npz")
@@ -239,8 +239,8 @@ def volume(data_root: Path, manifest: Path, device: torch.device, dry: bool,
     import nibabel as nib
 
     from recon.data.manifest import load_manifest, resolve
-    from recon.reconstruction import batch_size_for, reconstruct_prepared
-    from recon.volumes import prepare_volume
+    from recon.reconstruct.reconstruction import batch_size_for, reconstruct_prepared
+    from recon.reconstruct.volumes import prepare_volume
 
     cfg, rs, op = _settings(dry, device, n_samples=2)
     test = load_manifest(manifest).volumes("test")[0]

@@ -5,7 +5,7 @@ over the whole image and inside the head.
 Every acquisition of a split of `data_manifests/public_kspace.yaml` (test: simulated 8-coil
 ISMRMRD files of held-out subjects and PyQMRI's measured 13-coil brain; val: simulated ones, two
 with a measured-looking phase, and fastMRI's measured 16-coil T2 slice) is prepared as the
-`reconstruct` flow prepares it (`recon.raw`: noise whitening or corner estimate, readout
+`reconstruct` flow prepares it (`recon.reconstruct.raw`: noise whitening or corner estimate, readout
 oversampling removed), undersampled retrospectively with fastMRI-style random Cartesian lines
 (4x with 8 % centre lines, 8x with 4 %), and reconstructed slice by slice on its own matrix
 with coil maps from its calibration lines. Rows, the same y for each:
@@ -48,10 +48,10 @@ from recon.config import BaselineConfig, MethodConfig, OperatorConfig, load_conf
 from recon.data.manifest import DataError, load_manifest, resolve
 from recon.data.verify import verify
 from recon.metrics import evaluate_stacks, psnr
-from recon.raw import scan_problems
-from recon.reconstruction import reconstruct_prepared, tune_baseline
-from recon.scans import PreparedScan, crop_phase, prepare_scan
-from recon.volumes import read_stacks
+from recon.reconstruct.raw import scan_problems
+from recon.reconstruct.reconstruction import reconstruct_prepared, tune_baseline
+from recon.reconstruct.scans import PreparedScan, crop_phase, prepare_scan
+from recon.reconstruct.volumes import read_stacks
 from recon.yaml_io import parse_yaml
 
 ACCELERATIONS = {"4x": {"acceleration": 4, "center_fraction": 0.08},

@@ -9,7 +9,7 @@ does, it prints:
   dilated head) and from the fully sampled coil images' residual off the coil maps (C - 1
   degrees of freedom per pixel inside the maps' support);
 - how far the fully sampled, coil-combined image is from real and non-negative after each phase
-  rule absorbs its phase into the maps (`recon.raw`: `lowres`, `sense`): its energy in the
+  rule absorbs its phase into the maps (`recon.reconstruct.raw`: `lowres`, `sense`): its energy in the
   imaginary part inside the head, and the relative error of max(Re, 0) against its magnitude;
 - per method (zero-filled, SENSE and L1-wavelet with lam by discrepancy, the diffusion sampler
   under each image model of `recon.operators.complex_image`): the data residual
@@ -43,9 +43,9 @@ from recon.data.manifest import load_manifest, resolve
 from recon.data.verify import verify
 from recon.metrics import head_mask
 from recon.operators.complex_image import IMAGE_MODELS, image_model
-from recon.raw import scan_problems, x0_range_for
-from recon.reconstruction import sampler_for
-from recon.scans import PreparedScan, ViewOriented, crop_phase, prepare_scan
+from recon.reconstruct.raw import scan_problems, x0_range_for
+from recon.reconstruct.reconstruction import sampler_for
+from recon.reconstruct.scans import PreparedScan, ViewOriented, crop_phase, prepare_scan
 
 ACCELERATIONS = {"4x": {"acceleration": 4, "center_fraction": 0.08},
                  "8x": {"acceleration": 8, "center_fraction": 0.04}}

@@ -5,7 +5,7 @@ For every T1 volume of the test split (``--modalities``: others, e.g. the DWI b0
 never trained on), its central slices are measured on their own grid
 (mask 30 %, blur sigma 2 px, 4x Cartesian k-space; sigma_y from the config) with the same seeds
 for every method, exactly as the `reconstruct` flow does. The baselines' lam (and the warm
-start's) is chosen per operator on the validation split (`recon.reconstruction.tune_baseline`,
+start's) is chosen per operator on the validation split (`recon.reconstruct.reconstruction.tune_baseline`,
 the best mean PSNR on `LAMBDA_GRID`), never on the test volumes. Prints one row per volume x
 operator x method (PSNR, SSIM, NFE, VJP, seconds per slice: a warm start's TV solve included),
 then per operator the worst-volume margins of the config's sampler (the default a user gets)
@@ -36,8 +36,8 @@ from recon.config import MethodConfig, load_config
 from recon.data.manifest import load_manifest, resolve
 from recon.data.verify import verify
 from recon.metrics import evaluate_stacks, worst_margins
-from recon.reconstruction import reconstruct_prepared, tune_baseline
-from recon.volumes import prepare_volume, read_stacks
+from recon.reconstruct.reconstruction import reconstruct_prepared, tune_baseline
+from recon.reconstruct.volumes import prepare_volume, read_stacks
 
 DIFFUSION = {  # every one at <= 30 network evaluations per sample
     "config": {},

@@ -3,7 +3,7 @@
 For every T1 volume of a split (default: test) of the manifest, its central slices are measured
 and reconstructed on their native in-plane grid (no resampling: a 256 x 256 slice stays
 256 x 256, a 62 x 128 one stays 62 x 128) with each operator of the config, exactly as the
-`reconstruct` flow does (`recon.reconstruction.reconstruct_prepared`); PSNR/SSIM against the
+`reconstruct` flow does (`recon.reconstruct.reconstruction.reconstruct_prepared`); PSNR/SSIM against the
 ground truth are computed on that grid (`recon.metrics.evaluate_stacks`). Prints one row per
 volume x operator with NFE, seconds per slice and slices/s, then the worst-volume margins
 against the bars (>= 3 dB PSNR and >= 0.05 SSIM over naive).
@@ -25,8 +25,8 @@ from recon.config import load_config
 from recon.data.manifest import load_manifest, resolve
 from recon.data.verify import verify
 from recon.metrics import evaluate_stacks
-from recon.reconstruction import reconstruct_prepared
-from recon.volumes import prepare_volume, read_stacks
+from recon.reconstruct.reconstruction import reconstruct_prepared
+from recon.reconstruct.volumes import prepare_volume, read_stacks
 
 BARS = {"psnr": 3.0, "ssim": 0.05}
 

@@ -37,8 +37,8 @@ from recon.metrics import evaluate_stacks
 from recon.prior.network import load_prior, read_checkpoint
 from recon.prior.objective import ValidationSet
 from recon.prior_config import PriorConfig
-from recon.reconstruction import reconstruct_prepared, tune_baseline
-from recon.volumes import read_stacks
+from recon.reconstruct.reconstruction import reconstruct_prepared, tune_baseline
+from recon.reconstruct.volumes import read_stacks
 
 
 def real_crops(cfg: PriorConfig, data_root: str, split: str, manifest: Path) -> CropDataset:

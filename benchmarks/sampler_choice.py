@@ -39,8 +39,8 @@ from methods import prepare_split  # benchmarks/methods.py, beside this script
 from recon.config import MethodConfig, load_config
 from recon.data.manifest import load_manifest
 from recon.metrics import evaluate_stacks
-from recon.reconstruction import reconstruct_prepared, tune_baseline
-from recon.volumes import read_stacks
+from recon.reconstruct.reconstruction import reconstruct_prepared, tune_baseline
+from recon.reconstruct.volumes import read_stacks
 
 
 def _method(integrator=("diffpir", {}), steps=29, weight=None, tv=None, t0=None,

@@ -42,7 +42,7 @@ JOB = ["colin27_t1", "antspyx_r85_t1", "itk_kmeans_t1", "dipy_s0_b0"]
 def nfe_overhead(device: str, steps: int, repeats: int) -> bool:
     from recon.config import load_config
     from recon.prior.network import resolve_device
-    from recon.reconstruction import load_network
+    from recon.reconstruct.reconstruction import load_network
     from recon.sampling.cond_denoiser import CondDenoiser
 
     cfg = load_config(ROOT / "configs/demo.yaml", [f"reconstruct.device={device}"]).absolute(ROOT)
@@ -153,7 +153,7 @@ MEMORY_CHILD = """
 import json, sys, time
 from pathlib import Path
 from recon.config import load_config
-from recon.reconstruction import reconstruct_prepared
+from recon.reconstruct.reconstruction import reconstruct_prepared
 cfg = load_config(sys.argv[1], json.loads(sys.argv[2])).absolute(sys.argv[3])
 op = next(o for o in cfg.reconstruct.operators if o.name == "fourier")
 t0 = time.perf_counter()
@@ -167,7 +167,7 @@ print(json.dumps({"peak_kb": peak_kb,
 
 def memory(slice_counts: list[int], steps: int) -> bool:
     from recon.config import load_config
-    from recon.volumes import prepare_volume
+    from recon.reconstruct.volumes import prepare_volume
 
     overrides = ["reconstruct.operators=[fourier]", f"reconstruct.steps={steps}",
                  "reconstruct.n_samples=1", "reconstruct.batch_size=2", "reconstruct.slab_slices=32",

@@ -45,8 +45,8 @@ from recon.config import BaselineConfig, CouplingConfig, OperatorConfig, load_co
 from recon.data.manifest import load_manifest, resolve
 from recon.data.verify import verify
 from recon.metrics import evaluate_stacks
-from recon.reconstruction import reconstruct_prepared, tune_baseline
-from recon.volumes import PreparedVolume, prepare_volume, read_stacks
+from recon.reconstruct.reconstruction import reconstruct_prepared, tune_baseline
+from recon.reconstruct.volumes import PreparedVolume, prepare_volume, read_stacks
 
 OPERATORS = {"mask": None,  # the config's own
              "kykz_fourier": {"acceleration": 4, "center_fraction": 0.08, "kind": "random"},

@@ -16,8 +16,8 @@ from pipelines.flow_common import cached_call, fresh, metric_key, run_dir, with_
 from pipelines.runners import check_scheduler, task_runner
 from pipelines.tracking import Run
 from recon.config import BaselineConfig, Config, OperatorConfig, ReconstructSection
-from recon.reconstruction import load_network, slab_file, slab_ranges
-from recon.scans import open_prepared
+from recon.reconstruct.reconstruction import load_network, slab_file, slab_ranges
+from recon.reconstruct.scans import open_prepared
 
 
 def series(out: Mapping[str, Any]) -> str:

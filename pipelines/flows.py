@@ -29,7 +29,7 @@ from pipelines.runners import task_runner
 from pipelines.tracking import Run, create_run, run_context, tracking_uri
 from recon.config import Config
 from recon.metrics import SLICE_METRICS, VOLUME_METRICS
-from recon.scans import open_prepared
+from recon.reconstruct.scans import open_prepared
 
 DEFAULT_CONFIG = "configs/default.yaml"
 

@@ -32,13 +32,13 @@ from recon.config import BaselineConfig, DataConfig, OperatorConfig, PriorSectio
 from recon.data.nifti import atomic_write_bytes
 from recon.metrics import evaluate_stacks
 from recon.prior_config import PriorConfig
-from recon.reconstruction import assemble_volume as assemble
-from recon.reconstruction import reconstruct_prepared
-from recon.reconstruction import reconstruct_slab as reconstruct_span
-from recon.reconstruction import tune_baseline as tune
-from recon.scans import prepare_scan
-from recon.volumes import prepare_volume as prepare
-from recon.volumes import read_stacks
+from recon.reconstruct.reconstruction import assemble_volume as assemble
+from recon.reconstruct.reconstruction import reconstruct_prepared
+from recon.reconstruct.reconstruction import reconstruct_slab as reconstruct_span
+from recon.reconstruct.reconstruction import tune_baseline as tune
+from recon.reconstruct.scans import prepare_scan
+from recon.reconstruct.volumes import prepare_volume as prepare
+from recon.reconstruct.volumes import read_stacks
 
 # -- cache policy -------------------------------------------------------------------------------
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -150,8 +150,8 @@ def list_volumes(manifest: str, data_root: str, split: str, verify: bool = True,
 @task(name="prepare-volume", **EXPENSIVE, **IO_RETRIES)
 def prepare_volume(volume: dict, data: DataConfig, out_dir: str) -> str:
     """Preprocess one volume (``{"id", "path", "kind"}``) into slices on disk
-    (``recon.volumes.prepare_volume``; raw k-space: ``recon.scans.prepare_scan``); returns the
-    prepared directory."""
+    (``recon.reconstruct.volumes.prepare_volume``; raw k-space:
+    ``recon.reconstruct.scans.prepare_scan``); returns the prepared directory."""
     if volume.get("kind") == "kspace":
         return str(prepare_scan(volume["path"], out_dir, data.max_slices, name=volume["id"]))
     return str(prepare(volume["path"], data, out_dir, data.max_slices, name=volume["id"]))
@@ -181,7 +181,7 @@ def reconstruct_volume(prepared: str, operator: OperatorConfig, settings: Recons
                        baseline: BaselineConfig | None = None) -> dict:
     """Slice-batched streaming reconstruction of one prepared volume with one operator, by the
     diffusion sampler or a classical ``baseline``: NIfTI ``truth``, ``naive``, ``recon``,
-    ``std`` in ``out_dir`` plus ``summary.json`` (``recon.reconstruction.reconstruct_prepared``;
+    ``std`` in ``out_dir`` plus ``summary.json`` (``recon.reconstruct.reconstruction.reconstruct_prepared``;
     either kind: image volume or raw k-space)."""
     return reconstruct_prepared(prepared, operator, settings, prior, out_dir, progress=progress,
                                 baseline=baseline)
@@ -202,7 +202,7 @@ def reconstruct_slab(prepared: str, operator: OperatorConfig, settings: Reconstr
                      baseline: BaselineConfig | None = None) -> dict:
     """One slab (slice positions ``span = [start, stop)``) of a prepared volume, reconstructed by
     the diffusion sampler or a classical ``baseline`` into ``out_file``
-    (``recon.reconstruction.reconstruct_slab``). Cached: a re-run skips finished slabs."""
+    (``recon.reconstruct.reconstruction.reconstruct_slab``). Cached: a re-run skips finished slabs."""
     return reconstruct_span(prepared, operator, settings, prior, out_file, span,
                             progress=progress, baseline=baseline)
 
@@ -212,7 +212,7 @@ def assemble_volume(prepared: str, slabs: list[dict], operator: OperatorConfig,
                     settings: ReconstructSection, out_dir: str,
                     baseline: BaselineConfig | None = None) -> dict:
     """A volume's NIfTI outputs, ``slices.npz`` and ``summary.json`` from its finished slabs
-    (``recon.reconstruction.assemble_volume``; each file written atomically)."""
+    (``recon.reconstruct.reconstruction.assemble_volume``; each file written atomically)."""
     return assemble(prepared, slabs, operator, settings, out_dir, baseline)
 
 
@@ -220,7 +220,7 @@ def assemble_volume(prepared: str, slabs: list[dict], operator: OperatorConfig,
 def tune_baseline(prepared: list[str], operator: OperatorConfig, baseline: BaselineConfig,
                   sigma_y: float, seed: int) -> dict:
     """Choose a baseline's ``lam`` for one operator on validation volumes
-    (``recon.reconstruction.tune_baseline``, image volumes or raw k-space):
+    (``recon.reconstruct.reconstruction.tune_baseline``, image volumes or raw k-space):
     ``{"lam", "scores", "slices", "volumes"}``."""
     return tune(prepared, operator, baseline, sigma_y, seed)
 

@@ -47,7 +47,7 @@ OPERATORS = Registry("operator", {
     "kykz_fourier": "recon.operators:build_kykz_fourier",
     "slice_drop": "recon.operators:build_slice_drop"})
 """Operator name -> builder ``(shape, **params, sigma_y=, seed=) -> Operator``; ``acquired``
-(raw k-space as measured) takes its sampling from the data (``recon.raw``). ``kykz_fourier``
+(raw k-space as measured) takes its sampling from the data (``recon.reconstruct.raw``). ``kykz_fourier``
 (3-D k-space undersampled in (kz, ky)) and ``slice_drop`` (every k-th slice kept) measure
 volumes: their ``shape`` is a volume's ``(S, H, W)``, not a slice's ``(H, W)``."""
 
@@ -78,7 +78,7 @@ DIFFUSIONS = Registry("diffusion", {"vp_linear": "recon.sampling.diffusion:VPLin
 
 VOLUME_OPERATORS = frozenset({"kykz_fourier", "slice_drop"})
 """Operators that measure a volume ``(S, H, W)``, not each slice alone: a slab is sampled as one
-(``recon.coupling``). Their builders take ``shape=(S, H, W)``; ``slice_drop`` also the slices'
+(``recon.reconstruct.coupling``). Their builders take ``shape=(S, H, W)``; ``slice_drop`` also the slices'
 global ``indices``."""
 WHOLE_VOLUME_OPERATORS = frozenset({"kykz_fourier"})
 """Volume operators whose every measurement mixes all slices (a Fourier transform along z): the
@@ -86,7 +86,7 @@ volume is one slab."""
 VOLUME_BASELINES = frozenset({"tv3d"})
 """Baselines that regularise across slices: they solve a slab at once."""
 KSPACE_OPERATORS = ("fourier", "acquired")
-"""Operators that apply to raw k-space (``recon.raw``), slice by slice: as acquired, or
+"""Operators that apply to raw k-space (``recon.reconstruct.raw``), slice by slice: as acquired, or
 retrospectively undersampled; ``acquired`` applies to nothing else."""
 
 __all__ = ["BASELINES", "DIFFUSIONS", "GUIDANCES", "INTEGRATORS", "KSPACE_OPERATORS", "OPERATORS",

@@ -87,8 +87,8 @@ def test_a_slab_keeps_its_adapted_prior_beside_it(workspace, tmp_path):
     from recon.config import OperatorConfig, PriorSection, ReconstructSection
     from recon.data.kspace import write_ismrmrd
     from recon.data.simulate import simulate_scan
-    from recon.reconstruction import reconstruct_prepared
-    from recon.scans import prepare_scan
+    from recon.reconstruct.reconstruction import reconstruct_prepared
+    from recon.reconstruct.scans import prepare_scan
 
     g = np.meshgrid(*[np.linspace(-1.3, 1.3, n) for n in (24, 20, 4)], indexing="ij")
     head = (g[0] ** 2 + g[1] ** 2 < 1.0) * (100 + 30 * np.sin(4 * g[0]))

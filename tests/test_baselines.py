@@ -129,8 +129,8 @@ def test_tune_baseline_chooses_lam_on_validation_slices(tmp_path):
     import nibabel as nib
 
     from recon.config import BaselineConfig, DataConfig, OperatorConfig
-    from recon.reconstruction import tune_baseline
-    from recon.volumes import prepare_volume
+    from recon.reconstruct.reconstruction import tune_baseline
+    from recon.reconstruct.volumes import prepare_volume
 
     grid = np.meshgrid(*[np.linspace(-1.2, 1.2, n) for n in (24, 28, 6)], indexing="ij")
     r = grid[0] ** 2 + grid[1] ** 2

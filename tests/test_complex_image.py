@@ -22,7 +22,7 @@ from recon.operators.complex_image import (
     image_model,
 )
 from recon.prior.network import PerChannel
-from recon.raw import x0_range_for
+from recon.reconstruct.raw import x0_range_for
 
 SHAPE = (12, 10)
 
@@ -169,8 +169,8 @@ def test_a_scan_is_reconstructed_with_each_image_model(name, workspace, tmp_path
     shape, std over 2 samples, finite; the samplers' chains keep their own phase."""
     from recon.data.kspace import write_ismrmrd
     from recon.data.simulate import simulate_scan
-    from recon.reconstruction import reconstruct_prepared
-    from recon.scans import PreparedScan, prepare_scan
+    from recon.reconstruct.reconstruction import reconstruct_prepared
+    from recon.reconstruct.scans import PreparedScan, prepare_scan
 
     g = np.meshgrid(*[np.linspace(-1.3, 1.3, n) for n in (24, 20, 3)], indexing="ij")
     head = (g[0] ** 2 + g[1] ** 2 < 1.0) * (100 + 30 * np.sin(4 * g[0]))

@@ -14,11 +14,11 @@ from recon.classical.total_variation import (
     tv_prox,
 )
 from recon.config import CouplingConfig, OperatorConfig, load_config
-from recon.coupling import SliceStack, halo_span, is_volume_method, measure_volume
 from recon.metrics import psnr
 from recon.operators import build_mask
-from recon.reconstruction import measure_slices, reconstruct_prepared, slab_ranges
-from recon.volumes import read_stacks
+from recon.reconstruct.coupling import SliceStack, halo_span, is_volume_method, measure_volume
+from recon.reconstruct.reconstruction import measure_slices, reconstruct_prepared, slab_ranges
+from recon.reconstruct.volumes import read_stacks
 
 DIMS = (-3, -2, -1)
 
@@ -154,7 +154,7 @@ def test_slabs_with_a_halo_join_without_seams(volume, tmp_path, method):
 
 def test_outputs_carry_the_slice_aspect_the_figures_draw_reformats_with(volume, tmp_path):
     from recon.data.slicing import SliceGeometry
-    from recon.volumes import PreparedVolume
+    from recon.reconstruct.volumes import PreparedVolume
 
     cfg, prepared = volume
     out = reconstruct_prepared(prepared, cfg.reconstruct.operators[0], cfg.reconstruct, cfg.prior,
@@ -166,7 +166,7 @@ def test_outputs_carry_the_slice_aspect_the_figures_draw_reformats_with(volume, 
 
 
 def test_a_whole_volume_operator_refuses_a_slab(volume, tmp_path):
-    from recon.reconstruction import reconstruct_slab
+    from recon.reconstruct.reconstruction import reconstruct_slab
 
     cfg, prepared = volume
     op = OperatorConfig(name="kykz_fourier", params={"acceleration": 2})

@@ -17,7 +17,7 @@ import torch
 
 from recon.config import load_config
 from recon.metrics import psnr
-from recon.reconstruction import SliceReconstructor, batch_size_for, load_network
+from recon.reconstruct.reconstruction import SliceReconstructor, batch_size_for, load_network
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

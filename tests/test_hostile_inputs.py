@@ -208,7 +208,7 @@ import sys, time
 from pathlib import Path
 from pipelines import tracking
 from recon.config import load_config
-from recon.volumes import VolumeBuffer
+from recon.reconstruct.volumes import VolumeBuffer
 work = Path(sys.argv[1])
 cfg = load_config(None, [f"work_dir={work}", "tracking.experiment=kill"])
 with tracking.run_context(cfg, "evaluate") as parent:
@@ -745,7 +745,7 @@ def test_a_compare_row_without_data_consistency_runs_uncoupled(workspace):
     shipped configs have one): the row, which has no data-consistency step to put TV along z in,
     runs uncoupled, and its sampler is built (before: "TypeError: DPS.__init__() got an
     unexpected keyword argument 'tv_z'", exit 1 after 100 s); a row asking for both is refused."""
-    from recon.reconstruction import sampler_for
+    from recon.reconstruct.reconstruction import sampler_for
 
     cfg = load_config(None, [*workspace["overrides"], "reconstruct.coupling=tv_z",
                              "compare.methods=[{guidance: dps, steps: 2}, {steps: 2}]"])

@@ -36,8 +36,8 @@ from recon.data.kspace import (
 )
 from recon.data.simulate import coil_sensitivities, head_median, simulate_scan
 from recon.operators import UndersampledFourier, fft2c
-from recon.raw import calibration_width, scan_problems
-from recon.scans import PreparedScan, ViewTransform, prepare_scan
+from recon.reconstruct.raw import calibration_width, scan_problems
+from recon.reconstruct.scans import PreparedScan, ViewTransform, prepare_scan
 
 
 def phantom(shape=(40, 36, 6), seed=0) -> np.ndarray:
@@ -573,7 +573,7 @@ def test_reconstruct_prepared_writes_a_scan_as_nifti_with_the_header_affine(prep
     """Through ``reconstruct_prepared`` (as image volumes) with a baseline (no network needed):
     NIfTI in the file's units on the reconstructed grid with the header's affine, stacks for
     the metrics."""
-    from recon.reconstruction import reconstruct_prepared
+    from recon.reconstruct.reconstruction import reconstruct_prepared
 
     settings = ReconstructSection(n_samples=1, progress=False, device="cpu")
     out = reconstruct_prepared(prepared.directory, OperatorConfig(name="fourier", params={
@@ -597,8 +597,8 @@ def test_coil_maps_and_scale_are_computed_once_per_sampling_and_reused(prepared,
     """ESPIRiT runs once per slice for a (scan, sampling, seed, phase): a second method and
     slabs of one slice reuse the cached maps and scale (the same outputs' scale); another seed
     or phase rule is another sampling and computes its own; lam tuning reuses them too."""
-    from recon import raw
-    from recon.reconstruction import reconstruct_prepared, tune_baseline
+    from recon.reconstruct import raw
+    from recon.reconstruct.reconstruction import reconstruct_prepared, tune_baseline
 
     calls = []
 
@@ -632,8 +632,8 @@ def test_a_baseline_with_the_discrepancy_lam_is_above_zero_filled(prepared, tmp_
     level, and every slice is above zero-filled PSNR, where the grid's largest lam is below."""
     from recon.classical.baselines import LAMBDA_GRID
     from recon.metrics import psnr
-    from recon.reconstruction import reconstruct_prepared
-    from recon.volumes import read_stacks
+    from recon.reconstruct.reconstruction import reconstruct_prepared
+    from recon.reconstruct.volumes import read_stacks
 
     op = OperatorConfig(name="fourier", params={"acceleration": 3, "center_fraction": 0.15})
     settings = ReconstructSection(n_samples=1, progress=False, device="cpu")

@@ -96,7 +96,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_is_read():
     graph = import_graph()
-    assert "recon.config" in graph["recon.reconstruction"]
+    assert "recon.config" in graph["recon.reconstruct.reconstruction"]
     assert "recon.prior_config" in graph["recon.prior.network"]
     # the config schema sits low: it names components through the registry, never imports them
     below = {d for m, deps in graph.items() if m.startswith("recon.config") for d in deps}

@@ -414,7 +414,7 @@ def test_bad_inputs_fail_early_with_failed_runs(workspace, harness, tmp_path):
 
 def test_train_prior_trains_exports_and_caches(workspace, harness):
     from pipelines.flows import train_prior
-    from recon.reconstruction import load_network
+    from recon.reconstruct.reconstruction import load_network
 
     cfg = workspace["config"]
     overrides = ["train.enabled=true", "train.steps=2", "train.batch_size=2"]

@@ -525,7 +525,7 @@ def _native_operators(shape):
 
 
 def _reconstruct(native, operator, x, guidance, steps=8, x0_range=(0.0, 1.5), integrator=None):
-    from recon.reconstruction import SliceReconstructor
+    from recon.reconstruct.reconstruction import SliceReconstructor
     from recon.sampling.integrator import DDIMIntegrator
     from recon.sampling.timer import CosineTimer
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from recon.config import load_config
-from recon.reconstruction import assemble_volume, reconstruct_prepared, slab_ranges
-from recon.volumes import read_stacks
+from recon.reconstruct.reconstruction import assemble_volume, reconstruct_prepared, slab_ranges
+from recon.reconstruct.volumes import read_stacks
 
 pytestmark = pytest.mark.integration  # flows, servers, subprocesses: not in make test-fast
 

@@ -20,7 +20,7 @@ On images they run through ``sigpy.app.LinearLeastSquares``, with the operator w
 sigpy ``Linop`` over real arrays: complex measurements (k-space) are seen as pairs of real
 numbers, so ``A`` maps real images to ``R^{2M}`` with adjoint ``Re(A^H v)``, and the solution is
 real as the images are. On raw multi-coil k-space (an ``UndersampledFourier`` with coil maps
-and complex images, ``recon.raw``) they are what MRI researchers run: ``sigpy.mri.app``'s
+and complex images, ``recon.reconstruct.raw``) they are what MRI researchers run: ``sigpy.mri.app``'s
 ``SenseRecon``, ``TotalVariationRecon`` and ``L1WaveletRecon`` with the operator's maps and
 sampling mask, over complex images, of which the magnitude is returned. Each baseline has the
 sampler's ``sample(y, n_samples)`` API and returns a ``Posterior`` with zero spread and no
@@ -194,7 +194,7 @@ class Baseline:
         measurement)."""
         if not _multicoil_complex(self.operator):
             raise ValueError(f"{self.name}: solve_complex is for multi-coil k-space with complex "
-                             "images (recon.raw); use solve")
+                             "images (recon.reconstruct.raw); use solve")
         lam = self._lam(lam)
         self.chosen_lam = []
         ys = y.detach().reshape(-1, *y.shape[-3:])
@@ -248,7 +248,7 @@ def _real_soft_threshold_first() -> None:
 
 
 def _multicoil_complex(operator) -> bool:
-    """Raw multi-coil k-space: coil maps and complex images (``recon.raw``), or an image model
+    """Raw multi-coil k-space: coil maps and complex images (``recon.reconstruct.raw``), or an image model
     over them (``recon.operators.complex_image``)."""
     if isinstance(operator, ComplexImageModel):
         operator = operator.operator

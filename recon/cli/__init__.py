@@ -83,7 +83,7 @@ def data(config: ConfigArg = "default", overrides: SetOpt = None, verbose: Verbo
     """Materialise the offline public data, verify the manifest and prepare the test slices."""
     cfg = prepare(config, overrides, verbose)
     from pipelines.flows import load_data
-    from recon.scans import open_prepared
+    from recon.reconstruct.scans import open_prepared
 
     out = run_flow(load_data, cfg)
 

@@ -182,7 +182,7 @@ class BaselineConfig(_Component):
     """A classical reconstruction from ``recon.registry.BASELINES`` (``tv``, ``l1_wavelet``)
     and its keyword arguments: ``lam`` (a number; a rule of ``LAM_RULES``, chosen per
     acquisition from its noise level at solve time; null: chosen on the validation split for each
-    operator, ``recon.reconstruction.tune_baseline``) and ``iterations``."""
+    operator, ``recon.reconstruct.reconstruction.tune_baseline``) and ``iterations``."""
 
     KIND = "baseline"
     REGISTRY = BASELINES

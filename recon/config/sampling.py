@@ -34,7 +34,7 @@ def _default_operators() -> list[OperatorConfig]:
 
 
 class CouplingConfig(Section):
-    """How the slices of a slab are tied together (``recon.coupling``): ``none`` (each slice on
+    """How the slices of a slab are tied together (``recon.reconstruct.coupling``): ``none`` (each slice on
     its own) or ``tv_z`` (the slab sampled as one volume, total variation along the slices inside
     every data-consistency step with weight ``weight``, DiffusionMBIR). ``halo`` extra slices on
     each side of a slab are reconstructed with it and dropped, so slabs join without seams."""
@@ -113,7 +113,7 @@ class ReconstructSection(Section):
                       "sampler seed (below 2^63: torch generators take 64-bit seeds)")
     kspace_phase: Literal["lowres", "sense", "none"] = Field(
         "lowres", description="raw k-space: the image phase absorbed into the coil maps "
-        "(recon.raw): of the calibration image, of a SENSE solution, or none")
+        "(recon.reconstruct.raw): of the calibration image, of a SENSE solution, or none")
     kspace_image: Literal["magnitude", "tracked_phase", "real_imag"] = Field(
         "real_imag", description="raw k-space: how the real prior sees the complex image "
         "(recon.operators.complex_image): its magnitude in the maps' phase frame, its magnitude "

@@ -1,4 +1,4 @@
-r"""How a real-valued prior sees the complex image of multi-coil k-space (``recon.raw``).
+r"""How a real-valued prior sees the complex image of multi-coil k-space (``recon.reconstruct.raw``).
 
 A scanner measures ``y_c = M F (S_c x) + n_c`` of a complex image ``x = rho e^{i phi}``: magnitude
 ``rho``, phase ``phi`` from B0, fat/water shift, vessels and the coils. The prior models real

@@ -380,7 +380,7 @@ def build_fourier(shape: Sequence[int], acceleration: float = 4.0, center_fracti
 
 
 def build_acquired(shape: Sequence[int], *, sigma_y: float = 0.0, seed: int = 0) -> UndersampledFourier:
-    """The sampling of raw k-space as it was acquired (``recon.raw``): it comes from the
+    """The sampling of raw k-space as it was acquired (``recon.reconstruct.raw``): it comes from the
     data, so there is nothing to build for an image volume."""
     raise ValueError("operator 'acquired' reconstructs raw k-space as it was measured: it "
                      "applies to manifest entries of kind: kspace only (use fourier to simulate "

@@ -189,7 +189,7 @@ class DataConsistency(Guidance):
     (DiffusionMBIR): ``argmin 1/2 ||y - A x||^2 + lam/2 ||x - x0_hat||^2 + mu TV(x)`` by
     ``tv_iterations`` PDHG steps (``recon.classical.total_variation.tv_prox``); ``mu`` is in the units of
     the TV baseline's ``lam``. With ``tv_z = mu_z > 0`` the images are slabs ``(N, S, H, W)``
-    of ``S`` slices sampled as one (``recon.coupling``) and TV along the slices couples them in
+    of ``S`` slices sampled as one (``recon.reconstruct.coupling``) and TV along the slices couples them in
     the same step: ``+ mu_z ||D_z x||_1`` (DiffusionMBIR's through-plane TV). Then
     ``eps_y = (x_t - s x0_dc)/sigma`` and the integrator continues from ``x0_dc``. Images are
     real and the prox is the exact minimiser over real images (for Cartesian k-space it pairs

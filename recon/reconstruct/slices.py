@@ -67,7 +67,7 @@ class SliceResult:
 
     @property
     def stacks(self) -> dict[str, np.ndarray]:
-        """The arrays by ``recon.volumes.STACKS`` name."""
+        """The arrays by ``recon.reconstruct.volumes.STACKS`` name."""
         return {"truth": self.truth, "naive": self.naive, "recon": self.mean, "std": self.std}
 
 

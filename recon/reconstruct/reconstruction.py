@@ -1,14 +1,14 @@
 r"""Posterior reconstruction of one prepared volume with one operator, slab by slab.
 
-A volume ``(S, H, W)`` (image slices, ``recon.volumes``, or raw k-space, ``recon.raw``) is cut
-into slabs of consecutive slices (``slab_ranges``), each reconstructed on its own
-(``reconstruct_slab``: in this process, or as a task on any worker):
+A volume ``(S, H, W)`` (image slices, ``recon.reconstruct.volumes``, or raw k-space,
+``recon.reconstruct.raw``) is cut into slabs of consecutive slices (``slab_ranges``), each
+reconstructed on its own (``reconstruct_slab``: in this process, or as a task on any worker):
 
 - slice by slice, ``batch_size`` image slices (a scan: one) at a time
-  (``recon.reconstructor.SliceReconstructor``: ``y = A x + sigma_y n`` with noise seeded per
+  (``recon.reconstruct.slices.SliceReconstructor``: ``y = A x + sigma_y n`` with noise seeded per
   slice, ``n_samples`` posterior samples from a ``CondDenoiser``, their mean the
   reconstruction and their std the uncertainty, ``A^+ y`` the naive baseline);
-- or as one volume with a halo of slices on each side (``recon.coupling``): for the volume
+- or as one volume with a halo of slices on each side (``recon.reconstruct.coupling``): for the volume
   operators (``kykz_fourier``, ``slice_drop``), ``reconstruct.coupling: tv_z`` and the 3-D
   baseline ``tv3d``.
 
@@ -34,20 +34,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from recon import raw
 from recon.classical.baselines import select_lambda
 from recon.config import BaselineConfig, OperatorConfig, PriorSection, ReconstructSection
-from recon.coupling import (
+from recon.data.nifti import atomic_path, atomic_write_bytes
+from recon.metrics import psnr
+from recon.prior.network import resolve_device
+from recon.reconstruct import raw
+from recon.reconstruct.coupling import (
     SlabReconstructor,
     SliceStack,
     halo_span,
     is_volume_method,
     measure_volume,
 )
-from recon.data.nifti import atomic_path, atomic_write_bytes
-from recon.metrics import psnr
-from recon.prior.network import resolve_device
-from recon.reconstructor import (  # noqa: F401  (re-exported: the slice-batch API)
+from recon.reconstruct.scans import PreparedScan, open_prepared
+from recon.reconstruct.slices import (  # noqa: F401  (re-exported: the slice-batch API)
     SliceReconstructor,
     SliceResult,
     batched,
@@ -56,11 +57,10 @@ from recon.reconstructor import (  # noqa: F401  (re-exported: the slice-batch A
     slice_seed,
     stream,
 )
+from recon.reconstruct.volumes import STACKS, PreparedVolume, write_outputs
 from recon.registry import WHOLE_VOLUME_OPERATORS
 from recon.sampling.adaptation import Adapter
 from recon.sampling.cond_denoiser import CondDenoiser
-from recon.scans import PreparedScan, open_prepared
-from recon.volumes import STACKS, PreparedVolume, write_outputs
 
 
 def batch_size_for(free_bytes: int, slice_shape: Sequence[int], n_samples: int,
@@ -124,7 +124,7 @@ def image_slab(vol: PreparedVolume, operator: OperatorConfig, settings: Reconstr
                stop: int):
     """``(reconstructor, batches)`` of ``reconstruct_slab`` for the slices ``[start, stop)`` of
     an image volume: ``batch_size`` slices at a time (``SliceReconstructor``), or for a volume
-    method the span and its halo as one volume (``recon.coupling.SlabReconstructor``)."""
+    method the span and its halo as one volume (``recon.reconstruct.coupling.SlabReconstructor``)."""
     volume = is_volume_method(operator, settings, baseline)
     lo, hi = halo_span(start, stop, len(vol.indices), settings.coupling.halo) if volume \
         else (start, stop)
@@ -145,7 +145,7 @@ def reconstruct_slab(prepared: str | Path, operator: OperatorConfig, settings: R
                      prior: PriorSection, out_file: str | Path, span: Sequence[int] | None = None,
                      progress: bool = True, baseline: BaselineConfig | None = None) -> dict:
     """Reconstruct the slices at positions ``span = [start, stop)`` (default: all) of a prepared
-    image volume or raw scan (its ``KINDS`` entry: ``image_slab``, ``recon.raw.scan_slab``) with
+    image volume or raw scan (its ``KINDS`` entry: ``image_slab``, ``recon.reconstruct.raw.scan_slab``) with
     one operator, by the diffusion sampler of ``settings`` or a classical ``baseline``; their
     ``truth``/``naive``/``recon``/``std`` stacks and ``indices`` go to ``out_file`` (``.npz``,
     written atomically). A slab's result does not depend on the other slabs (measurement and

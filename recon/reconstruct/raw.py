@@ -1,13 +1,13 @@
 r"""Raw multi-coil k-space volumes: prepared once, reconstructed slice by slice, NIfTI out.
 
-    prepared = prepare_scan("meas.h5", "work/cache", max_slices=4)   # recon.scans: a folder
+    prepared = prepare_scan("meas.h5", "work/cache", max_slices=4)   # recon.reconstruct.scans: a folder
     out = reconstruct_prepared(prepared, OperatorConfig(name="acquired"), settings, prior, "out/")
 
-It goes through ``recon.reconstruction`` as an image volume does (slabs, runner, cache,
-resume); here are its slices (``scan_slab``), outputs and lam scorers (``scan_scorers``).
+It goes through ``recon.reconstruct.reconstruction`` as an image volume does (slabs, runner,
+cache, resume); here are its slices (``scan_slab``), outputs and lam scorers (``scan_scorers``).
 
-**Preparation** (``recon.scans.prepare_scan``, cached per file): ``recon.data.kspace.read_kspace``, the
-``max_slices`` central slices, then
+**Preparation** (``recon.reconstruct.scans.prepare_scan``, cached per file):
+``recon.data.kspace.read_kspace``, the ``max_slices`` central slices, then
 
 1. noise: with noise scans (ISMRMRD) the k-space is *whitened*, ``k -> W k`` with
    ``W = L^{-1}``, ``L L^H = Psi`` (the noise covariance of the scans), so the noise is white
@@ -61,7 +61,6 @@ from torch import Tensor
 
 from recon.classical import coils
 from recon.config import BaselineConfig, OperatorConfig, ReconstructSection
-from recon.coupling import is_volume_method
 from recon.data.manifest import DataError
 from recon.data.nifti import atomic_dir, atomic_path, write_nifti
 from recon.data.simulate import head_median
@@ -71,10 +70,11 @@ from recon.metrics import psnr
 from recon.operators import UndersampledFourier
 from recon.operators.complex_image import IMAGE_MODELS, image_model
 from recon.prior.network import PerChannel, autocast
-from recon.reconstructor import SliceResult, slice_seed
+from recon.reconstruct.coupling import is_volume_method
+from recon.reconstruct.scans import PreparedScan, ViewOriented, crop_phase
+from recon.reconstruct.slices import SliceResult, slice_seed
+from recon.reconstruct.volumes import STACKS
 from recon.registry import KSPACE_OPERATORS
-from recon.scans import PreparedScan, ViewOriented, crop_phase
-from recon.volumes import STACKS
 
 __all__ = ["PHASES", "ScanProblem", "calibrate", "calibration_width",
            "sampling_masks", "scan_problems", "scan_scorers", "scan_slab", "write_scan_outputs"]
@@ -209,7 +209,7 @@ def scan_problems(prepared: PreparedScan, operator: OperatorConfig, seed: int,
     return scale, problems()
 
 
-# -- reconstruction (through recon.reconstruction) ----------------------------------------------
+# -- reconstruction (through recon.reconstruct.reconstruction) ----------------------------------------------
 def x0_range_for(x0_range: tuple[float, float] | None, naive: np.ndarray,
                  signed: bool) -> tuple[float, float] | None:
     """The sampler's ``x0_range`` on a scan: the upper end raised to ``X0_HEADROOM`` times the

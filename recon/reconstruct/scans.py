@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from recon.classical import coils
 from recon.data.kspace import LPS_TO_RAS, read_kspace
 from recon.data.nifti import atomic_dir
-from recon.volumes import PreparedVolume
+from recon.reconstruct.volumes import PreparedVolume
 
 PREPARE_VERSION = 2
 """Bumped when the preparation changes, so cached prepared scans are not reused."""

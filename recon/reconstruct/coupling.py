@@ -17,7 +17,7 @@ afterwards, so that each slab stays an independent task whose border slices saw 
 neighbours: the assembled volume has no seams. The measurement noise of each slice is drawn from
 the slice's own seed (``measure_volume``), so a slab measures what the whole volume measures.
 Volumes that one measurement mixes along z (``recon.registry.WHOLE_VOLUME_OPERATORS``) are one
-slab (``recon.reconstruction.slab_ranges``).
+slab (``recon.reconstruct.reconstruction.slab_ranges``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from recon.config import BaselineConfig, OperatorConfig, ReconstructSection
 from recon.operators import Operator
-from recon.reconstructor import SliceReconstructor, slice_seed
+from recon.reconstruct.slices import SliceReconstructor, slice_seed
 from recon.registry import VOLUME_BASELINES
 
 

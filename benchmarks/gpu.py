@@ -134,9 +134,9 @@ def cuda_tests(dry: bool) -> dict:
 
 def training(manifest: Path, data_root: Path, device: torch.device, dry: bool) -> dict:
     """Steps/s and samples/s of ``Trainer.run`` for the shipped config and a large one."""
+    from recon.config.prior import load_prior_config
     from recon.prior.files import load_slices
     from recon.prior.training import Trainer
-    from recon.prior_config import load_prior_config
 
     base = load_prior_config(ROOT / "configs" / "prior_native.yaml")
     workers = 1 if dry else min(8, os.cpu_count() or 1)

@@ -29,6 +29,7 @@ import torch
 from methods import prepare_split, warm_settings  # benchmarks/methods.py, beside this script
 
 from recon.config import MethodConfig, load_config
+from recon.config.prior import PriorConfig
 from recon.data.loading import SliceDataset
 from recon.data.manifest import load_manifest
 from recon.data.patches import CropDataset
@@ -36,7 +37,6 @@ from recon.data.slicing import SliceConfig
 from recon.metrics import evaluate_stacks
 from recon.prior.network import load_prior, read_checkpoint
 from recon.prior.objective import ValidationSet
-from recon.prior_config import PriorConfig
 from recon.reconstruct.reconstruction import reconstruct_prepared, tune_baseline
 from recon.reconstruct.volumes import read_stacks
 

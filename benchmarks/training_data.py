@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from recon.config.prior import load_prior_config
 from recon.prior.batches import BatchSampler
 from recon.prior.files import load_slices
 from recon.prior.training import Trainer
-from recon.prior_config import load_prior_config
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,10 +21,10 @@ import time
 
 import torch
 
+from recon.config.prior import load_prior_config
 from recon.prior.batches import BatchSampler, make_batch
 from recon.prior.network import build_network, count_parameters, resolve_device
 from recon.prior.training import lr_at, train_step
-from recon.prior_config import load_prior_config
 
 
 def _maxrss_mb() -> float:

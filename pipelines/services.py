@@ -9,13 +9,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from recon.config import Config
+from recon.config.prior import PriorConfig
 from recon.data.manifest import DataError, load_manifest, resolve
 from recon.data.public import materialise as build
 from recon.data.verify import verify as check
 from recon.prior.files import export_prior, load_slices
 from recon.prior.network import CheckpointError, read_checkpoint
 from recon.prior.training import train_prior
-from recon.prior_config import PriorConfig
 
 
 # -- data -------------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ from pipelines import services
 from pipelines.figures import volume_figure
 from pipelines.tracking import Run
 from recon.config import BaselineConfig, DataConfig, OperatorConfig, PriorSection, ReconstructSection
+from recon.config.prior import PriorConfig
 from recon.data.nifti import atomic_write_bytes
 from recon.metrics import evaluate_stacks
-from recon.prior_config import PriorConfig
 from recon.reconstruct.reconstruction import assemble_volume as assemble
 from recon.reconstruct.reconstruction import reconstruct_prepared
 from recon.reconstruct.reconstruction import reconstruct_slab as reconstruct_span

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from recon.config.prior import PriorConfig
 from recon.operators import build_fourier
 from recon.prior.network import build_network
-from recon.prior_config import PriorConfig
 from recon.sampling.adaptation import Adapter
 from recon.sampling.cond_denoiser import CondDenoiser
 from recon.sampling.integrator import DiffPIRIntegrator

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from recon import cli
 from recon.config import ConfigError, load_config
+from recon.config.prior import load_prior_config
 from recon.data.manifest import ManifestError, load_manifest
-from recon.prior_config import load_prior_config
 from recon.yaml_io import MAX_BYTES, YamlError, parse_yaml, read_yaml
 
 pytestmark = pytest.mark.integration  # flows, servers, subprocesses: not in make test-fast

@@ -97,11 +97,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_is_read():
     graph = import_graph()
     assert "recon.config" in graph["recon.reconstruct.reconstruction"]
-    assert "recon.prior_config" in graph["recon.prior.network"]
+    assert "recon.config.prior" in graph["recon.prior.network"]
     # the config schema sits low: it names components through the registry, never imports them
     below = {d for m, deps in graph.items() if m.startswith("recon.config") for d in deps}
     assert {d for d in below if not d.startswith("recon.config")} == {
-        "recon.prior_config", "recon.registry", "recon.yaml_io"}
+        "recon.config.prior", "recon.registry", "recon.yaml_io"}
     assert "pipelines.flows" in graph["recon.cli"]  # an import inside a function counts
     assert "pipelines.embedded_api" in graph["recon.cli.runtime"]
 

@@ -75,7 +75,7 @@ def write_dataset(root: Path, corrupt: bool = False) -> Path:
 
 def write_native_prior(root: Path) -> tuple[Path, Path]:
     """A tiny untrained fully convolutional prior for native-grid slices and its config."""
-    from recon.prior_config import PriorConfig
+    from recon.config.prior import PriorConfig
 
     net = {**TINY_NET, "mid_attention": False}
     pcfg = PriorConfig.model_validate({"network": net, "data": {
@@ -91,7 +91,7 @@ def write_native_prior(root: Path) -> tuple[Path, Path]:
 
 def write_prior(root: Path, seed: int = 0, channels=(16, 16)) -> tuple[Path, Path]:
     """A tiny untrained prior checkpoint (state dict + config) and its config YAML."""
-    from recon.prior_config import PriorConfig
+    from recon.config.prior import PriorConfig
 
     net = {**TINY_NET, "channels": list(channels)}
     cfg = PriorConfig.model_validate({"network": net, "data": {"image_size": SIZE}})

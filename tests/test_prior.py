@@ -17,6 +17,7 @@ import torch
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from scipy import ndimage
 
+from recon.config.prior import PriorConfig, load_prior_config
 from recon.prior.batches import BatchSampler
 from recon.prior.files import export_prior
 from recon.prior.network import (
@@ -27,7 +28,6 @@ from recon.prior.network import (
     load_prior,
 )
 from recon.prior.training import LAST, save_atomic, train_prior
-from recon.prior_config import PriorConfig, load_prior_config
 from recon.sampling.denoiser import Denoiser
 from recon.sampling.diffusion import VPCosine
 from recon.sampling.integrator import DDIMIntegrator
@@ -538,7 +538,7 @@ def _reconstruct(native, operator, x, guidance, steps=8, x0_range=(0.0, 1.5), in
 
 
 def test_native_prior_is_shipped_with_its_config(native):
-    from recon.prior_config import load_prior_config
+    from recon.config.prior import load_prior_config
 
     _, _, cfg = native
     assert NATIVE.stat().st_size < 8e6 and NATIVE_HELDOUT.stat().st_size < 300e3

@@ -43,11 +43,11 @@ from recon.cli.console import (
     where,
 )
 from recon.cli.runtime import ROOT, config_path, load, prepare, run_flow
+from recon.config.prior import load_prior_config
 from recon.data.describe import describe_file
 from recon.data.manifest import DataError, load_manifest
 from recon.data.public import materialise as build_public_data
 from recon.data.verify import verify
-from recon.prior_config import load_prior_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Diffusion-prior reconstruction of brain MRI: Prefect flows + MLflow tracking.")

@@ -16,8 +16,8 @@ import typer
 
 from recon.cli.console import console
 from recon.config import Config, ConfigError, fields_only, load_config
+from recon.config.prior import CheckpointError
 from recon.data.manifest import DataError
-from recon.prior_config import CheckpointError
 from recon.reconstruct.input_checks import check_files, check_prior, dangling_link
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -31,6 +31,7 @@ from recon.config.components import (
     TimerConfig,
     WarmStartConfig,
 )
+from recon.config.prior import CheckpointError
 from recon.config.sampling import (
     AdaptConfig,
     CompareSection,
@@ -46,7 +47,6 @@ from recon.config.sections import (
     TrackingSection,
     TrainSection,
 )
-from recon.prior_config import CheckpointError
 from recon.yaml_io import YamlError, parse_yaml, read_yaml
 
 __all__ = [

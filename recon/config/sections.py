@@ -10,13 +10,13 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from recon.config.base import Section
-from recon.prior_config import CheckpointError, PriorConfig, SliceSource, load_prior_config
+from recon.config.prior import CheckpointError, PriorConfig, SliceSource, load_prior_config
 
 
 # -- data -------------------------------------------------------------------------------------
 class DataConfig(SliceSource, Section):
     """Where the volumes are and how slices are cut from them (the manifest, slicing and split
-    fields are the prior's, ``recon.prior_config.SliceSource``; the pipeline's defaults are the
+    fields are the prior's, ``recon.config.prior.SliceSource``; the pipeline's defaults are the
     native prior's: the native grid, foreground normalisation)."""
 
     image_size: int | None = Field(None, ge=8, le=1024, description="slices are resized to "

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from recon.config.prior import TrainingConfig
 from recon.data.patches import CropDataset
-from recon.prior_config import TrainingConfig
 
 
 def seed_of(*parts: int) -> int:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from recon.config.prior import PriorConfig
 from recon.data.loading import SliceDataset
 from recon.data.nifti import atomic_path
 from recon.data.patches import CropDataset
@@ -21,7 +22,6 @@ from recon.prior.network import (
     read_checkpoint,
 )
 from recon.prior.training import save_atomic
-from recon.prior_config import PriorConfig
 
 
 def export_prior(checkpoint: str | Path, dest: str | Path,

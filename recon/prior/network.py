@@ -41,7 +41,7 @@ from monai.networks.nets import DiffusionModelUNet
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from recon.prior_config import CheckpointError, DiffusionConfig, NetworkConfig, PriorConfig
+from recon.config.prior import CheckpointError, DiffusionConfig, NetworkConfig, PriorConfig
 from recon.sampling.diffusion import DiffusionModel
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "EpsNetwork", "build_network",

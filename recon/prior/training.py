@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from recon.config.prior import PriorConfig, TrainingConfig
 from recon.data.nifti import atomic_path
 from recon.prior.batches import BatchSampler, batch_stream
 from recon.prior.network import (
@@ -58,7 +59,6 @@ from recon.prior.network import (
     resolve_device,
 )
 from recon.prior.objective import ValidationSet, prior_loss, train_autocast
-from recon.prior_config import PriorConfig, TrainingConfig
 from recon.sampling.diffusion import DiffusionModel
 
 log = logging.getLogger(__name__)

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from recon.config.prior import SliceSource
 from recon.data.loading import load_volume
 from recon.data.manifest import DataError
 from recon.data.nifti import atomic_dir, atomic_path, write_nifti
 from recon.data.slicing import SliceConfig, SliceGeometry
-from recon.prior_config import SliceSource
 
 STACKS = ("truth", "naive", "recon", "std")
 """The per-slice arrays of a reconstruction, in ``VolumeBuffer`` and ``slices.npz``."""

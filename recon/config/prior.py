@@ -1,8 +1,9 @@
 """The prior's schema: what defines a trained prior (network, diffusion, training, data).
 
-One low module that ``recon.prior.network`` (building and loading), ``recon.prior.training`` (fitting) and
-``recon.config`` (the pipeline's ``data`` section shares ``SliceSource``) all import; it names
-the diffusion models through ``recon.registry`` and imports no torch itself. A ``PriorConfig``
+Part of the config schema, below the prior it describes: ``recon.prior.network`` (building and
+loading), ``recon.prior.training`` (fitting) and the pipeline's config (its ``data`` section shares
+``SliceSource``) all import it; it names the diffusion models through ``recon.registry`` and
+imports no torch itself. A ``PriorConfig``
 is stored, as a JSON dict, in every checkpoint.
 
     cfg = load_prior_config("configs/prior_64.yaml")

@@ -23,9 +23,10 @@ import pytest
 import torch
 from torch import Tensor
 
+from recon.classical.posterior import Posterior
 from recon.registry import GUIDANCES, INTEGRATORS
 from recon.sampling.analytic import GaussianMixture
-from recon.sampling.cond_denoiser import CondDenoiser, Posterior
+from recon.sampling.cond_denoiser import CondDenoiser
 from recon.sampling.diffusion import VPLinear
 from recon.sampling.guidance import (
     DPS,

@@ -48,12 +48,11 @@ import sigpy as sp
 import torch
 from torch import Tensor
 
+from recon.classical.linalg import real_adjoint
+from recon.classical.posterior import Posterior
 from recon.classical.sigpy_linop import OperatorLinop
 from recon.config.components import LAM_RULES
 from recon.config.components import check_lam as _check_lam
-from recon.operators.complex_image import ComplexImageModel
-from recon.sampling.cond_denoiser import Posterior
-from recon.sampling.guidance import real_adjoint
 
 LAMBDA_GRID: tuple[float, ...] = tuple(float(v) for v in 10.0 ** np.arange(-4.0, -0.25, 0.5))
 """Candidate ``lam`` for ``select_lambda``: two per decade, 1e-4 to 10^-0.5 (image units [0, 1.5],
@@ -115,7 +114,7 @@ class Baseline:
         """The minimiser for a batch of measurements ``y`` (real images like ``Re(A^H y)``; the
         magnitude of the complex image for multi-coil k-space); ``lam`` a number or a rule of
         ``LAM_RULES`` (applied to each measurement of the batch)."""
-        if isinstance(self.operator, ComplexImageModel):  # the prior's images of the solution
+        if _image_model(self.operator):  # the prior's images of the solution
             return self.operator.from_complex(self.solve_complex(y, lam))
         if _multicoil_complex(self.operator):
             return self.solve_complex(y, lam).abs()
@@ -160,7 +159,7 @@ class Baseline:
         """The operator ``y`` is measured through: ``operator``, or for an image model over
         complex images (``recon.operators.complex_image``) the one it wraps."""
         op = self.operator
-        return op.operator if isinstance(op, ComplexImageModel) else op
+        return op.operator if _image_model(op) else op
 
     def _by_rule(self, y: Tensor, rule: str, solve: Callable[[Tensor, float], Tensor]) -> Tensor:
         """``solve(y, lam)`` at the lam ``rule`` chooses for the one measurement ``y``, from the
@@ -247,10 +246,18 @@ def _real_soft_threshold_first() -> None:
             sp.thresh.soft_thresh(0.0, np.zeros(1, dtype))
 
 
+def _image_model(operator) -> bool:
+    """An image model over complex images (``recon.operators.complex_image``): the prior's real
+    images of the complex image that the operator it wraps (``.operator``) measures. Known by its
+    ``from_complex``, as the samplers know an operator by what it does: the classical solvers sit
+    below the operators and import none."""
+    return hasattr(operator, "from_complex")
+
+
 def _multicoil_complex(operator) -> bool:
-    """Raw multi-coil k-space: coil maps and complex images (``recon.reconstruct.raw``), or an image model
-    over them (``recon.operators.complex_image``)."""
-    if isinstance(operator, ComplexImageModel):
+    """Raw multi-coil k-space: coil maps and complex images (``recon.reconstruct.raw``), or an
+    image model over them (``recon.operators.complex_image``)."""
+    if _image_model(operator):
         operator = operator.operator
     return getattr(operator, "num_coils", None) is not None and \
         not getattr(operator, "real_output", True)

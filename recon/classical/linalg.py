@@ -1,5 +1,5 @@
-"""Batched linear algebra shared by the guidances and the operators' prox: per-sample real
-inner products and conjugate gradient."""
+"""Batched linear algebra shared by the guidances, the operators' prox and the classical solvers:
+per-sample real inner products, conjugate gradient, and an operator's adjoint between real spaces."""
 
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ def batch_dot(a: Tensor, b: Tensor) -> Tensor:
     if prod.is_complex():
         prod = prod.real
     return prod.reshape(prod.shape[0], -1).sum(-1)
+
+
+def real_adjoint(operator, v: Tensor) -> Tensor:
+    """``Re(A^H v)``: the adjoint of ``A`` seen as a map between real spaces (images are real)."""
+    out = operator.adjoint(v)
+    return out.real if out.is_complex() else out
 
 
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int) -> Tensor:

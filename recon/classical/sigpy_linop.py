@@ -12,7 +12,7 @@ import sigpy as sp
 import torch
 
 from recon.classical.cancellation import check_cancelled
-from recon.sampling.guidance import real_adjoint
+from recon.classical.linalg import real_adjoint
 
 
 class OperatorLinop(sp.linop.Linop):

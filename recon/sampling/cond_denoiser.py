@@ -14,38 +14,20 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from recon.classical.linalg import real_adjoint
+from recon.classical.posterior import Posterior
 from recon.sampling.adaptation import Adapter
 from recon.sampling.denoiser import Denoiser, Network
 from recon.sampling.diffusion import DiffusionModel, eps_from_x0, tweedie
-from recon.sampling.guidance import Guidance, make_guidance, real_adjoint
+from recon.sampling.guidance import Guidance, make_guidance
 from recon.sampling.integrator import Integrator, scales
 from recon.sampling.timer import Timer
 
 _OPERATOR_API = ("forward", "adjoint", "sigma_y", "check_measurement")
-
-
-@dataclass
-class Posterior:
-    """Summary of ``n_samples`` posterior samples for each of ``B`` measurements.
-
-    ``mean`` and ``std`` have shape ``(B, *x_shape)``; ``std`` is the pixel-wise standard
-    deviation over samples (the uncertainty map; unbiased, zeros when ``n_samples == 1``);
-    ``samples`` has shape ``(n_samples, B, *x_shape)`` (``None`` if not kept). ``nfe`` counts
-    network forward evaluations per chain, ``vjp`` the vector-Jacobian products through the
-    network per chain, ``seconds`` the wall-clock time of the whole batch.
-    """
-
-    mean: Tensor
-    std: Tensor
-    samples: Tensor | None
-    nfe: int
-    vjp: int
-    seconds: float
 
 
 class CondDenoiser(Denoiser):

@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from recon.classical.linalg import batch_dot, conjugate_gradient
+from recon.classical.linalg import batch_dot, conjugate_gradient, real_adjoint
 from recon.classical.total_variation import tv_prox
 from recon.registry import GUIDANCES
 from recon.sampling.diffusion import DiffusionModel, eps_from_x0, tweedie
@@ -44,12 +44,6 @@ def noise_variance(operator, y: Tensor) -> float:
     """Noise variance per real component of y: ``sigma_y^2``, or ``sigma_y^2 / 2`` if complex."""
     var = float(operator.sigma_y) ** 2
     return 0.5 * var if y.is_complex() else var
-
-
-def real_adjoint(operator, v: Tensor) -> Tensor:
-    """``Re(A^H v)``: the adjoint of ``A`` seen as a map between real spaces (images are real)."""
-    out = operator.adjoint(v)
-    return out.real if out.is_complex() else out
 
 
 # -- guidance -----------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""The project's configuration: one validated pydantic (v2) schema for data, prior, training,
-reconstruction (sampler and classical baselines), method comparison and tracking.
+"""The configuration: one validated schema, below every component it names and builds.
+
+One pydantic (v2) schema for data, prior, training, reconstruction (sampler and classical
+baselines), method comparison and tracking.
 
     cfg = load_config("configs/demo.yaml", ["reconstruct.steps=32", "reconstruct.operators=[fourier]"])
     cfg.reconstruct.integrator.name      # "diffpir"

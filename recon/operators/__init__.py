@@ -1,5 +1,7 @@
-"""Measurement operators ``y = A x + sigma_y n``: masking, blur, undersampled (multi-coil) MRI,
-and on volumes ``(S, H, W)``: (ky, kz)-undersampled 3-D k-space and dropped slices (``volume``).
+"""Measurement operators ``y = A x + sigma_y n``, each with its adjoint, naive inverse and noise.
+
+Masking, blur, undersampled (multi-coil) MRI, and on volumes ``(S, H, W)``: (ky, kz)-undersampled
+3-D k-space and dropped slices (``volume``).
 
 Every operator has ``forward`` (A x), ``adjoint`` (A^H y), ``pseudo_inverse`` (naive baseline),
 ``measure`` (noisy y), ``check_measurement`` and a ``sigma_y`` noise level; see ``base``.

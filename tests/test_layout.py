@@ -1,4 +1,15 @@
-"""The module structure: no import circles between the modules of recon/ and pipelines/.
+"""The module structure: folders in one order, every import pointing down it, no circles.
+
+The folders of recon/ (and pipelines/), from the top down; a module imports only from its own
+folder or from a folder lower in this order (operators and sampling stand side by side and
+import neither each other):
+
+    cli -> pipelines -> reconstruct -> prior -> data -> operators / sampling -> classical
+        -> config -> basics
+
+``cli`` also holds the package's entry points directly in recon/ (``__init__``, ``__main__``,
+``demo``); ``basics`` are the few modules there that import nothing of the project
+(registry, yaml_io, filelock, metrics). No other module sits directly in recon/.
 
 The graph is read from the source with ``ast``: every ``import``/``from ... import`` anywhere in
 a module (also inside functions, where a circle would otherwise hide) is an arrow from that
@@ -13,6 +24,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("recon", "pipelines")
+
+ORDER = ("cli", "pipelines", "reconstruct", "prior", "data", "operators / sampling", "classical",
+         "config", "basics")
+"""The folders from the top down; one rank may hold folders side by side (``a / b``)."""
+RANK = {folder: rank for rank, names in enumerate(ORDER) for folder in names.split(" / ")}
+ENTRY_POINTS = {"recon", "recon.__main__", "recon.demo"}
+"""Modules directly in recon/ that rank with ``cli``: the package's face, ``python -m recon``
+and the mixture demo (``recon demo mixture``)."""
+BASICS = {"recon.registry", "recon.yaml_io", "recon.filelock", "recon.metrics"}
+"""Modules directly in recon/ at the bottom of the order."""
 
 
 def project_modules() -> dict[str, Path]:
@@ -94,6 +115,35 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def folder_of(module: str) -> str | None:
+    """The folder of ``ORDER`` that ``module`` belongs to (``None``: it has no place)."""
+    if module in ENTRY_POINTS:
+        return "cli"
+    if module in BASICS:
+        return "basics"
+    parts = module.split(".")
+    if parts[0] == "pipelines":
+        return "pipelines"
+    return parts[1] if len(parts) > 2 or parts[1] in RANK else None
+
+
+def folder_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The arrows between folders: ``{folder: {folders it imports from}}``."""
+    folders: dict[str, set[str]] = {}
+    for module, deps in graph.items():
+        here = folder_of(module)
+        folders.setdefault(here, set()).update(
+            there for d in deps if (there := folder_of(d)) != here)
+    return folders
+
+
+def arrows_up(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a folder to one at its own rank or above it."""
+    return sorted(f"{m} -> {d} ({folder_of(m)} -> {folder_of(d)})"
+                  for m, deps in graph.items() for d in deps
+                  if folder_of(m) != folder_of(d) and RANK[folder_of(d)] <= RANK[folder_of(m)])
+
+
 def test_the_graph_is_read():
     graph = import_graph()
     assert "recon.config" in graph["recon.reconstruct.reconstruction"]
@@ -101,7 +151,7 @@ def test_the_graph_is_read():
     # the config schema sits low: it names components through the registry, never imports them
     below = {d for m, deps in graph.items() if m.startswith("recon.config") for d in deps}
     assert {d for d in below if not d.startswith("recon.config")} == {
-        "recon.config.prior", "recon.registry", "recon.yaml_io"}
+        "recon.registry", "recon.yaml_io"}
     assert "pipelines.flows" in graph["recon.cli"]  # an import inside a function counts
     assert "pipelines.embedded_api" in graph["recon.cli.runtime"]
 
@@ -115,6 +165,36 @@ def test_find_cycle_catches_a_circle_hidden_in_a_function():
 def test_no_import_circles():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_every_module_has_a_place_in_the_order():
+    """Each module is in a folder of ``ORDER``; directly in recon/ only the entry points and
+    the allowed basics."""
+    assert sorted(m for m in project_modules() if folder_of(m) not in RANK) == []
+    top = {f"recon.{p.stem}" for p in (ROOT / "recon").glob("*.py")} - {"recon.__init__"}
+    assert top <= ENTRY_POINTS | BASICS, top - ENTRY_POINTS - BASICS
+    folders = {d.name for d in (ROOT / "recon").iterdir() if (d / "__init__.py").is_file()}
+    assert folders == set(RANK) - {"pipelines", "basics"}
+
+
+def test_arrows_up_are_caught():
+    graph = {"recon.classical.baselines": {"recon.sampling.cond_denoiser", "recon.config.base"},
+             "recon.operators.base": {"recon.sampling.guidance", "recon.classical.linalg"},
+             "recon.registry": {"recon.demo"}, "recon.reconstruct.raw": {"recon.prior.network"}}
+    assert arrows_up(graph) == [
+        "recon.classical.baselines -> recon.sampling.cond_denoiser (classical -> sampling)",
+        "recon.operators.base -> recon.sampling.guidance (operators -> sampling)",
+        "recon.registry -> recon.demo (basics -> cli)"]
+
+
+def test_every_import_points_down_the_folder_order():
+    """No module imports from a folder above its own, nor from one beside it (function-level
+    imports included), so no circle can form between folders."""
+    graph = import_graph()
+    assert arrows_up(graph) == []
+    assert find_cycle(folder_graph(graph)) is None
+    # the classical solvers share Posterior and real_adjoint with the samplers from below them
+    assert folder_graph(graph)["classical"] <= {"config", "basics"}
 
 
 def test_the_math_does_not_import_the_pipeline():
@@ -149,6 +229,25 @@ def test_help_and_a_refused_config_import_neither_torch_nor_sigpy():
     code, names, out = _imported(["config", "demo", "--set", "reconstruct.steps=true"])
     assert code == 2 and "reconstruct.steps" in out, out
     assert not names & {"torch", "sigpy", "monai"}, names
+
+
+def test_the_seed_names_import_from_recon_lazily():
+    """``from recon import CondDenoiser`` (and the other seed names) gives the module's own
+    object, imported on first use: ``import recon`` alone loads no torch."""
+    import importlib
+    import subprocess
+    import sys
+
+    import recon
+
+    assert sorted(recon.__all__) == sorted(recon._LAZY)
+    for name in recon.__all__:
+        assert getattr(recon, name) is getattr(importlib.import_module(recon._LAZY[name]), name)
+    assert set(recon.__all__) <= set(dir(recon))
+    done = subprocess.run([sys.executable, "-c", "import sys, recon, recon.registry; "
+                           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done
 
 
 def test_every_registry_name_resolves_to_its_component():

@@ -11,25 +11,7 @@ so ``import recon`` and ``recon --help`` load no torch. The folders and their or
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from recon.classical.posterior import Posterior
-    from recon.operators import Blur, KyKzFourier, Mask, Operator, SliceDrop, UndersampledFourier
-    from recon.sampling.cond_denoiser import CondDenoiser
-    from recon.sampling.denoiser import Denoiser
-    from recon.sampling.diffusion import DiffusionModel, VPCosine, VPLinear
-    from recon.sampling.guidance import DPS, DataConsistency, Guidance, TweedieCovariance
-    from recon.sampling.integrator import (
-        DDIMIntegrator,
-        DiffPIRIntegrator,
-        DPMpp2sIntegrator,
-        EulerIntegrator,
-        EulerMaruyamaIntegrator,
-        HeunIntegrator,
-        Integrator,
-    )
-    from recon.sampling.timer import CosineTimer, KarrasTimer, LinearTimer, Timer
+from typing import Any
 
 _LAZY = {
     **dict.fromkeys(["DiffusionModel", "VPLinear", "VPCosine"], "recon.sampling.diffusion"),
@@ -46,13 +28,7 @@ _LAZY = {
                     "recon.operators"),
 }
 
-__all__ = [
-    "Blur", "CondDenoiser", "CosineTimer", "DDIMIntegrator", "DPMpp2sIntegrator", "DPS",
-    "DataConsistency", "Denoiser", "DiffPIRIntegrator", "DiffusionModel", "EulerIntegrator",
-    "EulerMaruyamaIntegrator", "Guidance", "HeunIntegrator", "Integrator", "KarrasTimer",
-    "KyKzFourier", "LinearTimer", "Mask", "Operator", "Posterior", "SliceDrop", "Timer",
-    "TweedieCovariance", "UndersampledFourier", "VPCosine", "VPLinear",
-]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

@@ -240,7 +240,9 @@ def test_the_seed_names_import_from_recon_lazily():
 
     import recon
 
-    assert sorted(recon.__all__) == sorted(recon._LAZY)
+    assert {"DiffusionModel", "VPLinear", "Denoiser", "CondDenoiser", "HeunIntegrator",
+            "DPMpp2sIntegrator", "CosineTimer", "KarrasTimer", "DPS", "Mask", "Blur",
+            "UndersampledFourier"} <= set(recon.__all__)
     for name in recon.__all__:
         assert getattr(recon, name) is getattr(importlib.import_module(recon._LAZY[name]), name)
     assert set(recon.__all__) <= set(dir(recon))

@@ -31,6 +31,7 @@ checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -316,37 +317,38 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=min(self.step, tc.steps), desc="train prior",
                    disable=None if progress else True, dynamic_ncols=True)
         t_log, steps_since_log = time.perf_counter(), 0
-        batches = batch_stream(self.train_dataset, self.sampler, tc, self.t_max, self.step,
-                               self.device)
-        while self.step < tc.steps:
-            batch = next(batches)
-            lr = lr_at(tc, self.step)
-            loss, grad_norm = train_step(self.model, self.ema, self.opt, self.scaler,
-                                         self.diffusion, batch, tc, self.step, lr, self.amp)
-            self.step += 1
-            window.append(loss)
-            steps_since_log += 1
-            bar.update(1)
-            step = self.step
-            if step % tc.log_every == 0 or step == tc.steps:
-                now = time.perf_counter()
-                losses = torch.stack(window).float().cpu()  # one device sync per log interval
-                finite = torch.isfinite(losses)
-                if not finite.all() and self.amp != "fp16":  # fp16: the scaler skips overflows
-                    raise FloatingPointError(f"non-finite training loss in steps "
-                                             f"{step - len(window) + 1}..{step}: {losses.tolist()}")
-                last_train = float(losses[finite].mean()) if finite.any() else float("nan")
-                self.record({"step": step, "loss": last_train, "lr": lr,
-                             "grad_norm": float(grad_norm),
-                             "steps_per_s": steps_since_log / max(now - t_log, 1e-9)})
-                bar.set_postfix(loss=f"{last_train:.4f}")
-                window, t_log, steps_since_log = [], now, 0
-            if step % tc.val_every == 0 and step < tc.steps:
-                v_ema, _ = self.validate()
-                if v_ema is not None:
-                    bar.set_postfix(loss=f"{last_train:.4f}", val=f"{v_ema:.4f}")
-            if step % tc.checkpoint_every == 0 and step < tc.steps:
-                self.save()
+        # closed however the loop ends (an error included): its DataLoader workers stop with it
+        with contextlib.closing(batch_stream(self.train_dataset, self.sampler, tc, self.t_max,
+                                             self.step, self.device)) as batches:
+            while self.step < tc.steps:
+                batch = next(batches)
+                lr = lr_at(tc, self.step)
+                loss, grad_norm = train_step(self.model, self.ema, self.opt, self.scaler,
+                                             self.diffusion, batch, tc, self.step, lr, self.amp)
+                self.step += 1
+                window.append(loss)
+                steps_since_log += 1
+                bar.update(1)
+                step = self.step
+                if step % tc.log_every == 0 or step == tc.steps:
+                    now = time.perf_counter()
+                    losses = torch.stack(window).float().cpu()  # one device sync per log interval
+                    finite = torch.isfinite(losses)
+                    if not finite.all() and self.amp != "fp16":  # fp16: the scaler skips overflows
+                        raise FloatingPointError(f"non-finite training loss in steps "
+                                                 f"{step - len(window) + 1}..{step}: {losses.tolist()}")
+                    last_train = float(losses[finite].mean()) if finite.any() else float("nan")
+                    self.record({"step": step, "loss": last_train, "lr": lr,
+                                 "grad_norm": float(grad_norm),
+                                 "steps_per_s": steps_since_log / max(now - t_log, 1e-9)})
+                    bar.set_postfix(loss=f"{last_train:.4f}")
+                    window, t_log, steps_since_log = [], now, 0
+                if step % tc.val_every == 0 and step < tc.steps:
+                    v_ema, _ = self.validate()
+                    if v_ema is not None:
+                        bar.set_postfix(loss=f"{last_train:.4f}", val=f"{v_ema:.4f}")
+                if step % tc.checkpoint_every == 0 and step < tc.steps:
+                    self.save()
         bar.close()
         if math.isnan(last_train):
             last_train = next((h["loss"] for h in reversed(self.history) if "loss" in h),

@@ -1,5 +1,7 @@
 """Shared fixtures: ground-truth laws whose score is closed-form."""
 
+import sys
+
 import pytest
 import torch
 
@@ -58,3 +60,17 @@ def harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefects_temporary_server():
+    """A CLI command run in this process after Prefect was imported cannot start its embedded
+    API (Prefect's settings are fixed by then): its flows run on Prefect's own temporary server,
+    which Prefect stops at interpreter exit, logging to the stderr that pytest has closed by then
+    ("--- Logging error --- ... I/O operation on closed file"). Stopped here, at the end of the
+    session, as Prefect's own test fixtures do."""
+    yield
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        SubprocessASGIServer().stop()

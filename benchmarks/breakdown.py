@@ -2,7 +2,7 @@
 
 One central slice of a test volume per operator (configs/default.yaml's sampler: its warm start,
 data consistency with TV inside, n posterior samples) and one slice of a raw multi-coil scan
-(configs/kspace.yaml), each reconstructed through `recon.reconstruction.reconstruct_prepared`
+(configs/kspace.yaml), each reconstructed through `recon.reconstruct.reconstruction.reconstruct_prepared`
 exactly as the `reconstruct` flow runs it, with a stopwatch around every part. Each part's time
 is exclusive (a prox inside TV's PDHG counts as prox, not TV):
 
@@ -75,8 +75,9 @@ class Stopwatch:
 
 def instrument(watch: Stopwatch) -> list:
     """Patch the library's parts with the stopwatch; returns what ``restore`` undoes."""
-    from recon import baselines, coils, denoiser, guidance
+    from recon.classical import baselines, coils
     from recon.operators import base, blur, fourier, mask
+    from recon.sampling import denoiser, guidance
 
     patches: list = []
     watch.wrap(denoiser.Denoiser, "eps", "network", patches)
@@ -127,10 +128,10 @@ def physical_limit(network, shape: tuple[int, ...], threads: int, repeats: int =
 def main(argv: list[str] | None = None) -> int:
     from recon.config import load_config
     from recon.data.manifest import load_manifest, resolve
-    from recon.reconstruction import reconstruct_prepared
-    from recon.reconstructor import load_network
-    from recon.scans import prepare_scan
-    from recon.volumes import prepare_volume
+    from recon.reconstruct.reconstruction import reconstruct_prepared
+    from recon.reconstruct.scans import prepare_scan
+    from recon.reconstruct.slices import load_network
+    from recon.reconstruct.volumes import prepare_volume
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/default.yaml")

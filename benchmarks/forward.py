@@ -7,7 +7,7 @@
    compile seconds printed apart. The largest ``|eps_bf16 - eps_fp32|`` beside each.
 2. Quality: the config's own sampler (warm start, data consistency, n samples) on the validation
    volumes' central slices, every operator, once with ``reconstruct.precision: fp32`` and once
-   with ``bf16`` (``recon.network.autocast``; the sampler's arithmetic, FFTs and data
+   with ``bf16`` (``recon.prior.network.autocast``; the sampler's arithmetic, FFTs and data
    consistency stay float32; channels_last weights in both, as `load_network` gives them on a
    CPU): PSNR mean and worst change, and the seconds per slice as a ratio.
    The bar a change must meet to be kept: |PSNR change| < 0.05 dB on every operator.
@@ -31,10 +31,10 @@ from methods import prepare_split  # benchmarks/methods.py, beside this script
 from recon.config import load_config
 from recon.data.manifest import load_manifest
 from recon.metrics import evaluate_stacks
-from recon.network import autocast
-from recon.reconstruction import reconstruct_prepared
-from recon.reconstructor import load_network
-from recon.volumes import read_stacks
+from recon.prior.network import autocast
+from recon.reconstruct.reconstruction import reconstruct_prepared
+from recon.reconstruct.slices import load_network
+from recon.reconstruct.volumes import read_stacks
 
 BAR_DB = 0.05
 

@@ -1,6 +1,5 @@
 """Shared fixtures: ground-truth laws whose score is closed-form."""
 
-import multiprocessing
 import sys
 
 import pytest
@@ -9,15 +8,6 @@ import torch
 from recon.config import load_config
 from recon.demo import demo_mixture
 from recon.sampling.analytic import GaussianMixture
-
-
-def pytest_configure(config):
-    """Processes the tests start (DataLoader workers) come from a fork server, not a fork of
-    this process: by the time the training tests run it holds Prefect's threads and services
-    from the flow tests, and a forked worker inherits their exit hooks, which fail in the child
-    (Prefect 3.8 resets the services after a fork but leaves the hooks): the worker exits with
-    code 1 and torch reports "DataLoader worker (pid ...) exited unexpectedly"."""
-    multiprocessing.set_start_method("forkserver")
 
 
 @pytest.fixture(scope="session")

@@ -612,8 +612,14 @@ def test_a_signal_while_a_long_slab_samples_stops_the_job_in_seconds(tmp_path, s
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     bar, terminal = pty.openpty()  # the slab's progress bar is drawn on a terminal only
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # 0 columns: no bar
-    proc = subprocess.Popen([sys.executable, "-m", "recon", "reconstruct", "demo",
-                             *[a for o in overrides for a in ("--set", o)]],
+    # started as a terminal's shell starts a command: SIGINT at its default disposition (a
+    # process that inherits SIGINT ignored keeps it ignored, and Python then raises no
+    # KeyboardInterrupt; the test process's own disposition depends on what ran before it)
+    command = [sys.executable, "-m", "recon", "reconstruct", "demo",
+               *[a for o in overrides for a in ("--set", o)]]
+    terminal_like = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                     "os.execv(sys.executable, sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", terminal_like, *command],
                             cwd=Path(__file__).resolve().parents[1], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=terminal, start_new_session=True)
     os.close(terminal)

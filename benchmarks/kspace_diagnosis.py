@@ -35,20 +35,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kspace import ACCELERATIONS  # benchmarks/kspace.py, beside this script
 from scipy import ndimage
 
 from recon.classical import coils
 from recon.config import BaselineConfig, OperatorConfig, load_config
 from recon.data.manifest import load_manifest, resolve
 from recon.data.verify import verify
-from recon.metrics import head_mask
+from recon.metrics import head_mask, psnr
 from recon.operators.complex_image import IMAGE_MODELS, image_model
 from recon.reconstruct.raw import scan_problems, x0_range_for
 from recon.reconstruct.reconstruction import sampler_for
 from recon.reconstruct.scans import PreparedScan, ViewOriented, crop_phase, prepare_scan
 
-ACCELERATIONS = {"4x": {"acceleration": 4, "center_fraction": 0.08},
-                 "8x": {"acceleration": 8, "center_fraction": 0.04}}
 MEASURED = ("pyqmri_vfa_brain", "fastmri_axt2_kspace")
 
 
@@ -177,7 +176,9 @@ def _wrap(network, scan: PreparedScan, model: str):
 
 
 def _psnr(x: np.ndarray, ref: np.ndarray, peak: float) -> float:
-    return float(10 * np.log10(peak**2 / np.mean((x - ref) ** 2)))
+    """``recon.metrics.psnr`` of the selected pixels (flat arrays) with the reference's peak."""
+    x, ref = (torch.from_numpy(np.ascontiguousarray(a)).reshape(1, 1, 1, -1) for a in (x, ref))
+    return float(psnr(x, ref, float(peak))[0])
 
 
 def _figure(panels, path: str) -> None:

@@ -5,6 +5,7 @@ DataLoader workers without changing them."""
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -125,10 +126,14 @@ def batch_stream(dataset: Any, sampler: BatchSampler, tc: TrainingConfig, t_max:
         for step in steps:
             yield make_batch(dataset, sampler, tc, t_max, step, device)
         return
+    # workers from a fork server, not forks of this process: a fork copies whatever threads,
+    # locks and after-fork hooks the caller holds (Prefect's, MLflow's, torch's thread pool),
+    # and such a worker could die at shutdown (exit code 1) after a passing run
+    context = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
     loader = torch.utils.data.DataLoader(
         StepBatches(dataset, sampler, tc, t_max), batch_size=None, sampler=steps,
         num_workers=tc.loader_workers, prefetch_factor=4, worker_init_fn=_one_thread,
-        pin_memory=device.type == "cuda")
+        pin_memory=device.type == "cuda", multiprocessing_context=context)
     for x0, t, eps in loader:
         yield (x0.to(device, non_blocking=True), t.to(device, non_blocking=True),
                eps.to(device, non_blocking=True))

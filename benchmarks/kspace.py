@@ -26,6 +26,8 @@ image; the head's margins beside them): on the measured brain the default sample
 every warm-started row no lower than its start; the simulated acquisitions within 0.2 dB of the
 numbers shipped before (`BEFORE`); no classical row below zero-filled on a measured
 acquisition. Ceiling: the fully sampled data combined with the same maps, against the same RSS.
+Every row's image, the ceiling's too, is made by `reconstruct.kspace_output`
+(`recon.reconstruct.raw.output_image`; `--set reconstruct.kspace_output=magnitude` for |x|).
 
     python benchmarks/kspace.py                                 # test split, configs/kspace.yaml
     python benchmarks/kspace.py --split val --sampler 'ri={kspace_image: real_imag}'
@@ -48,7 +50,7 @@ from recon.config import BaselineConfig, MethodConfig, OperatorConfig, load_conf
 from recon.data.manifest import DataError, load_manifest, resolve
 from recon.data.verify import verify
 from recon.metrics import evaluate_stacks, psnr
-from recon.reconstruct.raw import scan_problems
+from recon.reconstruct.raw import output_image, scan_problems
 from recon.reconstruct.reconstruction import reconstruct_prepared, tune_baseline
 from recon.reconstruct.scans import PreparedScan, crop_phase, prepare_scan
 from recon.reconstruct.volumes import read_stacks
@@ -87,15 +89,18 @@ def _prepare(manifest, root: Path, split: str, max_slices: int, tmp: Path,
             and (ids is None or v.id in ids)]
 
 
-def _ceiling(prepared: Path, op: OperatorConfig, seed: int) -> float:
-    """Mean PSNR of the fully sampled data combined with the maps of the undersampled data."""
+def _ceiling(prepared: Path, op: OperatorConfig, seed: int, rule: str) -> float:
+    """Mean PSNR of the fully sampled data combined with the maps of the undersampled data,
+    reported as every method's image is (``recon.reconstruct.raw.output_image``, ``rule``)."""
     scan = PreparedScan.open(prepared)
     scale, problems = scan_problems(scan, op, seed)
     scores = []
     for rank, pr in enumerate(problems):
         full = coils.centered_ifft(scan.kspace[rank]) / scale
-        x = crop_phase(np.abs(np.sum(np.conj(pr.operator.coil_maps.numpy()) * full, 0)),
-                       pr.reference.shape[-1])
+        combined = np.sum(np.conj(pr.operator.coil_maps.numpy()) * full, 0)
+        image = output_image(pr.operator, torch.from_numpy(combined)[None, None].to(
+            torch.complex64), pr.y, rule)
+        x = crop_phase(image[0, 0].numpy(), pr.reference.shape[-1])
         scores.append(float(psnr(torch.from_numpy(x)[None, None].double(),
                                  torch.from_numpy(pr.reference)[None, None].double())))
     return sum(scores) / len(scores)
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             for prepared in scans:
                 name = PreparedScan.open(prepared).name
                 try:
-                    ceilings[(name, acc)] = _ceiling(prepared, op, rs.seed)
+                    ceilings[(name, acc)] = _ceiling(prepared, op, rs.seed, rs.kspace_output)
                 except DataError as err:  # e.g. too few calibration lines for ESPIRiT
                     print(f"{name:22s} {acc}: not reconstructed: {err}", flush=True)
                     continue

@@ -592,6 +592,27 @@ def test_reconstruct_prepared_writes_a_scan_as_nifti_with_the_header_affine(prep
     assert out["method"] == "sense" and out["slices"] == 3
 
 
+@pytest.mark.parametrize("rule", ["rss", "magnitude"])
+def test_a_scan_reports_its_output_image_rule(prepared, tmp_path, rule):
+    """``reconstruct.kspace_output``: the reported image of a method's complex answer x is the
+    RSS of x's coil images with the acquired samples put back (``rss``), or |x|."""
+    from recon.reconstruct.reconstruction import reconstruct_prepared
+    from recon.reconstruct.scans import crop_phase
+
+    op_cfg = OperatorConfig(name="fourier", params={"acceleration": 3, "center_fraction": 0.3})
+    baseline = BaselineConfig(name="sense", params={"lam": 1e-2})
+    settings = ReconstructSection(n_samples=1, progress=False, device="cpu", kspace_output=rule)
+    out = reconstruct_prepared(prepared.directory, op_cfg, settings, None, tmp_path / rule,
+                               progress=False, baseline=baseline)
+    pr = next(scan_problems(prepared, op_cfg, seed=0)[1])
+    x = baseline.build(pr.operator).solve_complex(pr.y)
+    image = pr.operator.rss_with_data(x, pr.y) if rule == "rss" else x.abs()
+    expected = prepared.view.apply(torch.from_numpy(crop_phase(image[0].numpy(),
+                                                               prepared.shape[1])))
+    got = np.load(out["stacks"])["recon"][:1]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5 * got.max())
+
+
 def test_coil_maps_and_scale_are_computed_once_per_sampling_and_reused(prepared, tmp_path,
                                                                         monkeypatch):
     """ESPIRiT runs once per slice for a (scan, sampling, seed, phase): a second method and
@@ -636,7 +657,10 @@ def test_a_baseline_with_the_discrepancy_lam_is_above_zero_filled(prepared, tmp_
     from recon.reconstruct.volumes import read_stacks
 
     op = OperatorConfig(name="fourier", params={"acceleration": 3, "center_fraction": 0.15})
-    settings = ReconstructSection(n_samples=1, progress=False, device="cpu")
+    # the solution's own magnitude: the rss output puts the acquired lines back, which lifts
+    # even an over-smoothed answer above zero-filled
+    settings = ReconstructSection(n_samples=1, progress=False, device="cpu",
+                                  kspace_output="magnitude")
 
     def gains(lam):
         out = reconstruct_prepared(prepared.directory, op, settings, None, tmp_path / str(lam),

@@ -210,6 +210,27 @@ def test_full_mask_fourier_is_isometric():
     torch.testing.assert_close(op.normal(xr), xr)
 
 
+def test_rss_with_data_keeps_the_acquired_samples_and_is_the_reference_when_x_is_exact():
+    """``rss_with_data(x, y)``: with a full mask it is the RSS of y's coil images whatever x
+    is (a fully sampled scan's reference); with x exact and y = A x it is |x| sqrt(sum |S|^2);
+    otherwise the acquired lines come from y and the rest from x's coil k-space."""
+    s, mask = maps(6), KSPACE_MASKS["random4"]()
+    x, other = rand((2, 1, H, W), C128, 0), rand((2, 1, H, W), C128, 1)
+    full = UndersampledFourier(torch.ones(H, W, dtype=torch.bool), s)
+    y = full(x) + 0.1 * rand((2, 1, 6, H, W), C128, 2)
+    torch.testing.assert_close(full.rss_with_data(other, y),
+                               ifft2c(y).abs().square().sum(-3).sqrt())
+    op = UndersampledFourier(mask, s)
+    torch.testing.assert_close(op.rss_with_data(x, op(x)),
+                               x.abs() * s.abs().square().sum(0).sqrt())
+    y = op(x) + 0.1 * op(rand((2, 1, H, W), C128, 3))
+    coil_k = fft2c(other.unsqueeze(-3) * s)
+    expected = ifft2c(torch.where(mask, y, coil_k)).abs().square().sum(-3).sqrt()
+    torch.testing.assert_close(op.rss_with_data(other, y), expected)
+    with pytest.raises(ValueError, match="needs coil maps"):
+        UndersampledFourier(mask).rss_with_data(x, op(x)[:, :, 0])
+
+
 def test_birdcage_maps_are_normalised_and_smooth():
     s = birdcage_maps((32, 24), 8, dtype=C128)
     assert s.shape == (8, 32, 24)

@@ -118,6 +118,11 @@ class ReconstructSection(Section):
         "real_imag", description="raw k-space: how the real prior sees the complex image "
         "(recon.operators.complex_image): its magnitude in the maps' phase frame, its magnitude "
         "with the phase re-estimated at every step, or its real and imaginary parts")
+    kspace_output: Literal["rss", "magnitude"] = Field(
+        "rss", description="raw k-space: the image a method reports of its complex image x "
+        "(every method alike, the classical ones too): the root-sum-of-squares of x's coil "
+        "images with the acquired samples put back (UndersampledFourier.rss_with_data, as the "
+        "fully sampled reference is made), or |x|")
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="the prior's forward passes: fp32, or bf16 autocast (a GPU's "

@@ -310,6 +310,17 @@ class UndersampledFourier(Operator):
         self.check_measurement(y)
         return self.adjoint(y)
 
+    def rss_with_data(self, x: Tensor, y: Tensor) -> Tensor:
+        r"""``sqrt(sum_c |F^H(M ⊙ y_c + (1 - M) ⊙ F(S_c x))|^2)``: the root-sum-of-squares of
+        x's coil images with the acquired samples ``y`` put back in their k-space; the fully
+        sampled scan's root-sum-of-squares (the usual reference, noise floor included) when x
+        is exact. Multi-coil: x ``(*lead, H, W)``, y ``(*lead, C_coils, H, W)``, broadcast."""
+        if self.coil_maps_real is None:
+            raise ValueError("rss_with_data needs coil maps (multi-coil k-space)")
+        self._check_y_shape(y)
+        k = fft2c(x.to(complex_dtype(x.dtype)).unsqueeze(-3) * self.coil_maps.to(y.dtype))
+        return ifft2c(torch.where(self._kspace_mask(), y, k)).abs().square().sum(-3).sqrt()
+
     def mirrored_mask(self) -> Tensor:
         """``M(-k)``: the mask at the mirrored frequency. On the centred grid the frequency of
         index ``i`` is ``i - n // 2``, so ``-k`` sits at index ``(2 (n // 2) - i) mod n`` (a

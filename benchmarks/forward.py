@@ -8,8 +8,8 @@
 2. Quality: the config's own sampler (warm start, data consistency, n samples) on the validation
    volumes' central slices, every operator, once with ``reconstruct.precision: fp32`` and once
    with ``bf16`` (``recon.prior.network.autocast``; the sampler's arithmetic, FFTs and data
-   consistency stay float32; contiguous weights in both, as `load_network` gives them): PSNR
-   mean and worst change, and the seconds per slice as a ratio.
+   consistency stay float32; channels_last weights in both, as `load_network` gives them on a
+   CPU): PSNR mean and worst change, and the seconds per slice as a ratio.
    The bar a change must meet to be kept: |PSNR change| < 0.05 dB on every operator.
 
     python benchmarks/forward.py                        # configs/demo.yaml, 2 threads
@@ -79,7 +79,7 @@ def speed(network: torch.nn.Module, shape: tuple[int, ...], repeats: int, compil
                     seconds = timed(lambda c=compiled: c(x, t), repeats)
                     out = compiled(x, t).float()
                 rows.append((label, seconds, float((out - reference).abs().max()), build))
-        network.to(memory_format=torch.contiguous_format)  # as load_network gives it
+        network.to(memory_format=torch.channels_last)  # as load_network gives it on a CPU
     base = rows[0][1]
     print(f"\nthe prior's forward on {' x '.join(map(str, shape))}, {torch.get_num_threads()} "
           f"threads, median of {repeats}")

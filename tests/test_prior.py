@@ -23,6 +23,7 @@ from recon.prior.files import export_prior
 from recon.prior.network import (
     CheckpointError,
     EpsNetwork,
+    autocast,
     build_network,
     count_parameters,
     load_prior,
@@ -135,6 +136,23 @@ def test_v_parameterisation_keeps_tweedie_bounded_at_high_noise():
     torch.testing.assert_close(s * v_net.target(x0, eps, t) + sigma * x_t, eps)
     with pytest.raises(ValueError, match="needs the diffusion"):
         build_network(TINY_NET)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it_natively(monkeypatch, native):
+    """``precision: auto`` autocasts to bf16 on a CPU with AVX512-BF16 or AMX and leaves the
+    forward in float32 elsewhere (emulated bf16 is slower than float32); named ones are kept."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    with autocast(cpu, "auto"):
+        assert torch.is_autocast_enabled("cpu") == native
+        out = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert out.dtype == (torch.bfloat16 if native else torch.float32)
+    with autocast(cpu, "bf16"):
+        assert torch.is_autocast_enabled("cpu")
+    with autocast(cpu, "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_shipped_config_loads_and_network_is_small():

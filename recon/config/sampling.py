@@ -124,10 +124,11 @@ class ReconstructSection(Section):
         "images with the acquired samples put back (UndersampledFourier.rss_with_data, as the "
         "fully sampled reference is made), or |x|")
     device: str = "auto"
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="the prior's forward passes: fp32, or bf16 autocast (a GPU's "
-        "tensor cores, a CPU's AVX512-BF16 / AMX through oneDNN; the samplers' arithmetic and "
-        "data consistency stay float32)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the prior's forward passes: bf16 autocast (a GPU's tensor cores, "
+        "a CPU's AVX512-BF16 / AMX through oneDNN; the samplers' arithmetic and data "
+        "consistency stay float32), fp32, or auto: bf16 where the device computes it natively "
+        "(recon.prior.network.native_bf16), else fp32")
     num_threads: int | None = Field(None, ge=1, le=1024, strict=True,
                                     description="torch CPU threads (None: torch's "
                                     "default); 1 avoids oversubscription on shared CPUs")

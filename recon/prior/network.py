@@ -174,10 +174,25 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, a CPU with
+    AVX512-BF16 or AMX (through oneDNN). Elsewhere bf16 is emulated, slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, check, lambda: False)()
+                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The network's forward passes in ``precision`` on ``device``: ``bf16`` / ``fp16``
     autocast (matrix products and convolutions; FFTs, norms and the samplers' arithmetic stay
-    float32), ``fp32`` / ``none`` as they are."""
+    float32), ``fp32`` / ``none`` as they are; ``auto``: ``bf16`` where the device computes it
+    natively (``native_bf16``), else ``fp32``."""
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device) else "fp32"
     if precision in ("fp32", "none"):
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type,

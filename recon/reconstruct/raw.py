@@ -262,10 +262,10 @@ class ScanSlices:
                                        generator=gen)
         z = op.to_complex(post.samples.flatten(0, 1)) if post.samples is not None else \
             op.to_complex(post.mean)  # a classical baseline: one deterministic image
-        y = problem.y.to(self.device)
-        images = output_image(measured, z, y, self.settings.kspace_output)
-        std = images.std(0, keepdim=True) if z.shape[0] > 1 else torch.zeros_like(images[:1])
-        mean = output_image(measured, z.mean(0, keepdim=True), y, self.settings.kspace_output)
+        y, rule = problem.y.to(self.device), self.settings.kspace_output
+        mean = output_image(measured, z.mean(0, keepdim=True), y, rule)
+        std = output_image(measured, z, y, rule).std(0, keepdim=True) if z.shape[0] > 1 else \
+            torch.zeros_like(mean)
         truth = problem.reference if problem.reference is not None else np.zeros(self.shape)
         mean, std = (crop_phase(a[:, 0].cpu().numpy(), self.shape[1]) for a in (mean, std))
         return SliceResult([problem.index], truth[None], problem.naive[None], mean, std,

@@ -271,6 +271,63 @@ def test_conjugate_gradient_batched():
     assert torch.allclose(w, torch.linalg.solve(mats, b), atol=1e-9)
 
 
+def test_conjugate_gradient_stops_each_sample_at_its_tolerance():
+    """``tol``: a sample stops once ``|b - M w| <= tol |b|`` and keeps that solution; the
+    iterations end once every sample has (fewer products than ``steps``)."""
+    g = torch.Generator().manual_seed(1)
+    B = torch.randn(3, 40, 40, generator=g, dtype=F64)
+    mats = B @ B.transpose(1, 2) + 0.5 * torch.eye(40, dtype=F64)
+    mats[2] = torch.eye(40, dtype=F64)  # solved in one iteration
+    b = torch.randn(3, 40, generator=g, dtype=F64)
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return torch.einsum("bij,bj->bi", mats, v)
+
+    w = conjugate_gradient(matvec, b, steps=40, tol=1e-3)
+    rel = (b - torch.einsum("bij,bj->bi", mats, w)).norm(dim=1) / b.norm(dim=1)
+    assert (rel <= 1e-3).all() and len(calls) < 40
+    exact = conjugate_gradient(lambda v: torch.einsum("bij,bj->bi", mats, v), b, steps=40)
+    assert (w - exact).norm() / exact.norm() < 1e-2
+    assert torch.equal(w[2], exact[2])  # stopped at its first iteration in both
+    calls.clear()
+    assert torch.equal(conjugate_gradient(matvec, b, steps=5, tol=0.0),
+                       conjugate_gradient(lambda v: torch.einsum("bij,bj->bi", mats, v), b, 5))
+    assert len(calls) == 5
+
+
+def test_data_consistency_stops_a_coil_prox_at_its_tolerance_and_leaves_closed_forms_alone():
+    """``DataConsistency(cg_tol=...)``: the multi-coil prox (conjugate gradient) stops early; a
+    closed-form prox (a mask) is unchanged; a tolerance outside [0, 1) is refused."""
+    from recon.operators import Mask, UndersampledFourier
+    from recon.operators.fourier import birdcage_maps, cartesian_mask
+    from recon.operators.mask import random_pixel_mask
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 24, 20, generator=g, dtype=F64)
+
+    def eps(v, t):
+        return torch.zeros_like(v)
+
+    coils = UndersampledFourier(cartesian_mask((24, 20), 4, 0.1, generator=1),
+                                coil_maps=birdcage_maps((24, 20), 4, dtype=torch.complex128),
+                                sigma_y=0.05, real_output=True).double()
+    mask = Mask(random_pixel_mask((24, 20), 0.4, 1), sigma_y=0.05).double()
+    diffusion = VPLinear()
+    for op, closed in ((coils, False), (mask, True)):
+        y = op.measure(x, generator=2)
+        full, loose = (DataConsistency(cg_tol=tol).eps(x, 0.5, y, eps_fn=eps, diffusion=diffusion,
+                                                       operator=op) for tol in (0.0, 0.1))
+        if closed:
+            assert torch.equal(full, loose)
+        else:  # the tolerance reaches the coils' conjugate gradient (its own test above)
+            assert torch.isfinite(loose).all() and not torch.equal(full, loose)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="cg_tol"):
+            DataConsistency(cg_tol=bad)
+
+
 # -- 2. Monte-Carlo posterior moments -------------------------------------------------------------
 CASES = [
     (HeunIntegrator(), 32),

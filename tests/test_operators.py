@@ -130,6 +130,22 @@ def test_fourier_adjoint_odd_shape():
     torch.testing.assert_close(full.normal(x), x)
 
 
+@pytest.mark.parametrize("shape", [(8, 6), (9, 7)], ids=["even", "odd"])
+@pytest.mark.parametrize("coils", [None, 3], ids=["single", "multicoil"])
+@pytest.mark.parametrize("real_output", [False, True])
+def test_fourier_normal_without_the_centring_shifts_is_adjoint_of_forward(shape, coils,
+                                                                          real_output):
+    """``UndersampledFourier.normal`` runs ``F^H M F`` on the uncentred grid: equal to
+    ``A^H (A x)`` through the centred transforms, for real and complex images."""
+    m = variable_density_mask(shape, 3, 0.2, generator=1)
+    op = UndersampledFourier(m, None if coils is None else birdcage_maps(shape, coils,
+                                                                         dtype=C128),
+                             real_output=real_output)
+    for dtype in (F64,) if real_output else (F64, C128):
+        x = rand((2, 1, *shape), dtype, 0)
+        torch.testing.assert_close(op.normal(x), op.adjoint(op(x)), atol=1e-12, rtol=0)
+
+
 def test_fourier_adjoint_on_volumes():
     d = 3
     per_slice = torch.stack([cartesian_mask((H, W), 4, 0.08, generator=s) for s in range(d)])
@@ -454,6 +470,21 @@ def test_prox_solves_the_regularised_least_squares(make, lam):
     y = op.measure(x_true, generator=5)
     x = op.prox(x0, y, lam, steps=60)
     assert _prox_residual(op, x, x0, y, lam) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(12, 10), (9, 7)], ids=["even", "odd"])
+@pytest.mark.parametrize("lam", [0.05, 20.0])
+def test_blur_prox_of_real_images_on_the_half_spectrum_is_the_full_one(shape, lam):
+    """Real images and a real y take the real FFT's half spectrum (``Blur.proximal``): the
+    minimiser, equal to the full complex prox's real part, on even and odd grids."""
+    op = Blur(sigma=1.3, sigma_y=0.1).double()
+    x0 = rand((2, 1, *shape), F64, 1)
+    y = op.measure(rand((2, 1, *shape), F64, 2), generator=3)
+    x = op.prox(x0, y, lam)
+    assert not x.is_complex() and x.shape == x0.shape
+    assert _prox_residual(op, x, x0, y, lam) < 1e-9
+    torch.testing.assert_close(x, op.prox(x0.to(C128), y, lam).real, atol=1e-12, rtol=0)
+    torch.testing.assert_close(op.proximal(y)(x0, lam), x, atol=0, rtol=0)
 
 
 def test_prox_hard_data_consistency():

@@ -30,13 +30,15 @@ def real_adjoint(operator, v: Tensor) -> Tensor:
     return out.real if out.is_complex() else out
 
 
-def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int) -> Tensor:
+def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int,
+                       tol: float = 0.0) -> Tensor:
     r"""Batched conjugate gradient for ``M w = b`` (M symmetric positive semi-definite per sample).
 
     Runs at most ``steps`` iterations from ``w = 0`` with per-sample step sizes
     ``alpha = <r, r>/<p, M p>`` and ``beta = <r', r'>/<r, r>``; a sample whose residual has
-    fallen to round-off (``|r| <= 8 eps |b|``) keeps its solution, so a singular but consistent
-    system (e.g. a prox with ``lam = 0``) does not divide round-off by round-off and run away.
+    fallen to ``|r| <= max(tol, 8 eps) |b|`` keeps its solution (at round-off, so a singular but
+    consistent system, e.g. a prox with ``lam = 0``, does not divide round-off by round-off and
+    run away), and the iterations end once every sample has.
     Inner products are real (``batch_dot``), so complex ``b`` is solved as the real system on
     (Re, Im) pairs.
     """
@@ -44,9 +46,11 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int
     r = b.clone()
     p = r.clone()
     rs = batch_dot(r, r)
-    floor = rs * (8.0 * torch.finfo(rs.dtype).eps) ** 2
+    floor = rs * max(float(tol), 8.0 * torch.finfo(rs.dtype).eps) ** 2
     for _ in range(steps):
         check_cancelled()
+        if not bool((rs > floor).any()):
+            break
         mp = matvec(p)
         pmp = batch_dot(p, mp)
         live = (pmp > 0) & (rs > floor)

@@ -69,7 +69,8 @@ def tv_prox(operator, x0: Tensor, y: Tensor, lam: float, mu: float, iterations: 
     ``(..., S, H, W)`` (slices along dim -3). ``mu = mu_z = 0`` returns that prox."""
     if mu < 0 or mu_z < 0:
         raise ValueError(f"TV weights must be >= 0, got mu={mu}, mu_z={mu_z}")
-    x = operator.prox(x0, y, lam) if x_init is None else x_init
+    prox = operator.proximal(y)  # what depends on y alone, once for all the iterations
+    x = prox(x0, lam) if x_init is None else x_init
     weights = {d: w for d, w in ((Z, mu_z), (-2, mu), (-1, mu)) if w > 0}
     if not weights or iterations <= 0:
         return x
@@ -86,7 +87,7 @@ def tv_prox(operator, x0: Tensor, y: Tensor, lam: float, mu: float, iterations: 
         check_cancelled()
         z = torch.maximum(torch.minimum(z + step * finite_difference(x_bar, dims), bound), -bound)
         v = x - step * finite_difference_adjoint(z, dims)
-        x_new = operator.prox((lam * x0 + v / step) / lam_g, y, lam_g)
+        x_new = prox((lam * x0 + v / step) / lam_g, lam_g)
         x_bar = 2.0 * x_new - x
         x = x_new
     return x

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -127,12 +127,20 @@ class Operator(nn.Module, ABC):
         """``A^H A x``."""
         return self.adjoint(self.forward(x))
 
-    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 10) -> Tensor:
+    def proximal(self, y: Tensor) -> Callable[[Tensor, float], Tensor]:
+        """``(x0, lam) -> prox(x0, y, lam)`` for the one measurement ``y``, with what depends on
+        ``y`` alone computed once: for loops that take the prox many times on the same ``y``
+        (TV's PDHG inside a data-consistency step). Here the plain ``prox``; subclasses with a
+        closed form precompute their data term."""
+        return lambda x0, lam: self.prox(x0, y, lam)
+
+    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 10, tol: float = 0.0) -> Tensor:
         r"""``argmin_x ||y - A x||^2 + lam ||x - x0||^2 = (A^H A + lam I)^{-1} (A^H y + lam x0)``.
 
-        Here: ``steps`` conjugate-gradient iterations from ``x0`` (batched, per-sample step
-        sizes); subclasses give the closed form where ``A^H A`` is diagonal (masks, Cartesian
-        k-space, circular blur). ``lam = 0`` is the least-squares data fit nearest ``x0``.
+        Here: at most ``steps`` conjugate-gradient iterations from ``x0`` (batched, per-sample
+        step sizes), a chain stopping once its residual is ``tol`` of its first; subclasses give
+        the closed form where ``A^H A`` is diagonal (masks, Cartesian k-space, circular blur;
+        ``steps`` and ``tol`` unused). ``lam = 0`` is the least-squares data fit nearest ``x0``.
         For real images and complex ``y`` the real part of ``A^H`` is used, as everywhere.
         """
         def real(t: Tensor) -> Tensor:
@@ -143,7 +151,7 @@ class Operator(nn.Module, ABC):
 
         # x = x0 + d with (A^H A + lam) d = A^H y - A^H A x0 (CG from x0)
         return x0 + conjugate_gradient(matvec, real(self.adjoint(y)) - real(self.normal(x0)),
-                                       steps)
+                                       steps, tol)
 
     # --- measurements ---------------------------------------------------------------------
     def _noise_support(self) -> Tensor | None:

@@ -12,7 +12,7 @@ exact circular convolution.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -122,10 +122,31 @@ class Blur(Operator):
         self.check_measurement(y)
         return y.clone()
 
-    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 0) -> Tensor:
+    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 0, tol: float = 0.0) -> Tensor:
         """Closed form in the Fourier basis (``A`` is diagonal there):
         ``X = (conj(K) Y + lam X0) / (|K|^2 + lam)`` (``lam`` floored at 1e-8: the plain
         inverse filter is unstable where ``K`` vanishes)."""
+        return self.proximal(y)(x0, lam)
+
+    def proximal(self, y: Tensor) -> Callable[[Tensor, float], Tensor]:
+        """``prox`` at this ``y`` with ``conj(K) Y`` and ``|K|^2`` computed once, on the real FFT's
+        half spectrum for real images and a real ``y`` (``K`` of a real kernel is Hermitian)."""
+        shape = tuple(y.shape[-2:])
+        if y.is_complex():
+            return lambda x0, lam: self._prox_complex(x0, y, lam)
+        k = self.transfer_function(shape, y.dtype, y.device)[..., : shape[-1] // 2 + 1]
+        data, power = k.conj() * torch.fft.rfft2(y), k.abs().square()
+
+        def prox(x0: Tensor, lam: float) -> Tensor:
+            if x0.is_complex():
+                return self._prox_complex(x0, y, lam)
+            lam = max(float(lam), 1e-8)
+            return torch.fft.irfft2((data + lam * torch.fft.rfft2(x0)) / (power + lam), s=shape)
+
+        return prox
+
+    def _prox_complex(self, x0: Tensor, y: Tensor, lam: float) -> Tensor:
+        """``prox`` on the full spectrum: a complex image or measurement."""
         k = self.transfer_function(x0.shape, x0.dtype, x0.device)
         lam = max(float(lam), 1e-8)
         out = torch.fft.ifft2((k.conj() * torch.fft.fft2(y) + lam * torch.fft.fft2(x0))

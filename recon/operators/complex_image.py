@@ -108,8 +108,8 @@ class Magnitude(ComplexImageModel):
     def adjoint(self, y: Tensor) -> Tensor:
         return self.operator.adjoint(y).real
 
-    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 10) -> Tensor:
-        return self.operator.prox(x0, y, lam, steps)  # real x0: the complex fit's magnitude
+    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 10, tol: float = 0.0) -> Tensor:
+        return self.operator.prox(x0, y, lam, steps, tol)  # real x0: the complex fit's magnitude
 
 
 class RealImag(ComplexImageModel):
@@ -133,8 +133,8 @@ class RealImag(ComplexImageModel):
     def adjoint(self, y: Tensor) -> Tensor:
         return self.from_complex(self.operator.adjoint(y))
 
-    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 10) -> Tensor:
-        return self.from_complex(self.operator.prox(self.to_complex(x0), y, lam, steps))
+    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 10, tol: float = 0.0) -> Tensor:
+        return self.from_complex(self.operator.prox(self.to_complex(x0), y, lam, steps, tol))
 
 
 class TrackedPhase(ComplexImageModel):
@@ -179,8 +179,8 @@ class TrackedPhase(ComplexImageModel):
         rotation = self._rotation(z.real)
         return (z if rotation is None else z * rotation.conj()).real
 
-    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 10) -> Tensor:
-        z = self.operator.prox(self.to_complex(x0), y, lam, steps)
+    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 10, tol: float = 0.0) -> Tensor:
+        z = self.operator.prox(self.to_complex(x0), y, lam, steps, tol)
         return self.from_complex(z)
 
 

@@ -129,7 +129,7 @@ class Mask(Operator):
         self.check_measurement(y)
         return y * self.mask
 
-    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 0) -> Tensor:
+    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 0, tol: float = 0.0) -> Tensor:
         """Closed form: ``(y + lam x0) / (1 + lam)`` on measured pixels, ``x0`` elsewhere."""
         return torch.where(self.mask, (y + lam * x0) / (1.0 + lam), x0)
 

@@ -239,7 +239,7 @@ class KyKzFourier(Operator):
         s, h = self.mask.shape
         return torch.roll(torch.flip(self.mask, (-2, -1)), (1 - s % 2, 1 - h % 2), (-2, -1))
 
-    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 0) -> Tensor:
+    def prox(self, x0: Tensor, y: Tensor, lam: float, steps: int = 0, tol: float = 0.0) -> Tensor:
         r"""``argmin_x ||y - A x||^2 + lam ||x - x0||^2`` in closed form.
 
         Complex x0: ``F3^H`` of ``(y + lam F3 x0) / (1 + lam)`` where sampled, ``F3 x0``

@@ -173,7 +173,8 @@ class DataConsistency(Guidance):
     (``sigma_y^2``, or ``sigma_y^2 / 2`` for complex y: ``noise_variance``) and the prior's weight
     ``w`` (``prior_weight``, DiffPIR's lambda; 1 is the Gaussian posterior of ``x0`` given
     ``x0_hat``), i.e. ``operator.prox(x0_hat, y, lam = w v / r_t^2)``: closed form for masks,
-    single-coil Cartesian k-space and circular blur, a few CG steps otherwise. When
+    single-coil Cartesian k-space and circular blur, a few CG steps otherwise (multi-coil
+    k-space: at most 10, each chain stopping once its residual is ``cg_tol`` of its first). When
     ``A A^H = I`` (masks, masked orthonormal Fourier) this is
 
         x0_dc = x0_hat + rho_t A^H (y - A x0_hat),     rho_t = r_t^2 / (r_t^2 + w v),
@@ -193,7 +194,7 @@ class DataConsistency(Guidance):
     name = "data_consistency"
 
     def __init__(self, soft: bool = True, prior_weight: float = 1.0, tv: float = 0.0,
-                 tv_iterations: int = 20, tv_z: float = 0.0):
+                 tv_iterations: int = 20, tv_z: float = 0.0, cg_tol: float = 0.0):
         if not (math.isfinite(prior_weight) and prior_weight > 0):
             raise ValueError(f"prior_weight must be a finite number > 0, got {prior_weight}")
         if not (math.isfinite(tv) and tv >= 0):
@@ -203,16 +204,20 @@ class DataConsistency(Guidance):
         if isinstance(tv_iterations, bool) or not isinstance(tv_iterations, int) or \
                 not 1 <= tv_iterations <= 1000:
             raise ValueError(f"tv_iterations must be an integer in [1, 1000], got {tv_iterations!r}")
+        if not (math.isfinite(cg_tol) and 0 <= cg_tol < 1):
+            raise ValueError(f"cg_tol must be a number in [0, 1), got {cg_tol}")
         if not isinstance(soft, bool):
             raise ValueError(f"soft must be true or false, got {soft!r}")
         self.soft = soft
         self.prior_weight = float(prior_weight)
         self.tv, self.tv_iterations, self.tv_z = float(tv), tv_iterations, float(tv_z)
+        self.cg_tol = float(cg_tol)
 
     def __repr__(self) -> str:
         tv = f", tv={self.tv}" if self.tv else ""
         tv += f", tv_z={self.tv_z}" if self.tv_z else ""
         tv += f", tv_iterations={self.tv_iterations}" if tv else ""
+        tv += f", cg_tol={self.cg_tol}" if self.cg_tol else ""
         return f"DataConsistency(soft={self.soft}, prior_weight={self.prior_weight}{tv})"
 
     def weight(self, s: float, sigma: float, var_y: float) -> float:
@@ -230,7 +235,7 @@ class DataConsistency(Guidance):
         if self.tv > 0 or self.tv_z > 0:
             x0_dc = tv_prox(operator, x0, y, lam, self.tv, self.tv_iterations, mu_z=self.tv_z)
         elif hasattr(operator, "prox"):
-            x0_dc = operator.prox(x0, y, lam)
+            x0_dc = operator.prox(x0, y, lam, **({"tol": self.cg_tol} if self.cg_tol else {}))
         else:  # a duck-typed operator: one step towards the data (exact when A A^H = I)
             x0_dc = x0 + self.weight(s, sigma, var_y) * real_adjoint(operator, y - operator.forward(x0))
         return eps_from_x0(x, x0_dc, s, sigma)

@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{max(r['scores'].values()):.2f} dB on {r['slices']} validation slices; "
                       f"{time.perf_counter() - t0:.0f} s)", flush=True)
             settings = {label: m.setting(rs) for label, m in samplers.items()}
-            warm = {label: s.warm_start.for_operator(op).baseline for label, s in settings.items()
-                    if s.warm_start is not None}
+            warm = {label: s.warm_start_for(op).for_operator(op).baseline
+                    for label, s in settings.items() if s.warm_start_for(op) is not None}
             for b in warm.values():
                 if baseline_label(b) not in map(baseline_label, baselines):
                     baselines.append(b)

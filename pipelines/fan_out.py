@@ -76,7 +76,7 @@ def warm_started(cfg: Config, run: Run, settings: ReconstructSection,
                  op: OperatorConfig) -> ReconstructSection:
     """``settings`` for ``op`` with the warm start's ``lam`` chosen on the validation split when
     it is null (``tuned_baselines``, the same cached task as the baselines')."""
-    ws = settings.warm_start
+    ws = settings.warm_start_for(op)
     if ws is None or ws.baseline.lam is not None:
         return settings
     b = tuned_baselines(cfg, run, [op], [ws.baseline])[(op.name, ws.baseline.name)]

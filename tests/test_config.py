@@ -127,6 +127,34 @@ def test_a_method_keeps_the_warm_start_unless_it_says_null():
     assert other.setting(cfg.reconstruct).warm_start.t0 == 0.5
 
 
+def test_an_operator_may_start_from_noise_whatever_the_warm_start():
+    """``warm_start: false`` on an operator: its sampler has no warm start (its label says so),
+    the others keep reconstruct's; a comparison row that gives a warm start gives it to every
+    operator; anything else on an operator is refused on load, naming the field."""
+    import torch
+
+    from recon.reconstruct.reconstruction import sampler_for
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["reconstruct.operators.1.warm_start=false"],
+                      base_dir=ROOT)
+    rs = cfg.reconstruct
+    mask, blur = rs.operators[:2]
+    assert rs.warm_start_for(mask) == rs.warm_start is not None
+    assert rs.warm_start_for(blur) is None
+    assert "warm" in rs.label(mask) and "warm" not in rs.label(blur)
+    for op, warm in ((mask, True), (blur, False)):
+        sampler = sampler_for(op, rs, cfg.prior, None, torch.device("cpu"))(
+            op.build((32, 32), rs.sigma_y))
+        assert (sampler.warm_start is not None) == warm, op.name
+    row = MethodConfig.model_validate({"warm_start": {"baseline": "tv", "t0": 0.5}}).setting(rs)
+    assert row.warm_start_for(row.operators[1]).t0 == 0.5
+    keep = MethodConfig.model_validate({"steps": 8}).setting(rs)
+    assert keep.warm_start_for(keep.operators[1]) is None
+    with pytest.raises(ConfigError, match=r"operators\.1\.warm_start.*can only be false"):
+        load_config(ROOT / "configs" / "demo.yaml", ["reconstruct.operators.1.warm_start=true"],
+                    base_dir=ROOT)
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["reconstruct.steps=-1", "reconstruct.n_samples=0", "data.bogus=1"])

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -93,7 +93,8 @@ class _Component(Section):
 class OperatorConfig(_Component):
     """A measurement operator: ``mask``, ``blur`` or ``fourier`` plus its keyword arguments
     (e.g. ``{keep: 0.5}``, ``{sigma: 1.5}``, ``{acceleration: 4, center_fraction: 0.08}``);
-    ``guidance`` overrides the reconstruction's guidance for this operator; ``lam`` gives the
+    ``guidance`` overrides the reconstruction's guidance for this operator, ``warm_start:
+    false`` starts its chains from noise whatever ``reconstruct.warm_start`` says; ``lam`` gives the
     classical baselines' ``lam`` for it (``{tv: 3.2e-3}``, or a rule of ``LAM_RULES``: chosen per
     acquisition at solve time), used where a baseline or warm start says ``lam: null`` instead
     of choosing it on the validation split."""
@@ -103,6 +104,8 @@ class OperatorConfig(_Component):
     RESERVED = ("shape", "sigma_y", "seed", "indices")
 
     guidance: GuidanceConfig | None = None
+    warm_start: Literal[False] | None = Field(
+        None, description="false: no warm start for this operator (null: reconstruct's)")
     lam: dict[str, float | str] = Field(
         default_factory=dict, description="baseline name -> lam for this operator (e.g. chosen "
         "once on the public validation split), or 'discrepancy' (chosen per acquisition from its "
@@ -123,6 +126,14 @@ class OperatorConfig(_Component):
     @classmethod
     def _short_guidance(cls, v: Any) -> Any:
         return named(v)
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _no_warm_start(cls, v: Any) -> Any:
+        if v is not None and v is not False:
+            raise ValueError(f"an operator's warm_start can only be false (its chains start from "
+                             f"noise) or null (reconstruct.warm_start), got {v!r}")
+        return v
 
     def _trial(self) -> None:
         """Nothing here: building needs the slice size and sigma_y (``Config._cross`` does it)."""

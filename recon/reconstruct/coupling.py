@@ -56,7 +56,7 @@ def is_volume_method(operator: OperatorConfig, settings: ReconstructSection | No
         return True
     if baseline is not None:
         return baseline.name in VOLUME_BASELINES
-    warm = settings.warm_start
+    warm = settings.warm_start_for(operator)
     return settings.coupling.name != "none" or (warm is not None and
                                                 warm.baseline.name in VOLUME_BASELINES)
 

@@ -98,8 +98,9 @@ def _solvers(cfg: Config) -> list[tuple[str, BaselineConfig, list[OperatorConfig
     rows of ``compare.methods`` (on the compared operator)."""
     rs = cfg.reconstruct
     out = [(f"reconstruct.baselines.{i}", b, rs.operators) for i, b in enumerate(rs.baselines)]
-    if rs.warm_start is not None:
-        out.append(("reconstruct.warm_start.baseline", rs.warm_start.baseline, rs.operators))
+    warmed = [op for op in rs.operators if rs.warm_start_for(op) is not None]
+    if warmed:
+        out.append(("reconstruct.warm_start.baseline", rs.warm_start.baseline, warmed))
     for i, m in enumerate(cfg.compare.methods):
         if m.baseline is not None:
             out.append((f"compare.methods.{i}.baseline", m.baseline, _compared(cfg)))

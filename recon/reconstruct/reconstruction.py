@@ -98,7 +98,8 @@ def sampler_for(operator: OperatorConfig, settings: ReconstructSection, prior: P
     if baseline is not None:
         return lambda op, x0_range=None: baseline.build(op)
     network, diffusion = load_network(prior, device)
-    start = settings.warm_start and settings.warm_start.for_operator(operator)
+    start = settings.warm_start_for(operator)
+    start = start and start.for_operator(operator)
     if start is not None and start.baseline.lam is None:
         raise ValueError(f"the warm start's {start.baseline.name} has lam: null and operator "
                          f"{operator.name!r} gives none (its lam: {{{start.baseline.name}: "

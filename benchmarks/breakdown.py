@@ -60,6 +60,22 @@ class Stopwatch:
             if self._stack:
                 self._stack[-1][1] = end
 
+    def wrap_factory(self, owner, attribute: str, name: str, patches: list) -> None:
+        """Time every call of the functions ``owner.attribute`` returns as ``name``."""
+        original = getattr(owner, attribute)
+        watch = self
+
+        def factory(*args, **kwargs):
+            made = original(*args, **kwargs)
+
+            def timed(*a, **k):
+                with watch.part(name):
+                    return made(*a, **k)
+            return timed
+
+        patches.append((owner, attribute, original))
+        setattr(owner, attribute, factory)
+
     def wrap(self, owner, attribute: str, name: str, patches: list) -> None:
         """Time every call of ``owner.attribute`` as ``name`` (undone by ``restore``)."""
         original = getattr(owner, attribute)
@@ -84,6 +100,8 @@ def instrument(watch: Stopwatch) -> list:
     for cls in (base.Operator, fourier.UndersampledFourier, mask.Mask, blur.Blur):
         if "prox" in vars(cls):
             watch.wrap(cls, "prox", "prox", patches)
+        if "proximal" in vars(cls):  # the prox at one y, as TV's PDHG takes it
+            watch.wrap_factory(cls, "proximal", "prox", patches)
     watch.wrap(guidance, "tv_prox", "tv", patches)
     watch.wrap(baselines.Baseline, "solve", "warm start", patches)
     watch.wrap(coils, "espirit_maps", "espirit", patches)
@@ -95,14 +113,19 @@ def restore(patches: list) -> None:
         setattr(owner, attribute, original)
 
 
-def physical_limit(network, shape: tuple[int, ...], threads: int, repeats: int = 3) -> dict:
+def physical_limit(network, shape: tuple[int, ...], threads: int, precision: str = "fp32",
+                   repeats: int = 3) -> dict:
     """FLOPs of one forward of ``network`` on ``shape``, its time, and a bare 3x3 convolution's
-    GFLOP/s at the network's widest channel count on a comparable grid."""
+    GFLOP/s at the network's widest channel count on a comparable grid, both in ``precision``
+    (``bf16``: under bf16 autocast with channels_last inputs, as the sampler runs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from recon.prior.network import autocast
+
     torch.set_num_threads(threads)
-    x, t = torch.randn(shape), torch.full((shape[0],), 0.5)
-    with torch.inference_mode():
+    fmt = torch.channels_last if precision == "bf16" else torch.contiguous_format
+    x, t = torch.randn(shape).contiguous(memory_format=fmt), torch.full((shape[0],), 0.5)
+    with torch.inference_mode(), autocast(torch.device("cpu"), precision):
         with FlopCounterMode(display=False) as counter:
             network(x, t)
         flops = counter.get_total_flops()
@@ -113,8 +136,8 @@ def physical_limit(network, shape: tuple[int, ...], threads: int, repeats: int =
         forward = (time.perf_counter() - start) / repeats
         width = max(m.out_channels for m in network.modules() if isinstance(m, torch.nn.Conv2d))
         side = max(16, shape[-1] // 4)
-        conv = torch.nn.Conv2d(width, width, 3, padding=1)
-        z = torch.randn(shape[0], width, side, side)
+        conv = torch.nn.Conv2d(width, width, 3, padding=1).to(memory_format=fmt)
+        z = torch.randn(shape[0], width, side, side).contiguous(memory_format=fmt)
         conv(z)
         start = time.perf_counter()
         for _ in range(repeats):
@@ -128,6 +151,7 @@ def physical_limit(network, shape: tuple[int, ...], threads: int, repeats: int =
 def main(argv: list[str] | None = None) -> int:
     from recon.config import load_config
     from recon.data.manifest import load_manifest, resolve
+    from recon.prior.network import native_bf16
     from recon.reconstruct.reconstruction import reconstruct_prepared
     from recon.reconstruct.scans import prepare_scan
     from recon.reconstruct.slices import load_network
@@ -137,29 +161,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--kspace-config", default="configs/kspace.yaml")
     p.add_argument("--volume", default="antspyx_r85_t1", help="test image volume")
-    p.add_argument("--scan", default="pyqmri_vfa_brain", help="test raw k-space acquisition")
+    p.add_argument("--scan", default="pyqmri_vfa_brain",
+                   help="test raw k-space acquisition ('' for none)")
     p.add_argument("--operators", nargs="*", default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--kspace-set", dest="kspace_overrides", action="append", default=[],
+                   help="an override of the k-space config only")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     common = [*args.overrides, f"reconstruct.num_threads={args.threads}",
               "reconstruct.progress=false"]
     cfg = load_config(args.config, common)
-    kcfg = load_config(args.kspace_config, common)
+    kcfg = load_config(args.kspace_config, [*common, *args.kspace_overrides])
     watch, rows = Stopwatch(), []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        manifest = load_manifest(cfg.data.manifest)
-        volume = prepare_volume(resolve(manifest.volume(args.volume), cfg.data.data_root),
-                                cfg.data, tmp / "prepared", 1, name=args.volume)
-        jobs = [(op.name, volume, op, cfg) for op in cfg.reconstruct.operators
-                if args.operators is None or op.name in args.operators]
-        kmanifest = load_manifest(kcfg.data.manifest)
-        scan = prepare_scan(resolve(kmanifest.volume(args.scan), kcfg.data.data_root),
-                            tmp / "scans", 1, name=args.scan)
-        jobs += [(f"{args.scan} {op.name}", scan, op, kcfg) for op in kcfg.reconstruct.operators
-                 if op.name == "fourier"]
+        ops = [op for op in cfg.reconstruct.operators
+               if args.operators is None or op.name in args.operators]
+        jobs = []
+        if ops:
+            manifest = load_manifest(cfg.data.manifest)
+            volume = prepare_volume(resolve(manifest.volume(args.volume), cfg.data.data_root),
+                                    cfg.data, tmp / "prepared", 1, name=args.volume)
+            jobs = [(op.name, volume, op, cfg) for op in ops]
+        if args.scan:
+            kmanifest = load_manifest(kcfg.data.manifest)
+            scan = prepare_scan(resolve(kmanifest.volume(args.scan), kcfg.data.data_root),
+                                tmp / "scans", 1, name=args.scan)
+            jobs += [(f"{args.scan} {op.name}", scan, op, kcfg)
+                     for op in kcfg.reconstruct.operators if op.name == "fourier"]
         load_network(cfg.prior, "cpu")  # loaded once, outside every slice's time
         for label, prepared, op, c in jobs:
             watch.seconds.clear()
@@ -184,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {wall:.2f} | {cells} | {calls.get('network', 0)} |")
     network, _ = load_network(cfg.prior, "cpu")
     rs = cfg.reconstruct
-    lim = physical_limit(network, (rs.n_samples, 1, 256, 256), args.threads)
-    print(f"\nthe prior's forward on {rs.n_samples} x 1 x 256 x 256: {lim['flops'] / 1e9:.2f} GFLOP in "
+    precision = rs.precision if rs.precision != "auto" else \
+        ("bf16" if native_bf16("cpu") else "fp32")
+    lim = physical_limit(network, (rs.n_samples, 1, 256, 256), args.threads, precision)
+    print(f"\nthe prior's forward ({precision}) on {rs.n_samples} x 1 x 256 x 256: "
+          f"{lim['flops'] / 1e9:.2f} GFLOP in "
           f"{lim['forward_s'] * 1e3:.0f} ms = {lim['achieved'] / 1e9:.1f} GFLOP/s; a bare 3x3 "
           f"convolution of its width reaches {lim['bare'] / 1e9:.1f} GFLOP/s on these "
           f"{args.threads} threads: {100 * lim['achieved'] / lim['bare']:.0f} % achieved")

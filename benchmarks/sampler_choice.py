@@ -18,6 +18,10 @@ from the previous winner:
   winner of the groups above);
 - ``end``: where the chains stop, the timer's ``t_min``: the output is the guided Tweedie
   estimate there (the config's own sampler otherwise), nearer the posterior mean the later;
+- ``cost``: the quality-per-second curve of the config's own sampler: steps x posterior
+  samples, the network's evaluations per slice from 10 to 60;
+- ``lean``: what the warm start and TV in the step cost and buy at fewer steps: without both
+  (from noise), and the warm start's TV stopped at 30 iterations;
 - ``adapt``: the config's own sampler with the prior adapted to each measurement
   (``reconstruct.adapt: norms``) at a few learning rates and end times.
 
@@ -68,6 +72,14 @@ def groups(lam: float) -> dict[str, dict[str, dict]]:
         "end": {f"the config's sampler, t_min={t:g}": {"timer": {"name": "cosine",
                                                                "params": {"t_min": t}}}
                 for t in (0.001, 0.01, 0.03, 0.06, 0.1)},
+        "cost": {f"the config's sampler, {n} x {steps + 1} NFE": {"steps": steps, "n_samples": n}
+                 for n in (1, 2) for steps in (9, 14, 19, 29)},
+        "lean": {**{f"no warm start, no TV, {steps + 1} NFE": _method(steps=steps)
+                    for steps in (9, 14, 29)},
+                 **{f"the config's sampler, warm start's TV at {it} iterations": {
+                     "warm_start": {"baseline": {"name": "tv", "params": {"lam": lam,
+                                                                         "iterations": it}},
+                                    "t0": 0.2}} for it in (30, 50)}},
         "adapt": {"the config's sampler, not adapted": {}, **{
             f"the config's sampler, adapt lr={lr:g} t_max={tm:g}": {"adapt": {
                 "name": "norms", "lr": lr, "t_max": tm}} for lr, tm in ((1e-2, 0.5), (3e-2, 0.5))}},
@@ -79,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--slices", type=int, default=2, help="central slices per validation volume")
     p.add_argument("--operators", nargs="*", default=None)
-    p.add_argument("--groups", nargs="*", default=None, help="of step weight tv warm samples end adapt")
+    p.add_argument("--groups", nargs="*", default=None,
+                   help="of step weight tv warm samples end cost lean adapt")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override, e.g. prior.checkpoint=PATH")
     p.add_argument("--threads", type=int, default=2)
@@ -118,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                     scores.append(evaluate_stacks(s["truth"], s["naive"], s["recon"]))
                     seconds, slices, nfe = seconds + out["seconds"], slices + out["slices"], out["nfe"]
                 psnrs = [m["psnr"] for m in scores]
-                print(f"| {label} | {np.mean(psnrs):.2f} | {min(psnrs):.2f} | "
+                print(f"| {label} | {np.mean(psnrs):.3f} | {min(psnrs):.3f} | "
                       f"{np.mean([m['ssim'] for m in scores]):.3f} | {nfe} | "
-                      f"{seconds / slices:.1f} |", flush=True)
+                      f"{seconds / slices:.2f} |", flush=True)
     return 0
 
 

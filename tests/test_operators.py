@@ -133,11 +133,17 @@ def test_fourier_adjoint_odd_shape():
 @pytest.mark.parametrize("shape", [(8, 6), (9, 7)], ids=["even", "odd"])
 @pytest.mark.parametrize("coils", [None, 3], ids=["single", "multicoil"])
 @pytest.mark.parametrize("real_output", [False, True])
+@pytest.mark.parametrize("kind,dims", [("points", (-2, -1)), ("columns", (-1,)), ("rows", (-2,))])
 def test_fourier_normal_without_the_centring_shifts_is_adjoint_of_forward(shape, coils,
-                                                                          real_output):
-    """``UndersampledFourier.normal`` runs ``F^H M F`` on the uncentred grid: equal to
-    ``A^H (A x)`` through the centred transforms, for real and complex images."""
-    m = variable_density_mask(shape, 3, 0.2, generator=1)
+                                                                          real_output, kind,
+                                                                          dims):
+    """``UndersampledFourier.normal`` runs ``F^H M F`` on the uncentred grid, along the axes
+    the mask varies on only (Cartesian lines: one): equal to ``A^H (A x)`` through the centred
+    2-D transforms, for real and complex images."""
+    m = {"points": lambda: variable_density_mask(shape, 3, 0.2, generator=1),
+         "columns": lambda: cartesian_mask(shape, 3, 0.2, generator=1),
+         "rows": lambda: cartesian_mask(shape, 3, 0.2, axis=-2, generator=1)}[kind]()
+    assert UndersampledFourier(m).spectral_dims() == dims
     op = UndersampledFourier(m, None if coils is None else birdcage_maps(shape, coils,
                                                                          dtype=C128),
                              real_output=real_output)

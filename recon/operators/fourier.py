@@ -18,7 +18,6 @@ Mask generators return boolean tensors (True = sampled) in the same centred layo
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -312,16 +311,36 @@ class UndersampledFourier(Operator):
         self.check_measurement(y)
         return self.adjoint(y)
 
+    def spectral_dims(self) -> tuple[int, ...]:
+        """The image axes ``F^H M F`` has to transform: ``(-1,)`` when every sampled line runs
+        along dim -2 (the mask is constant down each column: Cartesian phase-encode lines), so
+        ``F = F_0 (x) F_1`` and ``F^H (1 (x) m) F = I (x) F_1^H m F_1``; ``(-2,)`` for rows;
+        both for a 2-D pattern."""
+        m = self.mask
+        if bool((m == m[..., :1, :]).all()):
+            return (-1,)
+        if bool((m == m[..., :1]).all()):
+            return (-2,)
+        return _DIMS
+
+    def _spectral_mask(self, mask: Tensor, dims: tuple[int, ...]) -> Tensor:
+        """``mask`` on the uncentred grid, reduced to the ``dims`` it varies along."""
+        for d in set(_DIMS) - set(dims):
+            mask = mask.narrow(d, 0, 1)
+        return torch.fft.ifftshift(mask, dim=_DIMS)
+
     def normal(self, x: Tensor) -> Tensor:
         """``A^H A x = sum_c conj(S_c) F^H M F (S_c x)``: ``F^H M F`` is a circular convolution,
         which commutes with ``fft2c``'s centring shifts, so it runs on the uncentred grid with
-        the mask shifted once (what conjugate gradient applies at every iteration)."""
+        the mask shifted once, and only along the axes the mask varies on (``spectral_dims``):
+        what conjugate gradient applies at every iteration."""
         check_trailing_shape(x, self.mask.shape, "x", f"a mask of shape {tuple(self.mask.shape)}")
         z = x.to(complex_dtype(x.dtype))
         if self.coil_maps_real is not None:
             z = z.unsqueeze(-3) * self.coil_maps.to(z.dtype)
-        mask = torch.fft.ifftshift(self._kspace_mask(), dim=_DIMS)
-        z = torch.fft.ifft2(torch.fft.fft2(z) * mask)
+        dims = self.spectral_dims()
+        mask = self._spectral_mask(self._kspace_mask(), dims)
+        z = torch.fft.ifftn(torch.fft.fftn(z, dim=dims) * mask, dim=dims)
         if self.coil_maps_real is not None:
             z = (self.coil_maps.to(z.dtype).conj() * z).sum(-3)
         return z.real if self.real_output else z
@@ -373,31 +392,32 @@ class UndersampledFourier(Operator):
 
     def proximal(self, y: Tensor) -> Callable[[Tensor, float], Tensor]:
         """``prox`` at this ``y``, single coil, with ``F Re(A^H y)`` and ``m`` computed once. For
-        real images on the real FFT's half spectrum and without the centring shifts:
-        ``x = Re F^H (W F x0)`` with ``W`` diagonal is a circular convolution, which commutes with
-        the circular shifts of ``fft2c``, so it is ``irfft2(ifftshift(W) rfft2(x0))`` (``m`` is
-        symmetric under ``k -> -k``, so the product is Hermitian)."""
+        real images on the real FFT's half spectrum, without the centring shifts and along the
+        axes the mask varies on only (``spectral_dims``): ``x = Re F^H (W F x0)`` with ``W``
+        diagonal is a circular convolution, which commutes with the circular shifts of
+        ``fft2c``, so it is ``irfftn(ifftshift(W) rfftn(x0))`` (``m`` is symmetric under
+        ``k -> -k``, so the product is Hermitian)."""
         if self.coil_maps_real is not None:
             return super().proximal(y)
-        shape = tuple(self.mask.shape[-2:])
-        half = shape[-1] // 2 + 1
-        unshift = functools.partial(torch.fft.ifftshift, dim=_DIMS)
+        dims = self.spectral_dims()
+        sizes = [self.mask.shape[d] for d in dims]
         dtype = real_dtype(y.dtype)
         weight = 0.5 * (self.mask.to(dtype) + self.mirrored_mask().to(dtype))
-        weight = unshift(weight)[..., :half]
+        weight = self._spectral_mask(weight, dims).narrow(dims[-1], 0, sizes[-1] // 2 + 1)
         # where neither k nor -k is sampled the data term is zero: keep F x0 exactly (the FFTs'
         # round-off there, divided by a tiny lam, would otherwise flood the image)
         seen = weight > 0
-        data = torch.fft.rfft2(ifft2c(y * self.mask).real)  # F Re(A^H y), unnormalised like x0's
+        data = torch.fft.rfftn(ifft2c(y * self.mask).real, dim=dims)  # F Re(A^H y)
 
         def prox(x0: Tensor, lam: float) -> Tensor:
             if x0.is_complex():
                 k0 = fft2c(x0)
                 return ifft2c(torch.where(self.mask, (y + lam * k0) / (1.0 + lam), k0))
-            k0 = torch.fft.rfft2(x0)
+            k0 = torch.fft.rfftn(x0, dim=dims)
             denom = torch.where(seen, weight + lam, torch.ones((), dtype=weight.dtype,
                                                                  device=weight.device))
-            return torch.fft.irfft2(torch.where(seen, (data + lam * k0) / denom, k0), s=shape)
+            return torch.fft.irfftn(torch.where(seen, (data + lam * k0) / denom, k0), s=sizes,
+                                    dim=dims)
 
         return prox
 

@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     common = [*args.overrides, f"reconstruct.num_threads={args.threads}",
               "reconstruct.progress=false"]
     cfg = load_config(args.config, common)
-    kcfg = load_config(args.kspace_config, [*common, *args.kspace_overrides])
+    kcfg = load_config(args.kspace_config, [*common, *args.kspace_overrides]) if args.scan \
+        else None
     watch, rows = Stopwatch(), []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

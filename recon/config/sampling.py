@@ -23,7 +23,7 @@ def _default_operators() -> list[OperatorConfig]:
     """Mask 30 %, blur 2 px and 4x Cartesian k-space, with the baselines' lam chosen on the
     public validation split (sigma_y 0.01; README, "Choosing the sampler"): mask and k-space with
     TV inside their data consistency and the warm start; blur with neither (on the validation
-    split they buy it nothing, and cost 1.6x its seconds)."""
+    split they buy it nothing, and cost 2.1x its seconds)."""
     def op(name: str, params: dict, tv: float, lam: dict[str, float], **extra) -> OperatorConfig:
         return OperatorConfig(name=name, params=params, lam=lam, guidance=GuidanceConfig(
             name="data_consistency", params={"tv": tv} if tv else {}), **extra)

@@ -44,9 +44,12 @@ def test_the_sampler_stops_at_its_next_step():
 
 
 def test_conjugate_gradient_and_pdhg_stop_at_their_next_iteration():
-    b = torch.randn(2, 8, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(2, 8, dtype=torch.float64, generator=g)
+    B = torch.randn(8, 8, dtype=torch.float64, generator=g)
+    spd = B @ B.T + 0.1 * torch.eye(8, dtype=torch.float64)  # not solved in 3 iterations
     with cancellable() as stop:
-        matvec = StopAfter(lambda p: 2.0 * p, stop, calls=3)
+        matvec = StopAfter(lambda p: p @ spd, stop, calls=3)
         with pytest.raises(Cancelled):
             conjugate_gradient(matvec, b, steps=100)
     assert matvec.count == 3

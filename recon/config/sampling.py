@@ -176,12 +176,10 @@ class ReconstructSection(Section):
                 raise ValueError(f"coupling {self.coupling.name!r} acts inside the "
                                  f"data-consistency step; guidance {other} has none")
         t_min = self.timer.t_min
-        for op in self.operators:
-            warm = self.warm_start_for(op)
-            if warm is not None and isinstance(t_min, int | float) \
-                    and not isinstance(t_min, bool) and not warm.t0 > t_min:
-                raise ValueError(f"warm_start.t0={warm.t0:g} ({op.name}) must be above the "
-                                 f"timer's t_min={t_min:g}: the chains run from t0 down to t_min")
+        if self.warm_start is not None and isinstance(t_min, int | float) \
+                and not isinstance(t_min, bool) and not self.warm_start.t0 > t_min:
+            raise ValueError(f"warm_start.t0={self.warm_start.t0:g} must be above the timer's "
+                             f"t_min={t_min:g}: the chains run from t0 down to t_min")
         return self
 
     def guidance_for(self, op: OperatorConfig) -> GuidanceConfig:

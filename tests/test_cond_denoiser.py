@@ -300,8 +300,7 @@ def test_conjugate_gradient_stops_each_sample_at_its_tolerance():
 def test_data_consistency_stops_a_coil_prox_at_its_tolerance_and_leaves_closed_forms_alone():
     """``DataConsistency(cg_tol=...)``: the multi-coil prox (conjugate gradient) stops early; a
     closed-form prox (a mask) is unchanged; a tolerance outside [0, 1) is refused."""
-    from recon.operators import Mask, UndersampledFourier
-    from recon.operators.fourier import birdcage_maps, cartesian_mask
+    from recon.operators import Mask, UndersampledFourier, birdcage_maps, cartesian_mask
     from recon.operators.mask import random_pixel_mask
 
     g = torch.Generator().manual_seed(0)

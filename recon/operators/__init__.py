@@ -12,16 +12,8 @@ slices of ``shape`` from ``seed``; ``recon.registry.OPERATORS`` names them for c
 
 from recon.operators.base import Operator, as_generator, complex_dtype, real_dtype
 from recon.operators.blur import Blur, build_blur, gaussian_kernel
-from recon.operators.fourier import (
-    UndersampledFourier,
-    birdcage_maps,
-    build_acquired,
-    build_fourier,
-    cartesian_mask,
-    fft2c,
-    ifft2c,
-    variable_density_mask,
-)
+from recon.operators.fourier import UndersampledFourier, build_acquired, build_fourier, fft2c, ifft2c
+from recon.operators.kspace_patterns import birdcage_maps, cartesian_mask, variable_density_mask
 from recon.operators.mask import (
     Mask,
     box_mask,

@@ -46,7 +46,7 @@ from recon.operators.base import (
     binary_mask,
     complex_dtype,
 )
-from recon.operators.fourier import _centre, _check_acceleration, variable_density_mask
+from recon.operators.kspace_patterns import _centre, _check_acceleration, variable_density_mask
 from recon.operators.mask import Mask
 
 _DIMS3 = (-3, -2, -1)

@@ -151,7 +151,7 @@ def physical_limit(network, shape: tuple[int, ...], threads: int, precision: str
 def main(argv: list[str] | None = None) -> int:
     from recon.config import load_config
     from recon.data.manifest import load_manifest, resolve
-    from recon.prior.network import native_bf16
+    from recon.prior.network import resolve_precision
     from recon.reconstruct.reconstruction import reconstruct_prepared
     from recon.reconstruct.scans import prepare_scan
     from recon.reconstruct.slices import load_network
@@ -216,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {wall:.2f} | {cells} | {calls.get('network', 0)} |")
     network, _ = load_network(cfg.prior, "cpu")
     rs = cfg.reconstruct
-    precision = rs.precision if rs.precision != "auto" else \
-        ("bf16" if native_bf16("cpu") else "fp32")
+    precision = resolve_precision("cpu", rs.precision)
     lim = physical_limit(network, (rs.n_samples, 1, 256, 256), args.threads, precision)
     print(f"\nthe prior's forward ({precision}) on {rs.n_samples} x 1 x 256 x 256: "
           f"{lim['flops'] / 1e9:.2f} GFLOP in "

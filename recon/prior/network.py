@@ -186,13 +186,20 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
+def resolve_precision(device: torch.device | str, precision: str) -> str:
+    """``precision`` with ``auto`` made ``bf16`` where ``device`` computes it natively
+    (``native_bf16``), else ``fp32``."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The network's forward passes in ``precision`` on ``device``: ``bf16`` / ``fp16``
     autocast (matrix products and convolutions; FFTs, norms and the samplers' arithmetic stay
     float32), ``fp32`` / ``none`` as they are; ``auto``: ``bf16`` where the device computes it
     natively (``native_bf16``), else ``fp32``."""
-    if precision == "auto":
-        precision = "bf16" if native_bf16(device) else "fp32"
+    precision = resolve_precision(device, precision)
     if precision in ("fp32", "none"):
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type,

@@ -143,7 +143,7 @@ def test_fourier_normal_without_the_centring_shifts_is_adjoint_of_forward(shape,
     m = {"points": lambda: variable_density_mask(shape, 3, 0.2, generator=1),
          "columns": lambda: cartesian_mask(shape, 3, 0.2, generator=1),
          "rows": lambda: cartesian_mask(shape, 3, 0.2, axis=-2, generator=1)}[kind]()
-    assert UndersampledFourier(m).spectral_dims() == dims
+    assert UndersampledFourier(m).spectral_dims == dims
     op = UndersampledFourier(m, None if coils is None else birdcage_maps(shape, coils,
                                                                          dtype=C128),
                              real_output=real_output)

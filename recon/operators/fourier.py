@@ -45,6 +45,18 @@ def ifft2c(k: Tensor) -> Tensor:
                               dim=_DIMS)
 
 
+def spectral_dims(mask: Tensor) -> tuple[int, ...]:
+    """The image axes ``F^H M F`` has to transform for the k-space ``mask``: ``(-1,)`` when every
+    sampled line runs along dim -2 (the mask is constant down each column: Cartesian
+    phase-encode lines), so ``F = F_0 (x) F_1`` and ``F^H (1 (x) m) F = I (x) F_1^H m F_1``;
+    ``(-2,)`` for rows; both for a 2-D pattern."""
+    if bool((mask == mask[..., :1, :]).all()):
+        return (-1,)
+    if bool((mask == mask[..., :1]).all()):
+        return (-2,)
+    return _DIMS
+
+
 class UndersampledFourier(Operator):
     r"""Undersampled (multi-coil) MRI: ``y_c = M ⊙ F(S_c x)`` with F = ``fft2c``.
 
@@ -79,6 +91,7 @@ class UndersampledFourier(Operator):
                  real_output: bool = False):
         super().__init__(sigma_y)
         self.register_buffer("mask", binary_mask(mask))
+        self.spectral_dims = spectral_dims(self.mask)
         if coil_maps is not None:
             coil_maps = torch.as_tensor(coil_maps)
             if coil_maps.ndim != 3:
@@ -167,18 +180,6 @@ class UndersampledFourier(Operator):
         self.check_measurement(y)
         return self.adjoint(y)
 
-    def spectral_dims(self) -> tuple[int, ...]:
-        """The image axes ``F^H M F`` has to transform: ``(-1,)`` when every sampled line runs
-        along dim -2 (the mask is constant down each column: Cartesian phase-encode lines), so
-        ``F = F_0 (x) F_1`` and ``F^H (1 (x) m) F = I (x) F_1^H m F_1``; ``(-2,)`` for rows;
-        both for a 2-D pattern."""
-        m = self.mask
-        if bool((m == m[..., :1, :]).all()):
-            return (-1,)
-        if bool((m == m[..., :1]).all()):
-            return (-2,)
-        return _DIMS
-
     def _spectral_mask(self, mask: Tensor, dims: tuple[int, ...]) -> Tensor:
         """``mask`` on the uncentred grid, reduced to the ``dims`` it varies along."""
         for d in set(_DIMS) - set(dims):
@@ -194,7 +195,7 @@ class UndersampledFourier(Operator):
         z = x.to(complex_dtype(x.dtype))
         if self.coil_maps_real is not None:
             z = z.unsqueeze(-3) * self.coil_maps.to(z.dtype)
-        dims = self.spectral_dims()
+        dims = self.spectral_dims
         mask = self._spectral_mask(self._kspace_mask(), dims)
         z = torch.fft.ifftn(torch.fft.fftn(z, dim=dims) * mask, dim=dims)
         if self.coil_maps_real is not None:
@@ -255,7 +256,7 @@ class UndersampledFourier(Operator):
         ``k -> -k``, so the product is Hermitian)."""
         if self.coil_maps_real is not None:
             return super().proximal(y)
-        dims = self.spectral_dims()
+        dims = self.spectral_dims
         sizes = [self.mask.shape[d] for d in dims]
         dtype = real_dtype(y.dtype)
         weight = 0.5 * (self.mask.to(dtype) + self.mirrored_mask().to(dtype))

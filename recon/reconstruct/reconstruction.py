@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from recon.allocator import keep_freed_memory
 from recon.classical.baselines import select_lambda
 from recon.config import BaselineConfig, OperatorConfig, PriorSection, ReconstructSection
 from recon.data.nifti import atomic_path, atomic_write_bytes
@@ -164,8 +165,10 @@ def reconstruct_slab(prepared: str | Path, operator: OperatorConfig, settings: R
         raise ValueError(f"operator {operator.name!r} mixes every slice of a volume in each "
                          f"measurement: it reconstructs the whole volume, not slab [{start}, {stop})")
     device = resolve_device(settings.device)
-    if settings.num_threads is not None and device.type == "cpu":
-        torch.set_num_threads(settings.num_threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults on every large tensor (recon.allocator)
+        if settings.num_threads is not None:
+            torch.set_num_threads(settings.num_threads)
     indices = vol.indices[start:stop]
     samplers = partial(sampler_for, operator, settings, prior, baseline, device)
     reconstructor, batches = KINDS[type(vol)].slab(vol, operator, settings, baseline, samplers,

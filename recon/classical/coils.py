@@ -23,6 +23,9 @@ transform here.
   the maps by ``exp(i phase)`` absorbs the image's smooth background phase into them, so that
   the coil-combined image becomes real and non-negative, which is what a real-valued magnitude
   prior can represent (``absorb_phase``).
+- ``compression_matrix``: SVD coil compression (Huang et al. 2008; BART's ``cc -S``): the
+  ``V`` virtual coils ``M k`` that carry the most energy of the calibration data, ``M`` with
+  orthonormal rows, so white noise stays white with the same variance per entry.
 - ``rss``: root-sum-of-squares coil combination, the fastMRI reference image.
 """
 
@@ -39,11 +42,14 @@ __all__ = [
     "calibration_region",
     "centered_fft",
     "centered_ifft",
+    "compression_matrix",
     "corner_noise_variance",
     "espirit_maps",
     "lowres_phase",
+    "mix_coils",
     "noise_covariance",
     "remove_readout_oversampling",
+    "retained_energy",
     "rss",
     "whiten",
     "whitening_matrix",
@@ -88,10 +94,42 @@ def whitening_matrix(psi: np.ndarray) -> np.ndarray:
     return np.linalg.inv(chol)
 
 
-def whiten(kspace: np.ndarray, w: np.ndarray, coil_axis: int = -3) -> np.ndarray:
-    """``W`` applied over the coil axis of ``kspace``."""
+def mix_coils(kspace: np.ndarray, matrix: np.ndarray, coil_axis: int = -3) -> np.ndarray:
+    """``matrix (C', C)`` applied over the coil axis of ``kspace``: ``k'_i = sum_c M_ic k_c``."""
     k = np.moveaxis(np.asarray(kspace), coil_axis, -1)
-    return np.moveaxis(k @ w.T.astype(k.dtype), -1, coil_axis)
+    return np.moveaxis(k @ np.asarray(matrix).T.astype(k.dtype), -1, coil_axis)
+
+
+def whiten(kspace: np.ndarray, w: np.ndarray, coil_axis: int = -3) -> np.ndarray:
+    """``W`` applied over the coil axis of ``kspace`` (``mix_coils``)."""
+    return mix_coils(kspace, w, coil_axis)
+
+
+# -- coil compression ---------------------------------------------------------------------------
+def compression_matrix(kspace: np.ndarray, calib_width: int, virtual_coils: int) -> np.ndarray:
+    """``M (V, C)``, ``V = virtual_coils``: SVD coil compression from one slice's k-space
+    ``(C, R, P)``. With ``K = U S V^H`` the central ``calib_width x calib_width`` block as a
+    ``C x N`` matrix, ``M = U[:, :V]^H``: ``M k`` keeps the largest share of the calibration
+    data's energy any ``V`` orthonormal combinations can (``sum_{i<V} s_i^2 / sum s_i^2``,
+    ``retained_energy``), and ``M M^H = I``, so white noise stays white and the noise level
+    per entry is unchanged."""
+    k = np.asarray(kspace)
+    c, r, p = k.shape[-3:]
+    if isinstance(virtual_coils, bool) or not isinstance(virtual_coils, int) or \
+            not 1 <= virtual_coils <= c:
+        raise ValueError(f"virtual_coils must be an integer in [1, {c}] (the scan's coils), "
+                         f"got {virtual_coils!r}")
+    r0, p0 = max(r // 2 - calib_width // 2, 0), max(p // 2 - calib_width // 2, 0)
+    block = k[..., r0: r0 + calib_width, p0: p0 + calib_width].reshape(c, -1)
+    u = np.linalg.svd(block.astype(np.complex128), full_matrices=False)[0]
+    return u[:, :virtual_coils].conj().T.astype(k.dtype)
+
+
+def retained_energy(kspace: np.ndarray, matrix: np.ndarray) -> float:
+    """Share of ``kspace``'s energy ``sum |k|^2`` that the virtual coils ``mix_coils(k, M)``
+    keep (1 for a lossless compression)."""
+    total = float(np.sum(np.abs(kspace) ** 2))
+    return float(np.sum(np.abs(mix_coils(kspace, matrix)) ** 2)) / total if total > 0 else 1.0
 
 
 def corner_noise_variance(kspace: np.ndarray, mask: np.ndarray, fraction: float = 0.2) -> float:

@@ -119,6 +119,10 @@ class ReconstructSection(Section):
         "real_imag", description="raw k-space: how the real prior sees the complex image "
         "(recon.operators.complex_image): its magnitude in the maps' phase frame, its magnitude "
         "with the phase re-estimated at every step, or its real and imaginary parts")
+    kspace_virtual_coils: int | None = Field(
+        None, ge=1, le=128, strict=True, description="raw k-space: SVD coil compression to this "
+        "many virtual coils when a scan has more (from each slice's calibration lines, for every "
+        "method alike; recon.classical.coils.compression_matrix), or None for every coil")
     kspace_output: Literal["rss", "magnitude"] = Field(
         "rss", description="raw k-space: the image a method reports of its complex image x "
         "(every method alike, the classical ones too): the root-sum-of-squares of x's coil "

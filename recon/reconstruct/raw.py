@@ -78,7 +78,7 @@ from recon.reconstruct.slices import SliceResult, slice_seed
 from recon.reconstruct.volumes import STACKS
 from recon.registry import KSPACE_OPERATORS
 
-__all__ = ["PHASES", "ScanProblem", "calibrate", "calibration_width", "output_image",
+__all__ = ["PHASES", "Calibration", "ScanProblem", "calibrate", "calibration_width", "output_image",
            "sampling_masks", "scan_problems", "scan_scorers", "scan_slab", "write_scan_outputs"]
 
 MAX_CALIBRATION = 24
@@ -151,22 +151,42 @@ def _phase_maps(maps: np.ndarray, y: np.ndarray, mask: np.ndarray, calib: int,
     raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
 
 
-def calibrate(prepared: PreparedScan, masks: np.ndarray, phase: str) -> tuple[float, np.ndarray, list[int]]:
-    """``(scale, maps (S, C, R, P), calibration widths)`` of a scan under one sampling
-    (``masks``) and phase rule, computed once and kept in ``.calibration/<key>`` of the prepared
-    folder (key: a hash of the masks and ``phase``; written atomically under a lock, so
-    concurrent slabs compute it once); the maps have the phase absorbed (``_phase_maps``)."""
-    key = hashlib.sha256(masks.tobytes() + repr((masks.shape, phase)).encode()).hexdigest()[:16]
+class Calibration(typing.NamedTuple):
+    """What a scan's undersampled data give once per sampling (``calibrate``): the intensity
+    ``scale``, the coil ``maps (S, C', R, P)`` (phase absorbed), the ESPIRiT calibration
+    ``widths`` per slice, and with coil compression the ``compression (S, V, C)`` matrices and
+    the calibration data's ``energy`` they keep per slice (None without)."""
+
+    scale: float
+    maps: np.ndarray
+    widths: list[int]
+    compression: np.ndarray | None
+    energy: list[float] | None
+
+
+def calibrate(prepared: PreparedScan, masks: np.ndarray, phase: str,
+              virtual_coils: int | None = None) -> Calibration:
+    """The ``Calibration`` of a scan under one sampling (``masks``), phase rule and coil
+    compression (``virtual_coils``: SVD to that many virtual coils from each slice's
+    calibration block, ``recon.classical.coils.compression_matrix``, when the scan has more;
+    None keeps every coil), computed once and kept in ``.calibration/<key>`` of the prepared
+    folder (key: a hash of the masks and both rules; written atomically under a lock, so
+    concurrent slabs compute it once); the maps are ESPIRiT's of the (compressed) data with the
+    phase absorbed (``_phase_maps``). The scale comes from the acquired coils' zero-filled
+    root-sum-of-squares, with or without compression."""
+    k = prepared.kspace
+    compress = virtual_coils is not None and virtual_coils < k.shape[1]
+    rules = (phase, virtual_coils) if compress else phase
+    key = hashlib.sha256(masks.tobytes() + repr((masks.shape, rules)).encode()).hexdigest()[:16]
     folder = prepared.directory / ".calibration" / key
     with exclusive_lock(folder.with_suffix(".lock")):
         if not (folder / "meta.json").is_file():
-            k = prepared.kspace
             zero_filled = np.stack([coils.rss(coils.centered_ifft(k[i] * masks[i]))
                                     for i in range(k.shape[0])])
             scale = head_median(zero_filled) / FOREGROUND_MEDIAN
             if not np.isfinite(scale) or scale <= 0:
                 raise DataError(f"{prepared.name}: the zero-filled image is empty (no signal)")
-            widths, maps = [], []
+            widths, maps, matrices, energy = [], [], [], []
             for i in range(k.shape[0]):
                 widths.append(calib := min(calibration_width(masks[i]), MAX_CALIBRATION))
                 if calib < MIN_CALIBRATION:
@@ -174,39 +194,55 @@ def calibrate(prepared: PreparedScan, masks: np.ndarray, phase: str) -> tuple[fl
                                     f"sampled central lines; ESPIRiT needs at least {MIN_CALIBRATION} "
                                     "(sample more autocalibration lines: center_fraction)")
                 y = k[i] * masks[i]
+                if compress:
+                    matrices.append(m := coils.compression_matrix(y, calib, virtual_coils))
+                    energy.append(coils.retained_energy(coils.calibration_region(y, calib), m))
+                    y = coils.mix_coils(y, m)
                 maps.append(_phase_maps(coils.espirit_maps(y, calib), y, masks[i], calib, phase))
             # kept in ESPIRiT's memory layout (axes by decreasing stride): same sums downstream
             order = [int(a) for a in np.argsort(maps[0].strides)[::-1]]
             with atomic_dir(folder) as tmp:
                 np.save(tmp / "maps.npy", np.stack([m.transpose(order) for m in maps]))
-                (tmp / "meta.json").write_text(json.dumps({"scale": float(scale), "phase": phase,
-                                                           "calibration": widths, "order": order}))
+                if compress:
+                    np.save(tmp / "compression.npy", np.stack(matrices))
+                (tmp / "meta.json").write_text(json.dumps({
+                    "scale": float(scale), "phase": phase, "calibration": widths, "order": order,
+                    "virtual_coils": virtual_coils if compress else None,
+                    "retained_energy": energy if compress else None}))
     meta = json.loads((folder / "meta.json").read_text())
     maps = np.load(folder / "maps.npy", mmap_mode="r")
-    return meta["scale"], maps.transpose(0, *(1 + np.argsort(meta["order"]))), meta["calibration"]
+    compression = np.load(folder / "compression.npy") if meta.get("virtual_coils") else None
+    return Calibration(meta["scale"], maps.transpose(0, *(1 + np.argsort(meta["order"]))),
+                       meta["calibration"], compression, meta.get("retained_energy"))
 
 
 def scan_problems(prepared: PreparedScan, operator: OperatorConfig, seed: int,
-                  ranks: Sequence[int] | None = None, phase: str = "lowres"):
+                  ranks: Sequence[int] | None = None, phase: str = "lowres",
+                  virtual_coils: int | None = None):
     """``(scale, problems)``: the volume's intensity scale and an iterator of ``ScanProblem``
     for the slices at ``ranks`` (default all), the image's phase absorbed into the maps as
-    ``phase`` says (``PHASES``); scale and maps from ``calibrate`` (computed once, cached)."""
+    ``phase`` says (``PHASES``), the coils compressed to ``virtual_coils`` (``calibrate``: None
+    keeps them); scale, maps and compression from ``calibrate`` (computed once, cached). The
+    zero-filled ``naive`` image is the acquired coils' root-sum-of-squares either way."""
     k = prepared.kspace
     masks = sampling_masks(prepared, operator, seed)
-    scale, maps, widths = calibrate(prepared, masks, phase)
+    cal = calibrate(prepared, masks, phase, virtual_coils)
+    scale, maps = cal.scale, cal.maps
     ranks = range(k.shape[0]) if ranks is None else ranks
     reference, p_recon = prepared.reference, prepared.recon_matrix[1]
 
     def problems():
         for i in ranks:
             y = k[i] * masks[i]
+            naive = crop_phase(coils.rss(coils.centered_ifft(y)), p_recon) / scale
+            if cal.compression is not None:
+                y = coils.mix_coils(y, cal.compression[i])
             op = UndersampledFourier(torch.from_numpy(masks[i]),
                                      coil_maps=torch.from_numpy(np.array(maps[i], order="K")),
                                      sigma_y=prepared.sigma / scale, real_output=False)
-            naive = crop_phase(coils.rss(coils.centered_ifft(y)), p_recon) / scale
             ref = None if reference is None else reference[i] / scale
             y_t = torch.from_numpy(y / scale).to(torch.complex64)[None, None]
-            yield ScanProblem(prepared.indices[i], y_t, op, naive, ref, widths[i])
+            yield ScanProblem(prepared.indices[i], y_t, op, naive, ref, cal.widths[i])
 
     return scale, problems()
 
@@ -288,7 +324,7 @@ def scan_slab(scan: PreparedScan, operator: OperatorConfig, settings: Reconstruc
 
     make_sampler = samplers(wrap)
     _, problems = scan_problems(scan, operator, settings.seed, range(start, stop),
-                                settings.kspace_phase)
+                                settings.kspace_phase, settings.kspace_virtual_coils)
     precision = "fp32" if baseline is not None else settings.precision
     return (ScanSlices(make_sampler, settings, device, precision, scan.shape),
             (([pr.index], pr) for pr in problems))
@@ -298,7 +334,8 @@ def write_scan_outputs(scan: PreparedScan, stack, out_dir: Path, operator: Opera
                        settings: ReconstructSection) -> tuple[dict[str, str], dict]:
     """The outputs of the module docstring (NIfTI ``(R, P, S)``, ``slices.npz``); returns the
     paths and the summary's ``has_reference`` and ``scale``."""
-    scale = calibrate(scan, sampling_masks(scan, operator, settings.seed), settings.kspace_phase)[0]
+    scale = calibrate(scan, sampling_masks(scan, operator, settings.seed), settings.kspace_phase,
+                      settings.kspace_virtual_coils).scale
     has_reference = scan.reference is not None
     stacks = {name: stack(name) for name in STACKS}
     paths = {}

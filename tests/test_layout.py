@@ -9,7 +9,7 @@ import neither each other):
 
 ``cli`` also holds the package's entry points directly in recon/ (``__init__``, ``__main__``,
 ``demo``); ``basics`` are the few modules there that import nothing of the project
-(registry, yaml_io, filelock, metrics). No other module sits directly in recon/.
+(registry, yaml_io, filelock, allocator, metrics). No other module sits directly in recon/.
 
 The graph is read from the source with ``ast``: every ``import``/``from ... import`` anywhere in
 a module (also inside functions, where a circle would otherwise hide) is an arrow from that
@@ -32,7 +32,7 @@ RANK = {folder: rank for rank, names in enumerate(ORDER) for folder in names.spl
 ENTRY_POINTS = {"recon", "recon.__main__", "recon.demo"}
 """Modules directly in recon/ that rank with ``cli``: the package's face, ``python -m recon``
 and the mixture demo (``recon demo mixture``)."""
-BASICS = {"recon.registry", "recon.yaml_io", "recon.filelock", "recon.metrics"}
+BASICS = {"recon.registry", "recon.yaml_io", "recon.filelock", "recon.allocator", "recon.metrics"}
 """Modules directly in recon/ at the bottom of the order."""
 
 

@@ -27,6 +27,10 @@ data only, as for a real accelerated scan:
 - intensity scale (cached with the maps: ``calibrate``): the head's median of the zero-filled
   root-sum-of-squares over the volume is mapped to 0.5 (the prior's foreground
   normalisation), ``y -> y / scale``;
+- coil compression (``reconstruct.kspace_virtual_coils``, off by default): the coils mixed
+  into that many virtual ones by the SVD of each slice's calibration block
+  (``recon.classical.coils.compression_matrix``), for every method, before the maps; the
+  energy each slice keeps is in the calibration's ``meta.json``;
 - coil maps: ESPIRiT on the fully sampled centre of each slice (``recon.classical.coils.espirit_maps``,
   calibration width = the largest centred fully sampled square, at most 24);
 - phase: the low-resolution phase of the coil-combined calibration image is absorbed into the

@@ -114,13 +114,12 @@ def compression_matrix(kspace: np.ndarray, calib_width: int, virtual_coils: int)
     ``retained_energy``), and ``M M^H = I``, so white noise stays white and the noise level
     per entry is unchanged."""
     k = np.asarray(kspace)
-    c, r, p = k.shape[-3:]
+    c = k.shape[-3]
     if isinstance(virtual_coils, bool) or not isinstance(virtual_coils, int) or \
             not 1 <= virtual_coils <= c:
         raise ValueError(f"virtual_coils must be an integer in [1, {c}] (the scan's coils), "
                          f"got {virtual_coils!r}")
-    r0, p0 = max(r // 2 - calib_width // 2, 0), max(p // 2 - calib_width // 2, 0)
-    block = k[..., r0: r0 + calib_width, p0: p0 + calib_width].reshape(c, -1)
+    block = k[_central_block(k.shape, calib_width)].reshape(c, -1)
     u = np.linalg.svd(block.astype(np.complex128), full_matrices=False)[0]
     return u[:, :virtual_coils].conj().T.astype(k.dtype)
 
@@ -189,12 +188,17 @@ def calibration_region(kspace: np.ndarray, width: int) -> np.ndarray:
     """``kspace (..., R, P)`` with everything outside the central ``width`` phase-encode lines
     (and ``width`` readout samples) set to zero: the low-resolution calibration data."""
     k = np.asarray(kspace)
-    r, p = k.shape[-2:]
     out = np.zeros_like(k)
-    r0, p0 = r // 2 - width // 2, p // 2 - width // 2
-    sl = (..., slice(max(r0, 0), r0 + width), slice(max(p0, 0), p0 + width))
+    sl = _central_block(k.shape, width)
     out[sl] = k[sl]
     return out
+
+
+def _central_block(shape: tuple[int, ...], width: int) -> tuple:
+    """Index of the central ``width x width`` block of the last two axes of ``shape``."""
+    r, p = shape[-2:]
+    r0, p0 = r // 2 - width // 2, p // 2 - width // 2
+    return (..., slice(max(r0, 0), r0 + width), slice(max(p0, 0), p0 + width))
 
 
 def espirit_maps(kspace: np.ndarray, calib_width: int, kernel_width: int = 6,
